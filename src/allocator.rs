@@ -1,0 +1,728 @@
+//! [`MmapAllocator`], its [`Builder`], and the `Allocator` implementation.
+//!
+//! The contract's terms (*currently allocated*, *fits*) are those of
+//! [`allocator_api2::alloc::Allocator`]; this module relies on them without restating them.
+
+use std::collections::HashMap;
+use std::fmt;
+use std::io;
+use std::path::PathBuf;
+use std::ptr::{self, NonNull};
+use std::sync::{Arc, Mutex, OnceLock};
+
+use allocator_api2::alloc::{AllocError, Allocator, Global, Layout};
+
+use crate::creator::{DirCreator, SegmentCreator, SegmentRequest};
+use crate::segment::{self, AccessPattern, GrowStrategy, MapOptions, Resized, Segment};
+use crate::stats::{Counters, FailureCause, Stats};
+use crate::sys;
+
+/// An allocator whose every allocation is a memory-mapped file (a *segment*), so the kernel can
+/// write its pages to disk and drop them instead of running out of memory.
+///
+/// * Each non-empty allocation gets its own file, made by a [`SegmentCreator`] (by default a
+///   [`DirCreator`] in the temp directory), mapped `MAP_SHARED` read/write.
+/// * `grow` and `shrink` resize the file and move the mapping with `mremap` on Linux: no byte is
+///   copied. Other unix systems map the file again (no copy either).
+/// * `allocate_zeroed` costs nothing extra: a fresh file reads as zeros.
+/// * `deallocate` unmaps and removes the file. Files are unlinked right after creation while
+///   the process's descriptor budget allows, so a crash leaves nothing behind.
+///
+/// Clones share segments, settings and [`stats`](MmapAllocator::stats); a block may be freed
+/// by any clone. Every [`MmapAllocator::default()`] is a clone of one process-wide allocator.
+///
+/// ```
+/// use mmapvec::{MmapAllocator, MmapVec};
+///
+/// let mut v: MmapVec<u64> = MmapVec::new_in(MmapAllocator::default());
+/// v.extend(0..1_000_000);
+/// assert_eq!(v.iter().sum::<u64>(), 499_999_500_000);
+/// ```
+#[derive(Clone)]
+pub struct MmapAllocator {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    creator: Box<dyn SegmentCreator>,
+    opts: MapOptions,
+    heap_threshold: usize,
+    descriptor_budget: Option<usize>,
+    table: SegmentTable,
+    counters: Counters,
+    last_error: Mutex<Option<io::Error>>,
+}
+
+/// A failure below the trait boundary: the error and why, before it becomes an `AllocError`.
+struct Failure {
+    cause: FailureCause,
+    error: io::Error,
+}
+
+impl Failure {
+    fn os(error: io::Error) -> Failure {
+        Failure { cause: FailureCause::of(&error), error }
+    }
+
+    fn creator(error: io::Error) -> Failure {
+        // Running out of descriptors or disk while creating a file is still that cause.
+        let cause = match FailureCause::of(&error) {
+            cause @ (FailureCause::TooManyFiles | FailureCause::DiskFull) => cause,
+            _ => FailureCause::Creator,
+        };
+        Failure { cause, error }
+    }
+
+    fn too_large(size: usize) -> Failure {
+        Failure {
+            cause: FailureCause::TooLarge,
+            error: io::Error::new(
+                io::ErrorKind::InvalidInput,
+                format!("{size} bytes cannot be mapped (size or alignment overflow)"),
+            ),
+        }
+    }
+}
+
+/// Live segments by start address, split in shards so threads rarely wait on each other.
+struct SegmentTable {
+    shards: [Mutex<HashMap<usize, Segment>>; SHARDS],
+}
+
+const SHARDS: usize = 16;
+
+impl SegmentTable {
+    fn new() -> Self {
+        SegmentTable { shards: std::array::from_fn(|_| Mutex::new(HashMap::new())) }
+    }
+
+    fn shard(&self, addr: usize) -> std::sync::MutexGuard<'_, HashMap<usize, Segment>> {
+        // Mappings are page aligned and often adjacent: mix the bits above the page offset.
+        let index = ((addr >> 12) ^ (addr >> 18) ^ (addr >> 24)) % SHARDS;
+        // A panic while holding the lock cannot leave a map half-updated (single insert or
+        // remove), so a poisoned lock is still consistent.
+        self.shards[index].lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn insert(&self, segment: Segment) {
+        let addr = segment.ptr().as_ptr().addr();
+        let previous = self.shard(addr).insert(addr, segment);
+        debug_assert!(previous.is_none(), "two live segments at one address");
+    }
+
+    fn take(&self, addr: usize) -> Option<Segment> {
+        self.shard(addr).remove(&addr)
+    }
+}
+
+impl Default for MmapAllocator {
+    /// The process-wide allocator: segments in `std::env::temp_dir()` (read at the first call,
+    /// so `TMPDIR` is honoured), default settings. Its folder is prepared at the first
+    /// allocation; a problem there makes allocations fail, with the reason in
+    /// [`take_last_error`](MmapAllocator::take_last_error). Use [`MmapAllocator::builder`] to
+    /// get such errors up front.
+    fn default() -> Self {
+        static DEFAULT: OnceLock<MmapAllocator> = OnceLock::new();
+        DEFAULT
+            .get_or_init(|| Builder::new().into_allocator(Box::new(DirCreator::new(std::env::temp_dir()))))
+            .clone()
+    }
+}
+
+impl fmt::Debug for MmapAllocator {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("MmapAllocator")
+            .field("creator", &self.inner.creator)
+            .field("options", &self.inner.opts)
+            .field("heap_threshold", &self.inner.heap_threshold)
+            .field("stats", &self.stats())
+            .finish()
+    }
+}
+
+impl MmapAllocator {
+    /// Starts configuring an allocator.
+    ///
+    /// ```
+    /// # fn main() -> std::io::Result<()> {
+    /// let alloc = mmapvec::MmapAllocator::builder().dir("/var/tmp").build()?;
+    /// # let _ = alloc; Ok(()) }
+    /// ```
+    pub fn builder() -> Builder {
+        Builder::new()
+    }
+
+    /// A snapshot of the counters shared by this allocator and its clones.
+    ///
+    /// ```
+    /// let alloc = mmapvec::MmapAllocator::default();
+    /// let before = alloc.stats().creates;
+    /// let v = mmapvec::mmap_vec![in alloc.clone(); 1u8, 2, 3];
+    /// assert!(alloc.stats().creates > before);
+    /// # drop(v);
+    /// ```
+    pub fn stats(&self) -> Stats {
+        self.inner.counters.snapshot()
+    }
+
+    /// Takes the error behind the most recent failed allocation, grow or shrink of this
+    /// allocator (or a clone), leaving `None`. `AllocError` itself carries nothing; this is
+    /// where to learn *why*. With several threads failing at once, the last one wins.
+    ///
+    /// ```
+    /// use mmapvec::{MmapAllocator, MmapVec};
+    /// let mut v = MmapVec::<u8>::new_in(MmapAllocator::default());
+    /// assert!(v.try_reserve(isize::MAX as usize).is_err());
+    /// let err = v.allocator().take_last_error().unwrap();
+    /// println!("reserve failed: {err}");
+    /// ```
+    pub fn take_last_error(&self) -> Option<io::Error> {
+        self.inner.last_error.lock().unwrap_or_else(|e| e.into_inner()).take()
+    }
+}
+
+/// Configures an [`MmapAllocator`]. Made by [`MmapAllocator::builder`].
+///
+/// ```
+/// use mmapvec::{AccessPattern, MmapAllocator, MmapVec};
+/// # fn main() -> std::io::Result<()> {
+/// let alloc = MmapAllocator::builder()
+///     .dir(std::env::temp_dir())
+///     .access_pattern(AccessPattern::Sequential)
+///     .build()?;
+/// let mut v = MmapVec::<u64>::new_in(alloc);
+/// v.push(7);
+/// # Ok(()) }
+/// ```
+#[derive(Debug)]
+pub struct Builder {
+    dir: Option<PathBuf>,
+    creator: Option<Box<dyn SegmentCreator>>,
+    opts: MapOptions,
+    heap_threshold: usize,
+    descriptor_budget: Option<usize>,
+    allow_ram_backed: bool,
+}
+
+impl Default for Builder {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl Builder {
+    /// The defaults: temp directory, blocks reserved on disk, `mremap` growth, no hints.
+    ///
+    /// ```
+    /// let builder = mmapvec::Builder::new();
+    /// # let _ = builder;
+    /// ```
+    pub fn new() -> Self {
+        Builder {
+            dir: None,
+            creator: None,
+            opts: MapOptions {
+                reserve_disk: true,
+                populate: false,
+                access: None,
+                huge_pages: false,
+                dont_fork: false,
+                strategy: GrowStrategy::Remap,
+            },
+            heap_threshold: 0,
+            descriptor_budget: None,
+            allow_ram_backed: true,
+        }
+    }
+
+    /// The directory in which the crate's folder (`mmapvec-<uid>`) and the segments go. It must
+    /// exist: a missing directory is an error (a typo should not silently create one).
+    /// Default: `std::env::temp_dir()`. Conflicts with [`creator`](Builder::creator).
+    ///
+    /// ```
+    /// # fn main() -> std::io::Result<()> {
+    /// let alloc = mmapvec::MmapAllocator::builder().dir(std::path::Path::new("/var/tmp")).build()?;
+    /// # let _ = alloc; Ok(()) }
+    /// ```
+    pub fn dir(mut self, dir: impl Into<PathBuf>) -> Self {
+        self.dir = Some(dir.into());
+        self
+    }
+
+    /// Makes segment files with a creator of your own instead of the default [`DirCreator`].
+    /// See [`SegmentCreator`] for an example.
+    pub fn creator(mut self, creator: impl SegmentCreator) -> Self {
+        self.creator = Some(Box::new(creator));
+        self
+    }
+
+    /// Reserve disk blocks when a segment is created or grown (`fallocate`), so a full disk is
+    /// an allocation error then, never a `SIGBUS` later. Default `true`. Turning it off makes
+    /// sparse files (a little faster to create, no disk used until written) at the risk of the
+    /// process being killed by `SIGBUS` if the disk fills while pages are being written.
+    ///
+    /// ```
+    /// # fn main() -> std::io::Result<()> {
+    /// let risky = mmapvec::MmapAllocator::builder().reserve_disk(false).build()?;
+    /// # let _ = risky; Ok(()) }
+    /// ```
+    pub fn reserve_disk(mut self, reserve: bool) -> Self {
+        self.opts.reserve_disk = reserve;
+        self
+    }
+
+    /// How mappings are resized. Default [`GrowStrategy::Remap`].
+    ///
+    /// ```
+    /// # fn main() -> std::io::Result<()> {
+    /// use mmapvec::GrowStrategy;
+    /// let alloc = mmapvec::MmapAllocator::builder().grow_strategy(GrowStrategy::MapAgain).build()?;
+    /// # let _ = alloc; Ok(()) }
+    /// ```
+    pub fn grow_strategy(mut self, strategy: GrowStrategy) -> Self {
+        self.opts.strategy = strategy;
+        self
+    }
+
+    /// Pre-fault new pages for writing when a segment is created or grown
+    /// (`MADV_POPULATE_WRITE` on Linux 5.14+, `MADV_WILLNEED` elsewhere): allocation costs
+    /// more, first writes cost less. Default `false`.
+    ///
+    /// ```
+    /// # fn main() -> std::io::Result<()> {
+    /// let alloc = mmapvec::MmapAllocator::builder().populate(true).build()?;
+    /// # let _ = alloc; Ok(()) }
+    /// ```
+    pub fn populate(mut self, populate: bool) -> Self {
+        self.opts.populate = populate;
+        self
+    }
+
+    /// An access pattern hint given to the kernel for every segment. Default: none.
+    ///
+    /// ```
+    /// # fn main() -> std::io::Result<()> {
+    /// use mmapvec::AccessPattern;
+    /// let alloc = mmapvec::MmapAllocator::builder().access_pattern(AccessPattern::Random).build()?;
+    /// # let _ = alloc; Ok(()) }
+    /// ```
+    pub fn access_pattern(mut self, pattern: AccessPattern) -> Self {
+        self.opts.access = Some(pattern);
+        self
+    }
+
+    /// Align segments of 2 MiB or more to 2 MiB, round them to 2 MiB, and ask for transparent
+    /// huge pages (`MADV_HUGEPAGE`, Linux). Whether the kernel uses huge pages for file
+    /// mappings depends on the file system and kernel. Default `false`.
+    ///
+    /// ```
+    /// # fn main() -> std::io::Result<()> {
+    /// let alloc = mmapvec::MmapAllocator::builder().huge_pages(true).build()?;
+    /// # let _ = alloc; Ok(()) }
+    /// ```
+    pub fn huge_pages(mut self, huge: bool) -> Self {
+        self.opts.huge_pages = huge;
+        self
+    }
+
+    /// Keep segments out of child processes made by `fork` (`MADV_DONTFORK`, Linux). Without
+    /// it a child shares the parent's segments: the child's writes are the parent's writes.
+    /// With it, touching a segment's address in the child is a `SIGSEGV`. Default `false`.
+    ///
+    /// ```
+    /// # fn main() -> std::io::Result<()> {
+    /// let alloc = mmapvec::MmapAllocator::builder().dont_fork(true).build()?;
+    /// # let _ = alloc; Ok(()) }
+    /// ```
+    pub fn dont_fork(mut self, dont_fork: bool) -> Self {
+        self.opts.dont_fork = dont_fork;
+        self
+    }
+
+    /// Serve allocations smaller than `bytes` from the heap ([`Global`]) instead of a segment.
+    /// A block that grows past the threshold moves into a segment (one copy). Default 0: every
+    /// allocation is file-backed.
+    ///
+    /// ```
+    /// # fn main() -> std::io::Result<()> {
+    /// let alloc = mmapvec::MmapAllocator::builder().heap_threshold(64 << 10).build()?;
+    /// let small = mmapvec::mmap_vec![in alloc.clone(); 1u8, 2, 3];
+    /// assert_eq!(alloc.stats().live_segments, 0);
+    /// # drop(small); Ok(()) }
+    /// ```
+    pub fn heap_threshold(mut self, bytes: usize) -> Self {
+        self.heap_threshold = bytes;
+        self
+    }
+
+    /// How many segment descriptors the process may hold open before new segments keep their
+    /// file name instead (and are reopened by name to resize). Default: half the soft
+    /// `RLIMIT_NOFILE`, read at each allocation, so the rest stays for the program. `0` makes
+    /// every segment keep its name.
+    ///
+    /// ```
+    /// # fn main() -> std::io::Result<()> {
+    /// let alloc = mmapvec::MmapAllocator::builder().descriptor_budget(0).build()?;
+    /// let v = mmapvec::mmap_vec![in alloc.clone(); 0u8; 10];
+    /// assert_eq!(alloc.stats().named_segments, 1);
+    /// # drop(v); Ok(()) }
+    /// ```
+    pub fn descriptor_budget(mut self, descriptors: usize) -> Self {
+        self.descriptor_budget = Some(descriptors);
+        self
+    }
+
+    /// Accept a directory on a RAM-backed file system (tmpfs, ramfs) with a `log` warning
+    /// (`true`, the default), or refuse it in [`build`](Builder::build) (`false`).
+    ///
+    /// ```
+    /// let refused = mmapvec::MmapAllocator::builder()
+    ///     .dir("/dev/shm")
+    ///     .allow_ram_backed(false)
+    ///     .build();
+    /// assert!(refused.is_err());
+    /// ```
+    pub fn allow_ram_backed(mut self, allow: bool) -> Self {
+        self.allow_ram_backed = allow;
+        self
+    }
+
+    /// Builds the allocator. The segment folder is checked and created now; errors name the
+    /// path (missing directory, not a directory, not writable, a symlink or a folder of
+    /// another user where the crate's folder goes, a RAM-backed directory when refused).
+    ///
+    /// ```
+    /// let err = mmapvec::MmapAllocator::builder().dir("/no/such/dir").build().unwrap_err();
+    /// assert!(err.to_string().contains("/no/such/dir"));
+    /// ```
+    pub fn build(mut self) -> io::Result<MmapAllocator> {
+        let creator: Box<dyn SegmentCreator> = match (self.creator.take(), self.dir.take()) {
+            (Some(_), Some(dir)) => {
+                return Err(io::Error::new(
+                    io::ErrorKind::InvalidInput,
+                    format!("both a directory ({}) and a segment creator were given", dir.display()),
+                ));
+            }
+            (Some(creator), None) => creator,
+            (None, dir) => {
+                let creator = DirCreator::open(dir.unwrap_or_else(std::env::temp_dir))?;
+                if !self.allow_ram_backed && creator.is_ram_backed()? {
+                    return Err(io::Error::new(
+                        io::ErrorKind::InvalidInput,
+                        format!(
+                            "{} is on a RAM-backed file system; segments there save no memory",
+                            creator.folder().display()
+                        ),
+                    ));
+                }
+                Box::new(creator)
+            }
+        };
+        Ok(self.into_allocator(creator))
+    }
+
+    fn into_allocator(self, creator: Box<dyn SegmentCreator>) -> MmapAllocator {
+        MmapAllocator {
+            inner: Arc::new(Inner {
+                creator,
+                opts: self.opts,
+                heap_threshold: self.heap_threshold,
+                descriptor_budget: self.descriptor_budget,
+                table: SegmentTable::new(),
+                counters: Counters::default(),
+                last_error: Mutex::new(None),
+            }),
+        }
+    }
+}
+
+/// The aligned dangling pointer answered for zero-size requests: never reaches the OS.
+fn dangling(align: usize) -> NonNull<[u8]> {
+    // `Layout` guarantees a non-zero power-of-two alignment.
+    let ptr = NonNull::new(ptr::without_provenance_mut::<u8>(align)).unwrap_or(NonNull::dangling());
+    NonNull::slice_from_raw_parts(ptr, 0)
+}
+
+fn block(segment: &Segment) -> NonNull<[u8]> {
+    NonNull::slice_from_raw_parts(segment.ptr(), segment.len())
+}
+
+impl Inner {
+    /// The mapped length for `size` bytes: page-rounded (huge-page-rounded when asked), or an
+    /// error when that overflows what can be mapped.
+    fn mapped_len(&self, size: usize) -> Result<usize, Failure> {
+        let unit = if self.opts.huge_pages && size >= segment::HUGE_PAGE {
+            segment::HUGE_PAGE
+        } else {
+            sys::page_size()
+        };
+        size.checked_next_multiple_of(unit)
+            .filter(|&len| len <= isize::MAX as usize)
+            .ok_or_else(|| Failure::too_large(size))
+    }
+
+    fn segment_align(&self, align: usize, len: usize) -> usize {
+        if self.opts.huge_pages && len >= segment::HUGE_PAGE {
+            align.max(segment::HUGE_PAGE)
+        } else {
+            align
+        }
+    }
+
+    fn may_hold_descriptor(&self) -> bool {
+        let budget = match self.descriptor_budget {
+            Some(budget) => budget,
+            None => match sys::open_files_soft_limit() {
+                Some(limit) => usize::try_from(limit / 2).unwrap_or(usize::MAX),
+                None => usize::MAX,
+            },
+        };
+        segment::held_descriptors() < budget
+    }
+
+    fn new_segment(&self, size: usize, align: usize) -> Result<Segment, Failure> {
+        let len = self.mapped_len(size)?;
+        let align = self.segment_align(align, len);
+        let hold = self.may_hold_descriptor();
+        let request = SegmentRequest { len, keeps_name: !hold };
+        let file = self.creator.create(&request).map_err(Failure::creator)?;
+        let segment = Segment::create(file, len, align, &self.opts, hold).map_err(Failure::os)?;
+        let c = &self.counters;
+        Counters::add(&c.creates, 1);
+        Counters::add(&c.live_segments, 1);
+        Counters::add(&c.mapped_bytes, len as u64);
+        if !segment.holds_descriptor() {
+            Counters::add(&c.named_segments, 1);
+        }
+        Ok(segment)
+    }
+
+    fn forget(&self, segment: &Segment) {
+        let c = &self.counters;
+        Counters::sub(&c.live_segments, 1);
+        Counters::sub(&c.mapped_bytes, segment.len() as u64);
+        if !segment.holds_descriptor() {
+            Counters::sub(&c.named_segments, 1);
+        }
+    }
+
+    fn record(&self, failure: Failure) -> AllocError {
+        self.counters.failed(failure.cause);
+        log::debug!("mmapvec: allocation failed ({:?}): {}", failure.cause, failure.error);
+        *self.last_error.lock().unwrap_or_else(|e| e.into_inner()) = Some(failure.error);
+        AllocError
+    }
+
+    fn allocate(&self, layout: Layout, zeroed: bool) -> Result<NonNull<[u8]>, AllocError> {
+        if layout.size() == 0 {
+            return Ok(dangling(layout.align()));
+        }
+        if layout.size() < self.heap_threshold {
+            let block = if zeroed { Global.allocate_zeroed(layout) } else { Global.allocate(layout) }?;
+            Counters::add(&self.counters.heap_allocations, 1);
+            return Ok(block);
+        }
+        // A fresh segment reads as zeros: `zeroed` needs no work here.
+        let segment = self.new_segment(layout.size(), layout.align()).map_err(|f| self.record(f))?;
+        let block = block(&segment);
+        self.table.insert(segment);
+        Ok(block)
+    }
+
+    /// Resizes the segment at `ptr` to hold `new` (grow or shrink). On error the segment is put
+    /// back untouched.
+    fn resize(&self, mut segment: Segment, new: Layout) -> Result<(Segment, Resized), AllocError> {
+        let result = self.mapped_len(new.size()).and_then(|len| {
+            let align = self.segment_align(new.align(), len);
+            segment.resize(len, align, &self.opts).map_err(Failure::os)
+        });
+        match result {
+            Ok(resized) => Ok((segment, resized)),
+            Err(failure) => {
+                self.table.insert(segment);
+                Err(self.record(failure))
+            }
+        }
+    }
+
+    /// # Safety
+    /// The [`Allocator::grow`] contract.
+    unsafe fn grow(
+        &self,
+        ptr: NonNull<u8>,
+        old: Layout,
+        new: Layout,
+        zeroed: bool,
+    ) -> Result<NonNull<[u8]>, AllocError> {
+        debug_assert!(new.size() >= old.size(), "grow to a smaller size");
+        if old.size() == 0 {
+            // The old block is a dangling pointer: nothing to keep, nothing to free.
+            return self.allocate(new, zeroed);
+        }
+        let Some(segment) = self.table.take(ptr.as_ptr().addr()) else {
+            // SAFETY: not a segment, so (contract: currently allocated by us) a heap block.
+            return unsafe { self.grow_heap_block(ptr, old, new, zeroed) };
+        };
+        let old_len = segment.len();
+        let (segment, resized) = self.resize(segment, new)?;
+        if zeroed && old.size() < old_len {
+            // The file beyond `old_len` is fresh (zeros); the old block's slack up to `old_len`
+            // may hold bytes from before a shrink, or writes into the slack we handed out.
+            // SAFETY: `[old.size(), old_len)` lies inside the new mapping (new len >= old_len).
+            unsafe { segment.ptr().add(old.size()).write_bytes(0, old_len - old.size()) };
+        }
+        let c = &self.counters;
+        Counters::add(&c.mapped_bytes, (segment.len() - old_len) as u64);
+        match resized {
+            Resized::Remapped => Counters::add(&c.grows_remapped, 1),
+            Resized::MappedAgain => Counters::add(&c.grows_mapped_again, 1),
+            Resized::Unchanged => {}
+        }
+        let block = block(&segment);
+        self.table.insert(segment);
+        Ok(block)
+    }
+
+    /// # Safety
+    /// The [`Allocator::grow`] contract, and `ptr` was allocated from [`Global`] by `self`.
+    unsafe fn grow_heap_block(
+        &self,
+        ptr: NonNull<u8>,
+        old: Layout,
+        new: Layout,
+        zeroed: bool,
+    ) -> Result<NonNull<[u8]>, AllocError> {
+        debug_assert!(self.heap_threshold > 0, "unknown block passed to grow");
+        if new.size() < self.heap_threshold {
+            // SAFETY: forwarded contract; the block came from Global.
+            return unsafe {
+                if zeroed { Global.grow_zeroed(ptr, old, new) } else { Global.grow(ptr, old, new) }
+            };
+        }
+        let segment = self.new_segment(new.size(), new.align()).map_err(|f| self.record(f))?;
+        // SAFETY: `ptr` is valid for `old.size()` reads (contract); the segment is a distinct,
+        // fresh mapping of at least `new.size() >= old.size()` bytes. The rest reads as zeros.
+        unsafe { ptr::copy_nonoverlapping(ptr.as_ptr(), segment.ptr().as_ptr(), old.size()) };
+        // SAFETY: the heap block is currently allocated by Global with layout `old`.
+        unsafe { Global.deallocate(ptr, old) };
+        Counters::sub(&self.counters.heap_allocations, 1);
+        Counters::add(&self.counters.grows_copied, 1);
+        let block = block(&segment);
+        self.table.insert(segment);
+        Ok(block)
+    }
+
+    /// # Safety
+    /// The [`Allocator::shrink`] contract.
+    unsafe fn shrink(
+        &self,
+        ptr: NonNull<u8>,
+        old: Layout,
+        new: Layout,
+    ) -> Result<NonNull<[u8]>, AllocError> {
+        debug_assert!(new.size() <= old.size(), "shrink to a larger size");
+        if new.size() == 0 {
+            // SAFETY: forwarded contract: `ptr` is currently allocated with `old`.
+            unsafe { self.deallocate(ptr, old) };
+            return Ok(dangling(new.align()));
+        }
+        let Some(segment) = self.table.take(ptr.as_ptr().addr()) else {
+            debug_assert!(self.heap_threshold > 0, "unknown block passed to shrink");
+            // SAFETY: not a segment, so a heap block (contract); forwarded.
+            return unsafe { Global.shrink(ptr, old, new) };
+        };
+        let old_len = segment.len();
+        let (segment, resized) = self.resize(segment, new)?;
+        if segment.len() < old_len {
+            Counters::sub(&self.counters.mapped_bytes, (old_len - segment.len()) as u64);
+            Counters::add(&self.counters.shrinks, 1);
+        }
+        let _ = resized;
+        let block = block(&segment);
+        self.table.insert(segment);
+        Ok(block)
+    }
+
+    /// # Safety
+    /// The [`Allocator::deallocate`] contract.
+    unsafe fn deallocate(&self, ptr: NonNull<u8>, layout: Layout) {
+        if layout.size() == 0 {
+            return;
+        }
+        match self.table.take(ptr.as_ptr().addr()) {
+            Some(segment) => {
+                self.forget(&segment);
+                drop(segment);
+            }
+            None if self.heap_threshold > 0 => {
+                // SAFETY: not a segment, so a heap block currently allocated with `layout`.
+                unsafe { Global.deallocate(ptr, layout) };
+                Counters::sub(&self.counters.heap_allocations, 1);
+            }
+            // A pointer we never handed out: a caller bug. Freeing nothing is the only safe move.
+            None => debug_assert!(false, "deallocate of a block this allocator does not own"),
+        }
+    }
+}
+
+// SAFETY: the `Allocator` contract, point by point:
+// 1. Blocks stay valid until deallocated: each is a mapping owned by a `Segment` that lives in
+//    `Inner::table` until `deallocate` (or a heap block owned by `Global`). `Inner` is shared by
+//    all clones through an `Arc`, so cloning or moving the allocator invalidates nothing.
+// 2. Any clone can free or resize any block: all clones see the same table.
+// 3. Returned blocks fit their layout: mappings are at least `layout.size()` bytes (page
+//    rounded) at an address aligned to `layout.align()` (page alignment, or an aligned
+//    reservation above it, see `segment::map_aligned`); zero-size requests get an aligned
+//    dangling pointer and never reach the OS.
+// 4. On a failed grow or shrink the segment is unchanged (`Segment::resize`) and put back, so
+//    the old block stays valid.
+unsafe impl Allocator for MmapAllocator {
+    #[inline]
+    fn allocate(&self, layout: Layout) -> Result<NonNull<[u8]>, AllocError> {
+        self.inner.allocate(layout, false)
+    }
+
+    #[inline]
+    fn allocate_zeroed(&self, layout: Layout) -> Result<NonNull<[u8]>, AllocError> {
+        self.inner.allocate(layout, true)
+    }
+
+    #[inline]
+    unsafe fn deallocate(&self, ptr: NonNull<u8>, layout: Layout) {
+        // SAFETY: forwarded contract.
+        unsafe { self.inner.deallocate(ptr, layout) }
+    }
+
+    #[inline]
+    unsafe fn grow(
+        &self,
+        ptr: NonNull<u8>,
+        old_layout: Layout,
+        new_layout: Layout,
+    ) -> Result<NonNull<[u8]>, AllocError> {
+        // SAFETY: forwarded contract.
+        unsafe { self.inner.grow(ptr, old_layout, new_layout, false) }
+    }
+
+    #[inline]
+    unsafe fn grow_zeroed(
+        &self,
+        ptr: NonNull<u8>,
+        old_layout: Layout,
+        new_layout: Layout,
+    ) -> Result<NonNull<[u8]>, AllocError> {
+        // SAFETY: forwarded contract.
+        unsafe { self.inner.grow(ptr, old_layout, new_layout, true) }
+    }
+
+    #[inline]
+    unsafe fn shrink(
+        &self,
+        ptr: NonNull<u8>,
+        old_layout: Layout,
+        new_layout: Layout,
+    ) -> Result<NonNull<[u8]>, AllocError> {
+        // SAFETY: forwarded contract.
+        unsafe { self.inner.shrink(ptr, old_layout, new_layout) }
+    }
+}

@@ -1,0 +1,465 @@
+//! [`Segment`]: one memory-mapped file, the owner of its mapping and of its file.
+
+use std::fs::{self, File, OpenOptions};
+use std::io;
+use std::os::unix::fs::{MetadataExt, OpenOptionsExt};
+use std::path::PathBuf;
+use std::ptr::NonNull;
+use std::sync::atomic::{AtomicUsize, Ordering};
+
+use crate::creator::SegmentFile;
+#[cfg(target_os = "linux")]
+use crate::sys::RemapTo;
+use crate::sys::{self, Advice};
+
+/// How a segment's mapping is moved to a new length.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum GrowStrategy {
+    /// `mremap`: the kernel moves page-table entries; one system call, no byte copied. The
+    /// default on Linux. Elsewhere it means [`GrowStrategy::MapAgain`].
+    #[default]
+    Remap,
+    /// Map the file again at the new length, then unmap the old view: no byte copied either,
+    /// one more system call. The only way on systems without `mremap` (macOS, the BSDs);
+    /// selectable on Linux so that path is tested and measured.
+    MapAgain,
+}
+
+/// An access pattern hint passed to the kernel with `madvise`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum AccessPattern {
+    /// Pages are read in order: read ahead aggressively, drop behind (`MADV_SEQUENTIAL`).
+    Sequential,
+    /// Pages are read in no order: no read-ahead (`MADV_RANDOM`).
+    Random,
+    /// Pages will be needed soon: start reading them in (`MADV_WILLNEED`).
+    WillNeed,
+}
+
+/// The per-mapping settings chosen on the builder.
+#[derive(Clone, Copy, Debug)]
+pub(crate) struct MapOptions {
+    pub(crate) reserve_disk: bool,
+    pub(crate) populate: bool,
+    pub(crate) access: Option<AccessPattern>,
+    pub(crate) huge_pages: bool,
+    pub(crate) dont_fork: bool,
+    pub(crate) strategy: GrowStrategy,
+}
+
+/// How a resize was done, for the statistics.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum Resized {
+    /// Nothing had to move (same length and alignment already right).
+    Unchanged,
+    /// `mremap`.
+    Remapped,
+    /// A new view of the file replaced the old one.
+    MappedAgain,
+}
+
+/// Descriptors held open by segments in this process, against the budget that decides whether a
+/// new segment may hold one.
+static HELD_DESCRIPTORS: AtomicUsize = AtomicUsize::new(0);
+
+/// How many segment descriptors this process holds open right now.
+pub(crate) fn held_descriptors() -> usize {
+    HELD_DESCRIPTORS.load(Ordering::Relaxed)
+}
+
+/// One memory-mapped file. It owns the mapping `[ptr, ptr + len)` and the file behind it, and
+/// its `Drop` releases both.
+///
+/// Invariants: `len` is a non-zero multiple of the page size; the file is exactly `len` bytes
+/// long (or longer, only if giving space back failed); the mapping is `MAP_SHARED`, read/write.
+#[derive(Debug)]
+pub(crate) struct Segment {
+    view: View,
+    backing: Backing,
+    /// A shrink could not truncate the file: bytes past `len` are stale, not zeros.
+    stale_tail: bool,
+}
+
+// SAFETY: a `Segment` is the only owner of its mapping and its file; nothing in it is tied to the
+// thread that created it (mappings and descriptors are process-wide), so moving it to another
+// thread is sound. It is only ever accessed through `&mut` or by value (inside a mutex).
+unsafe impl Send for Segment {}
+
+/// The mapping itself: `[ptr, ptr + len)`.
+#[derive(Debug)]
+struct View {
+    ptr: NonNull<u8>,
+    len: usize,
+}
+
+/// What keeps the file reachable for resizing.
+#[derive(Debug)]
+enum Backing {
+    /// The descriptor is held; the file has no name (unlinked at creation, or anonymous).
+    Held(HeldFile),
+    /// No descriptor is held; the file is reopened by name and checked to be the same file.
+    Named { path: PathBuf, dev: u64, ino: u64 },
+}
+
+#[derive(Debug)]
+struct HeldFile(File);
+
+impl HeldFile {
+    fn new(file: File) -> Self {
+        HELD_DESCRIPTORS.fetch_add(1, Ordering::Relaxed);
+        HeldFile(file)
+    }
+}
+
+impl Drop for HeldFile {
+    fn drop(&mut self) {
+        HELD_DESCRIPTORS.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
+impl Backing {
+    fn from_file(segment: SegmentFile, hold: bool) -> io::Result<(Backing, Option<File>)> {
+        let SegmentFile { file, path } = segment;
+        match path {
+            Some(path) if !hold => {
+                let meta = file.metadata()?;
+                let (dev, ino) = (meta.dev(), meta.ino());
+                Ok((Backing::Named { path, dev, ino }, Some(file)))
+            }
+            Some(path) => {
+                // Drop the name at once: from here on a crash leaves nothing on disk.
+                let removed = fs::remove_file(&path);
+                let backing = Backing::Held(HeldFile::new(file));
+                removed.map(|()| (backing, None))
+            }
+            None => Ok((Backing::Held(HeldFile::new(file)), None)),
+        }
+    }
+
+    /// The file, reopened by name if the descriptor is not held. Fails (rather than resizing
+    /// some other file) if the name now points elsewhere.
+    fn open(&self) -> io::Result<FileRef<'_>> {
+        match self {
+            Backing::Held(held) => Ok(FileRef::Borrowed(&held.0)),
+            Backing::Named { path, dev, ino } => {
+                let file = OpenOptions::new()
+                    .read(true)
+                    .write(true)
+                    .custom_flags(sys::OPEN_FLAGS)
+                    .open(path)
+                    .map_err(|e| {
+                        io::Error::new(e.kind(), format!("reopen {}: {e}", path.display()))
+                    })?;
+                let meta = file.metadata()?;
+                if (meta.dev(), meta.ino()) != (*dev, *ino) {
+                    return Err(io::Error::new(
+                        io::ErrorKind::NotFound,
+                        format!("segment file {} was replaced", path.display()),
+                    ));
+                }
+                Ok(FileRef::Owned(file))
+            }
+        }
+    }
+}
+
+impl Drop for Backing {
+    fn drop(&mut self) {
+        if let Backing::Named { path, dev, ino } = self {
+            // Remove the name only if it is still our file. An error leaves the file for the
+            // next start's clean-up (see `DirCreator`); Drop cannot report it.
+            if let Ok(meta) = fs::symlink_metadata(&*path)
+                && (meta.dev(), meta.ino()) == (*dev, *ino)
+            {
+                let _ = fs::remove_file(&*path);
+            }
+        }
+    }
+}
+
+enum FileRef<'a> {
+    Borrowed(&'a File),
+    Owned(File),
+}
+
+impl std::ops::Deref for FileRef<'_> {
+    type Target = File;
+    fn deref(&self) -> &File {
+        match self {
+            FileRef::Borrowed(f) => f,
+            FileRef::Owned(f) => f,
+        }
+    }
+}
+
+impl Segment {
+    /// Maps a new segment of `len` bytes (a non-zero multiple of the page size) at an address
+    /// aligned to `align` (a power of two), from a file fresh out of a creator.
+    ///
+    /// `hold` keeps the descriptor and removes the file's name now; otherwise the descriptor is
+    /// closed and the name kept for reopening. On error nothing is left behind.
+    pub(crate) fn create(
+        segment: SegmentFile,
+        len: usize,
+        align: usize,
+        opts: &MapOptions,
+        hold: bool,
+    ) -> io::Result<Segment> {
+        debug_assert!(len > 0 && len.is_multiple_of(sys::page_size()) && align.is_power_of_two());
+        let (backing, named_file) = Backing::from_file(segment, hold)?;
+        let file = match (&backing, &named_file) {
+            (_, Some(file)) => file,
+            (Backing::Held(held), None) => &held.0,
+            (Backing::Named { .. }, None) => unreachable!("a named backing comes with its file"),
+        };
+        if file.metadata()?.len() != 0 {
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidInput,
+                "the segment creator returned a file that is not empty",
+            ));
+        }
+        extend(file, 0, len, opts)?;
+        let ptr = map_aligned(file, len, align)?;
+        let segment = Segment { view: View { ptr, len }, backing, stale_tail: false };
+        segment.apply(0, opts)?;
+        Ok(segment)
+    }
+
+    /// The start of the mapping.
+    pub(crate) fn ptr(&self) -> NonNull<u8> {
+        self.view.ptr
+    }
+
+    /// The mapped length in bytes.
+    pub(crate) fn len(&self) -> usize {
+        self.view.len
+    }
+
+    /// Whether the segment holds its file's descriptor (else the file keeps its name).
+    pub(crate) fn holds_descriptor(&self) -> bool {
+        matches!(self.backing, Backing::Held(_))
+    }
+
+    /// Resizes the segment to `new_len` bytes (a non-zero multiple of the page size) at an
+    /// address aligned to `align`, keeping every byte below `min(len, new_len)`.
+    ///
+    /// On error the segment is exactly as it was: same address, same length, same bytes.
+    pub(crate) fn resize(
+        &mut self,
+        new_len: usize,
+        align: usize,
+        opts: &MapOptions,
+    ) -> io::Result<Resized> {
+        debug_assert!(new_len > 0 && new_len.is_multiple_of(sys::page_size()) && align.is_power_of_two());
+        let old_len = self.view.len;
+        if new_len == old_len && self.view.ptr.as_ptr().addr().is_multiple_of(align) {
+            return Ok(Resized::Unchanged);
+        }
+        let file = self.backing.open()?;
+        if new_len > old_len {
+            if self.stale_tail {
+                // Growing must show zeros past the old length, not what a shrink left there.
+                file.set_len(old_len as u64)?;
+                self.stale_tail = false;
+            }
+            extend(&file, old_len, new_len, opts)?;
+            let resized = self.view.move_to(&file, new_len, align, opts).inspect_err(|_| {
+                // Give the extension back; should that fail too, the file is only longer than
+                // its mapping, which costs disk space until the segment is freed.
+                let _ = file.set_len(old_len as u64);
+            })?;
+            self.apply(old_len, opts)?;
+            Ok(resized)
+        } else {
+            let resized = self.view.move_to(&file, new_len, align, opts)?;
+            if new_len < old_len {
+                // Return the blocks to the file system. A failure keeps them until the segment
+                // is freed or grown; the mapping is already the new length, so nothing can
+                // touch them meanwhile.
+                self.stale_tail |= file.set_len(new_len as u64).is_err();
+            }
+            Ok(resized)
+        }
+    }
+
+    /// Applies the builder's advice to the mapping; `populate` only to the bytes from `from`.
+    fn apply(&self, from: usize, opts: &MapOptions) -> io::Result<()> {
+        let (ptr, len) = (self.view.ptr, self.view.len);
+        #[cfg(target_os = "linux")]
+        if opts.dont_fork {
+            // Not a hint but a promise to the user: report a failure.
+            // SAFETY: `[ptr, ptr + len)` is our mapping; DONTFORK leaves its contents alone.
+            unsafe { sys::advise(ptr, len, Advice::DontFork)? };
+        }
+        #[cfg(target_os = "linux")]
+        if opts.huge_pages && len >= HUGE_PAGE {
+            // SAFETY: our mapping; a hint that leaves contents alone.
+            let _ = unsafe { sys::advise(ptr, len, Advice::HugePage) };
+        }
+        if let Some(access) = opts.access {
+            let advice = match access {
+                AccessPattern::Sequential => Advice::Sequential,
+                AccessPattern::Random => Advice::Random,
+                AccessPattern::WillNeed => Advice::WillNeed,
+            };
+            // SAFETY: our mapping; access hints leave contents alone.
+            let _ = unsafe { sys::advise(ptr, len, advice) };
+        }
+        if opts.populate && from < len {
+            // SAFETY: `from < len`, so the new part lies inside the mapping.
+            let new_part = unsafe { ptr.add(from) };
+            #[cfg(target_os = "linux")]
+            let advice = Advice::PopulateWrite;
+            #[cfg(not(target_os = "linux"))]
+            let advice = Advice::WillNeed;
+            // A hint: kernels before 5.14 answer EINVAL, and memory pressure may stop it early.
+            // SAFETY: inside our mapping; populating faults pages in without changing them.
+            let _ = unsafe { sys::advise(new_part, len - from, advice) };
+        }
+        Ok(())
+    }
+}
+
+impl View {
+    fn move_to(
+        &mut self,
+        file: &File,
+        new_len: usize,
+        align: usize,
+        opts: &MapOptions,
+    ) -> io::Result<Resized> {
+        match opts.strategy {
+            #[cfg(target_os = "linux")]
+            GrowStrategy::Remap => self.remap(new_len, align),
+            _ => self.map_again(file, new_len, align),
+        }
+    }
+
+    /// Linux: move the page-table entries with `mremap`.
+    #[cfg(target_os = "linux")]
+    fn remap(&mut self, new_len: usize, align: usize) -> io::Result<Resized> {
+        let aligned = self.ptr.as_ptr().addr().is_multiple_of(align);
+        let new_ptr = if aligned && align <= sys::page_size() {
+            // SAFETY: `[ptr, ptr + len)` is our own single mapping (struct invariant); on
+            // success it may have moved and we take the new address, on error it is untouched.
+            unsafe { sys::remap(self.ptr, self.len, new_len, RemapTo::Anywhere)? }
+        } else {
+            // MREMAP_MAYMOVE would only keep page alignment. Try in place (the address keeps its
+            // alignment), else move into a fresh reservation aligned as asked.
+            let in_place = if aligned {
+                // SAFETY: as above; an in-place resize never moves the mapping.
+                unsafe { sys::remap(self.ptr, self.len, new_len, RemapTo::InPlace) }.ok()
+            } else {
+                None
+            };
+            match in_place {
+                Some(ptr) => ptr,
+                None => {
+                    let target = reserve_aligned(new_len, align)?;
+                    // SAFETY: the source is our mapping; the target is the reservation we just
+                    // made, exactly `new_len` bytes, referenced by nothing else.
+                    match unsafe { sys::remap(self.ptr, self.len, new_len, RemapTo::Fixed(target)) }
+                    {
+                        Ok(ptr) => ptr,
+                        Err(e) => {
+                            // SAFETY: the reservation is ours and was not consumed.
+                            let _ = unsafe { sys::unmap(target, new_len) };
+                            return Err(e);
+                        }
+                    }
+                }
+            }
+        };
+        self.ptr = new_ptr;
+        self.len = new_len;
+        Ok(Resized::Remapped)
+    }
+
+    /// Portable: map the file again at the new length and drop the old view.
+    fn map_again(&mut self, file: &File, new_len: usize, align: usize) -> io::Result<Resized> {
+        let aligned = self.ptr.as_ptr().addr().is_multiple_of(align);
+        if new_len < self.len && aligned {
+            // SAFETY: the tail `[ptr + new_len, ptr + len)` lies inside our mapping (new_len <
+            // len) and the caller no longer uses it (it shrinks the block below new_len).
+            unsafe { sys::unmap(self.ptr.add(new_len), self.len - new_len)? };
+        } else {
+            let new_ptr = map_aligned(file, new_len, align)?;
+            // SAFETY: the old view is ours; both views show the same file pages, so the bytes
+            // live on in the new one.
+            if let Err(e) = unsafe { sys::unmap(self.ptr, self.len) } {
+                // munmap of one whole mapping cannot fail on a sane kernel; if it does, the old
+                // view leaks address space but the data is safe in the new one.
+                log::warn!("mmapvec: munmap of an old view failed: {e}");
+            }
+            self.ptr = new_ptr;
+        }
+        self.len = new_len;
+        Ok(Resized::MappedAgain)
+    }
+}
+
+impl Drop for Segment {
+    fn drop(&mut self) {
+        // SAFETY: the mapping is ours (struct invariant) and the segment is going away, so no
+        // pointer into it is used again (the allocator contract: the block was deallocated).
+        if let Err(e) = unsafe { sys::unmap(self.view.ptr, self.view.len) } {
+            // Only possible with a corrupted invariant; Drop must not panic, so say it and go on.
+            log::error!("mmapvec: munmap failed for a segment: {e}");
+        }
+        // `backing` drops next: closes the descriptor or removes the file.
+    }
+}
+
+/// The huge page size used for `huge_pages` alignment (x86-64 and aarch64 with 4 KiB pages).
+pub(crate) const HUGE_PAGE: usize = 2 << 20;
+
+/// Gives the file `[from, to)` with blocks reserved (or only the length, if the user chose
+/// sparse files).
+fn extend(file: &File, from: usize, to: usize, opts: &MapOptions) -> io::Result<()> {
+    if opts.reserve_disk {
+        sys::allocate_blocks(file, from as u64, (to - from) as u64)
+    } else {
+        file.set_len(to as u64)
+    }
+}
+
+/// Maps `len` bytes of `file` at an address aligned to `align`.
+fn map_aligned(file: &File, len: usize, align: usize) -> io::Result<NonNull<u8>> {
+    if align <= sys::page_size() {
+        return sys::map_file(file, len);
+    }
+    let at = reserve_aligned(len, align)?;
+    // SAFETY: `[at, at + len)` is the reservation just made, referenced by nothing else.
+    if let Err(e) = unsafe { sys::map_file_fixed(at, file, len) } {
+        // SAFETY: the reservation is still ours.
+        let _ = unsafe { sys::unmap(at, len) };
+        return Err(e);
+    }
+    Ok(at)
+}
+
+/// Reserves exactly `len` bytes of address space starting at a multiple of `align`: reserve
+/// `len + align - page`, then give back the unaligned head and the tail.
+fn reserve_aligned(len: usize, align: usize) -> io::Result<NonNull<u8>> {
+    let page = sys::page_size();
+    let span = len
+        .checked_add(align.saturating_sub(page))
+        .ok_or_else(|| io::Error::from_raw_os_error(libc::ENOMEM))?;
+    let base = sys::reserve(span)?;
+    let head = base.as_ptr().addr().next_multiple_of(align) - base.as_ptr().addr();
+    let tail = span - head - len;
+    // SAFETY: head + len <= span, so the aligned start lies inside the reservation.
+    let at = unsafe { base.add(head) };
+    // Failing to trim only wastes address space, so errors are ignored.
+    if head > 0 {
+        // SAFETY: `[base, at)` is part of the reservation just made, outside what we keep.
+        let _ = unsafe { sys::unmap(base, head) };
+    }
+    if tail > 0 {
+        // SAFETY: `[at + len, base + span)` is the reservation's tail, outside what we keep.
+        let _ = unsafe { sys::unmap(at.add(len), tail) };
+    }
+    Ok(at)
+}

@@ -1,0 +1,208 @@
+//! Counters a user can read: what the allocator holds and did, and why allocations failed.
+
+use std::io;
+use std::sync::atomic::{AtomicU64, Ordering};
+
+/// Why an allocation, grow or shrink failed. `AllocError` carries nothing, so the allocator
+/// counts each failure under its cause (see [`Failures`]) and keeps the last `io::Error`
+/// (see [`MmapAllocator::take_last_error`](crate::MmapAllocator::take_last_error)).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+#[non_exhaustive]
+pub enum FailureCause {
+    /// The disk or quota is full, or the file would pass `RLIMIT_FSIZE` (`ENOSPC`, `EDQUOT`,
+    /// `EFBIG`).
+    DiskFull,
+    /// Out of file descriptors (`EMFILE`, `ENFILE`).
+    TooManyFiles,
+    /// Out of address space or mappings (`ENOMEM`: often `vm.max_map_count`).
+    OutOfMappings,
+    /// The requested size cannot be mapped at all (arithmetic overflow, beyond address space).
+    TooLarge,
+    /// The segment creator failed (the directory is missing, unwritable, refused...).
+    Creator,
+    /// The segment file was removed or replaced while in use.
+    FileReplaced,
+    /// Anything else.
+    Other,
+}
+
+impl FailureCause {
+    pub(crate) fn of(err: &io::Error) -> FailureCause {
+        match err.raw_os_error() {
+            Some(libc::ENOSPC | libc::EDQUOT | libc::EFBIG) => FailureCause::DiskFull,
+            Some(libc::EMFILE | libc::ENFILE) => FailureCause::TooManyFiles,
+            Some(libc::ENOMEM) => FailureCause::OutOfMappings,
+            Some(libc::EOVERFLOW) => FailureCause::TooLarge,
+            _ if err.kind() == io::ErrorKind::NotFound => FailureCause::FileReplaced,
+            _ => FailureCause::Other,
+        }
+    }
+}
+
+/// Failure counts by cause.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct Failures {
+    /// See [`FailureCause::DiskFull`].
+    pub disk_full: u64,
+    /// See [`FailureCause::TooManyFiles`].
+    pub too_many_files: u64,
+    /// See [`FailureCause::OutOfMappings`].
+    pub out_of_mappings: u64,
+    /// See [`FailureCause::TooLarge`].
+    pub too_large: u64,
+    /// See [`FailureCause::Creator`].
+    pub creator: u64,
+    /// See [`FailureCause::FileReplaced`].
+    pub file_replaced: u64,
+    /// See [`FailureCause::Other`].
+    pub other: u64,
+}
+
+impl Failures {
+    /// All failures, whatever the cause.
+    ///
+    /// ```
+    /// let alloc = mmapvec::MmapAllocator::default();
+    /// assert_eq!(alloc.stats().failures.total(), alloc.stats().failures.disk_full
+    ///     + alloc.stats().failures.too_many_files + alloc.stats().failures.out_of_mappings
+    ///     + alloc.stats().failures.too_large + alloc.stats().failures.creator
+    ///     + alloc.stats().failures.file_replaced + alloc.stats().failures.other);
+    /// ```
+    pub fn total(&self) -> u64 {
+        self.disk_full
+            + self.too_many_files
+            + self.out_of_mappings
+            + self.too_large
+            + self.creator
+            + self.file_replaced
+            + self.other
+    }
+
+    /// The count for one cause.
+    ///
+    /// ```
+    /// use mmapvec::FailureCause;
+    /// let stats = mmapvec::MmapAllocator::default().stats();
+    /// let _ = stats.failures.count(FailureCause::DiskFull);
+    /// ```
+    pub fn count(&self, cause: FailureCause) -> u64 {
+        match cause {
+            FailureCause::DiskFull => self.disk_full,
+            FailureCause::TooManyFiles => self.too_many_files,
+            FailureCause::OutOfMappings => self.out_of_mappings,
+            FailureCause::TooLarge => self.too_large,
+            FailureCause::Creator => self.creator,
+            FailureCause::FileReplaced => self.file_replaced,
+            FailureCause::Other => self.other,
+        }
+    }
+}
+
+/// A snapshot of an allocator's counters, shared by all its clones.
+///
+/// ```
+/// use mmapvec::{MmapAllocator, MmapVec};
+/// # fn main() -> std::io::Result<()> {
+/// let alloc = MmapAllocator::builder().dir(std::env::temp_dir()).build()?;
+/// let mut v = MmapVec::<u8>::new_in(alloc.clone());
+/// v.extend_from_slice(&[1; 10_000]);
+/// let stats = alloc.stats();
+/// assert_eq!(stats.live_segments, 1);
+/// assert!(stats.mapped_bytes >= 10_000);
+/// drop(v);
+/// assert_eq!(alloc.stats().live_segments, 0);
+/// # Ok(()) }
+/// ```
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct Stats {
+    /// Segments alive now.
+    pub live_segments: u64,
+    /// Bytes mapped by live segments now (page-rounded).
+    pub mapped_bytes: u64,
+    /// Live segments whose descriptor is closed and whose file keeps its name (the process's
+    /// descriptor budget was spent when they were made).
+    pub named_segments: u64,
+    /// Segments created since the allocator was built.
+    pub creates: u64,
+    /// Grows done by `mremap` (Linux).
+    pub grows_remapped: u64,
+    /// Grows done by mapping the file again (other systems, or [`GrowStrategy::MapAgain`](crate::GrowStrategy::MapAgain)).
+    pub grows_mapped_again: u64,
+    /// Grows of a heap block into a segment (only with a heap threshold): the one path that
+    /// copies bytes.
+    pub grows_copied: u64,
+    /// Shrinks that gave pages back.
+    pub shrinks: u64,
+    /// Live allocations served by the heap (below the heap threshold).
+    pub heap_allocations: u64,
+    /// Failed allocations, grows and shrinks, by cause.
+    pub failures: Failures,
+}
+
+/// The live counters behind [`Stats`].
+#[derive(Debug, Default)]
+pub(crate) struct Counters {
+    pub(crate) live_segments: AtomicU64,
+    pub(crate) mapped_bytes: AtomicU64,
+    pub(crate) named_segments: AtomicU64,
+    pub(crate) creates: AtomicU64,
+    pub(crate) grows_remapped: AtomicU64,
+    pub(crate) grows_mapped_again: AtomicU64,
+    pub(crate) grows_copied: AtomicU64,
+    pub(crate) shrinks: AtomicU64,
+    pub(crate) heap_allocations: AtomicU64,
+    failures: [AtomicU64; 7],
+}
+
+fn cause_index(cause: FailureCause) -> usize {
+    match cause {
+        FailureCause::DiskFull => 0,
+        FailureCause::TooManyFiles => 1,
+        FailureCause::OutOfMappings => 2,
+        FailureCause::TooLarge => 3,
+        FailureCause::Creator => 4,
+        FailureCause::FileReplaced => 5,
+        FailureCause::Other => 6,
+    }
+}
+
+impl Counters {
+    pub(crate) fn add(counter: &AtomicU64, n: u64) {
+        counter.fetch_add(n, Ordering::Relaxed);
+    }
+
+    pub(crate) fn sub(counter: &AtomicU64, n: u64) {
+        counter.fetch_sub(n, Ordering::Relaxed);
+    }
+
+    pub(crate) fn failed(&self, cause: FailureCause) {
+        Self::add(&self.failures[cause_index(cause)], 1);
+    }
+
+    pub(crate) fn snapshot(&self) -> Stats {
+        let get = |c: &AtomicU64| c.load(Ordering::Relaxed);
+        let failed = |cause| get(&self.failures[cause_index(cause)]);
+        Stats {
+            live_segments: get(&self.live_segments),
+            mapped_bytes: get(&self.mapped_bytes),
+            named_segments: get(&self.named_segments),
+            creates: get(&self.creates),
+            grows_remapped: get(&self.grows_remapped),
+            grows_mapped_again: get(&self.grows_mapped_again),
+            grows_copied: get(&self.grows_copied),
+            shrinks: get(&self.shrinks),
+            heap_allocations: get(&self.heap_allocations),
+            failures: Failures {
+                disk_full: failed(FailureCause::DiskFull),
+                too_many_files: failed(FailureCause::TooManyFiles),
+                out_of_mappings: failed(FailureCause::OutOfMappings),
+                too_large: failed(FailureCause::TooLarge),
+                creator: failed(FailureCause::Creator),
+                file_replaced: failed(FailureCause::FileReplaced),
+                other: failed(FailureCause::Other),
+            },
+        }
+    }
+}

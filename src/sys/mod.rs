@@ -1,0 +1,255 @@
+//! The only module that talks to the operating system.
+//!
+//! Every function here is a thin, typed wrapper around one system call that reports failure as
+//! an [`io::Error`]. The allocator logic above never calls `libc` directly. Linux-only calls are
+//! gated item by item; the portable paths compile (and are tested) on Linux as well.
+
+use std::fs::File;
+use std::io;
+use std::os::unix::io::AsRawFd;
+use std::ptr::NonNull;
+use std::sync::atomic::{AtomicUsize, Ordering};
+
+/// The size of a virtual memory page, asked once and then cached.
+pub(crate) fn page_size() -> usize {
+    static PAGE_SIZE: AtomicUsize = AtomicUsize::new(0);
+    match PAGE_SIZE.load(Ordering::Relaxed) {
+        0 => {
+            // SAFETY: sysconf has no preconditions; it only reads a system value.
+            let size = unsafe { libc::sysconf(libc::_SC_PAGESIZE) };
+            // POSIX guarantees a positive page size; 4096 is a safe floor should it ever fail.
+            let size = usize::try_from(size).ok().filter(|s| s.is_power_of_two()).unwrap_or(4096);
+            PAGE_SIZE.store(size, Ordering::Relaxed);
+            size
+        }
+        size => size,
+    }
+}
+
+fn check_mapped(ret: *mut libc::c_void) -> io::Result<NonNull<u8>> {
+    if ret == libc::MAP_FAILED {
+        Err(io::Error::last_os_error())
+    } else {
+        NonNull::new(ret.cast::<u8>()).ok_or_else(|| io::Error::other("mmap returned a null pointer"))
+    }
+}
+
+fn check_zero(ret: libc::c_int) -> io::Result<()> {
+    if ret == 0 { Ok(()) } else { Err(io::Error::last_os_error()) }
+}
+
+/// Maps `len` bytes of `file` from offset 0, shared and read/write, wherever the kernel likes.
+pub(crate) fn map_file(file: &File, len: usize) -> io::Result<NonNull<u8>> {
+    // SAFETY: without MAP_FIXED the kernel picks an unused range, so no existing mapping is
+    // touched; the descriptor is valid for the duration of the call (borrowed `file`).
+    let ret = unsafe {
+        libc::mmap(
+            std::ptr::null_mut(),
+            len,
+            libc::PROT_READ | libc::PROT_WRITE,
+            libc::MAP_SHARED,
+            file.as_raw_fd(),
+            0,
+        )
+    };
+    check_mapped(ret)
+}
+
+/// Maps `len` bytes of `file` exactly at `addr`, replacing whatever was mapped there.
+///
+/// # Safety
+/// `[addr, addr + len)` must be address space owned by the caller (typically a reservation made
+/// by [`reserve`]) that nothing else refers to: `MAP_FIXED` silently replaces it.
+pub(crate) unsafe fn map_file_fixed(addr: NonNull<u8>, file: &File, len: usize) -> io::Result<()> {
+    // SAFETY: the caller guarantees the target range is its own to replace.
+    let ret = unsafe {
+        libc::mmap(
+            addr.as_ptr().cast(),
+            len,
+            libc::PROT_READ | libc::PROT_WRITE,
+            libc::MAP_SHARED | libc::MAP_FIXED,
+            file.as_raw_fd(),
+            0,
+        )
+    };
+    check_mapped(ret).map(drop)
+}
+
+/// Reserves `len` bytes of address space: inaccessible, backed by nothing, counted by nothing.
+pub(crate) fn reserve(len: usize) -> io::Result<NonNull<u8>> {
+    // SAFETY: an anonymous PROT_NONE mapping without MAP_FIXED touches no existing mapping.
+    let ret = unsafe {
+        libc::mmap(
+            std::ptr::null_mut(),
+            len,
+            libc::PROT_NONE,
+            libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_NORESERVE,
+            -1,
+            0,
+        )
+    };
+    check_mapped(ret)
+}
+
+/// Unmaps `[addr, addr + len)`.
+///
+/// # Safety
+/// The range must be mapped by the caller and no reference into it may be used afterwards.
+pub(crate) unsafe fn unmap(addr: NonNull<u8>, len: usize) -> io::Result<()> {
+    // SAFETY: the caller owns the range and gives it up.
+    check_zero(unsafe { libc::munmap(addr.as_ptr().cast(), len) })
+}
+
+/// Where [`remap`] may put the mapping.
+#[cfg(target_os = "linux")]
+#[derive(Clone, Copy, Debug)]
+pub(crate) enum RemapTo {
+    /// Resize in place or fail.
+    InPlace,
+    /// Resize in place if possible, else anywhere.
+    Anywhere,
+    /// Move to exactly this address (a reservation of the caller's of the new length).
+    Fixed(NonNull<u8>),
+}
+
+/// Resizes the mapping at `addr` from `old_len` to `new_len` with `mremap`: page-table entries
+/// move, no byte is copied. On failure the old mapping is untouched.
+///
+/// # Safety
+/// `[addr, addr + old_len)` must be one mapping owned by the caller. If it moves, the old
+/// addresses become invalid. With [`RemapTo::Fixed`] the target range (`new_len` bytes) must be
+/// owned by the caller too: it is replaced.
+#[cfg(target_os = "linux")]
+pub(crate) unsafe fn remap(
+    addr: NonNull<u8>,
+    old_len: usize,
+    new_len: usize,
+    to: RemapTo,
+) -> io::Result<NonNull<u8>> {
+    // SAFETY: the caller owns the source (and for Fixed, the target) range; mremap either
+    // succeeds as a whole or leaves the old mapping as it was.
+    let ret = unsafe {
+        match to {
+            RemapTo::InPlace => libc::mremap(addr.as_ptr().cast(), old_len, new_len, 0),
+            RemapTo::Anywhere => {
+                libc::mremap(addr.as_ptr().cast(), old_len, new_len, libc::MREMAP_MAYMOVE)
+            }
+            RemapTo::Fixed(target) => libc::mremap(
+                addr.as_ptr().cast(),
+                old_len,
+                new_len,
+                libc::MREMAP_MAYMOVE | libc::MREMAP_FIXED,
+                target.as_ptr().cast::<libc::c_void>(),
+            ),
+        }
+    };
+    check_mapped(ret)
+}
+
+/// A hint or property set on a mapped range with `madvise`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum Advice {
+    Sequential,
+    Random,
+    WillNeed,
+    #[cfg(target_os = "linux")]
+    HugePage,
+    #[cfg(target_os = "linux")]
+    DontFork,
+    #[cfg(target_os = "linux")]
+    PopulateWrite,
+}
+
+/// Applies `advice` to `[addr, addr + len)`.
+///
+/// # Safety
+/// The range must be mapped by the caller. None of the advice used here changes the contents of
+/// a shared file mapping.
+pub(crate) unsafe fn advise(addr: NonNull<u8>, len: usize, advice: Advice) -> io::Result<()> {
+    let advice = match advice {
+        Advice::Sequential => libc::MADV_SEQUENTIAL,
+        Advice::Random => libc::MADV_RANDOM,
+        Advice::WillNeed => libc::MADV_WILLNEED,
+        #[cfg(target_os = "linux")]
+        Advice::HugePage => libc::MADV_HUGEPAGE,
+        #[cfg(target_os = "linux")]
+        Advice::DontFork => libc::MADV_DONTFORK,
+        #[cfg(target_os = "linux")]
+        Advice::PopulateWrite => libc::MADV_POPULATE_WRITE,
+    };
+    // SAFETY: the caller owns the range; the advice values above never discard file data.
+    check_zero(unsafe { libc::madvise(addr.as_ptr().cast(), len, advice) })
+}
+
+/// Gives the file blocks for `[offset, offset + len)`, growing it if needed, so that a full disk
+/// is an `ENOSPC` now rather than a `SIGBUS` when the page is first written.
+#[cfg(target_os = "linux")]
+pub(crate) fn allocate_blocks(file: &File, offset: u64, len: u64) -> io::Result<()> {
+    let too_big = || io::Error::from_raw_os_error(libc::EFBIG);
+    let offset = libc::off_t::try_from(offset).map_err(|_| too_big())?;
+    let len = libc::off_t::try_from(len).map_err(|_| too_big())?;
+    loop {
+        // SAFETY: fallocate only acts on the valid descriptor borrowed from `file`.
+        match check_zero(unsafe { libc::fallocate(file.as_raw_fd(), 0, offset, len) }) {
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+            other => return other,
+        }
+    }
+}
+
+/// Portable stand-in: POSIX `posix_fallocate` is missing on macOS, so other systems only set the
+/// length (a sparse file); the README's platform table says so.
+#[cfg(not(target_os = "linux"))]
+pub(crate) fn allocate_blocks(file: &File, offset: u64, len: u64) -> io::Result<()> {
+    let end = offset.checked_add(len).ok_or_else(|| io::Error::from_raw_os_error(libc::EFBIG))?;
+    if file.metadata()?.len() < end { file.set_len(end) } else { Ok(()) }
+}
+
+/// Whether the file system holding `file` keeps its data in RAM (tmpfs, ramfs).
+#[cfg(target_os = "linux")]
+pub(crate) fn is_ram_backed(file: &File) -> io::Result<bool> {
+    const TMPFS_MAGIC: i64 = 0x0102_1994;
+    const RAMFS_MAGIC: i64 = 0x8584_58f6;
+    let mut buf = std::mem::MaybeUninit::<libc::statfs>::uninit();
+    // SAFETY: `buf` is writable and large enough for one `statfs`; the descriptor is valid.
+    check_zero(unsafe { libc::fstatfs(file.as_raw_fd(), buf.as_mut_ptr()) })?;
+    // SAFETY: fstatfs succeeded, so it filled `buf`.
+    let stat = unsafe { buf.assume_init() };
+    #[allow(clippy::unnecessary_cast)] // `f_type`'s type differs between targets.
+    let kind = stat.f_type as i64;
+    Ok(kind == TMPFS_MAGIC || kind == RAMFS_MAGIC)
+}
+
+/// Other systems: not detected (reported as disk-backed).
+#[cfg(not(target_os = "linux"))]
+pub(crate) fn is_ram_backed(_file: &File) -> io::Result<bool> {
+    Ok(false)
+}
+
+/// Takes an exclusive `flock` without waiting. `Ok(false)` when another open file holds it.
+pub(crate) fn try_lock_exclusive(file: &File) -> io::Result<bool> {
+    // SAFETY: flock only acts on the valid descriptor borrowed from `file`.
+    match check_zero(unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) }) {
+        Ok(()) => Ok(true),
+        Err(e) if e.kind() == io::ErrorKind::WouldBlock => Ok(false),
+        Err(e) => Err(e),
+    }
+}
+
+/// The soft limit on open descriptors (`RLIMIT_NOFILE`), `None` if unlimited or unknown.
+pub(crate) fn open_files_soft_limit() -> Option<u64> {
+    let mut limit = libc::rlimit { rlim_cur: 0, rlim_max: 0 };
+    // SAFETY: `limit` is a valid, writable rlimit.
+    let ret = unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut limit) };
+    #[allow(clippy::unnecessary_cast)] // `rlim_t` differs between targets.
+    (ret == 0 && limit.rlim_cur != libc::RLIM_INFINITY).then_some(limit.rlim_cur as u64)
+}
+
+/// The effective user id, used to name the per-user folder.
+pub(crate) fn effective_uid() -> u32 {
+    // SAFETY: geteuid cannot fail and has no preconditions.
+    unsafe { libc::geteuid() }
+}
+
+/// Flags added to every `open` of a segment file or folder.
+pub(crate) const OPEN_FLAGS: libc::c_int = libc::O_NOFOLLOW | libc::O_CLOEXEC;

@@ -1,0 +1,2 @@
+//! Placeholder until the bench helper writes it.
+fn main() {}

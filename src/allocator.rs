@@ -61,7 +61,10 @@ struct Failure {
 
 impl Failure {
     fn os(error: io::Error) -> Failure {
-        Failure { cause: FailureCause::of(&error), error }
+        Failure {
+            cause: FailureCause::of(&error),
+            error,
+        }
     }
 
     fn creator(error: io::Error) -> Failure {
@@ -91,14 +94,28 @@ struct SegmentTable {
 
 const SHARDS: usize = 16;
 
+/// The largest mapping attempted. User address space is 47 bits on x86-64 (48 on aarch64), so
+/// anything larger fails anyway; refusing it up front avoids creating a file for nothing and
+/// reports the right cause. On 32-bit targets `Layout` already caps sizes at `isize::MAX`.
+#[cfg(target_pointer_width = "64")]
+const MAX_MAPPING: usize = 1 << 47;
+#[cfg(not(target_pointer_width = "64"))]
+const MAX_MAPPING: usize = isize::MAX as usize;
+
 impl SegmentTable {
     fn new() -> Self {
-        SegmentTable { shards: std::array::from_fn(|_| Mutex::new(HashMap::new())) }
+        SegmentTable {
+            shards: std::array::from_fn(|_| Mutex::new(HashMap::new())),
+        }
+    }
+
+    /// Mappings are page aligned and often adjacent: mix the bits above the page offset.
+    fn shard_index(addr: usize) -> usize {
+        ((addr >> 12) ^ (addr >> 18) ^ (addr >> 24)) % SHARDS
     }
 
     fn shard(&self, addr: usize) -> std::sync::MutexGuard<'_, HashMap<usize, Segment>> {
-        // Mappings are page aligned and often adjacent: mix the bits above the page offset.
-        let index = ((addr >> 12) ^ (addr >> 18) ^ (addr >> 24)) % SHARDS;
+        let index = Self::shard_index(addr);
         // A panic while holding the lock cannot leave a map half-updated (single insert or
         // remove), so a poisoned lock is still consistent.
         self.shards[index].lock().unwrap_or_else(|e| e.into_inner())
@@ -124,7 +141,9 @@ impl Default for MmapAllocator {
     fn default() -> Self {
         static DEFAULT: OnceLock<MmapAllocator> = OnceLock::new();
         DEFAULT
-            .get_or_init(|| Builder::new().into_allocator(Box::new(DirCreator::new(std::env::temp_dir()))))
+            .get_or_init(|| {
+                Builder::new().into_allocator(Box::new(DirCreator::new(std::env::temp_dir())))
+            })
             .clone()
     }
 }
@@ -177,7 +196,11 @@ impl MmapAllocator {
     /// println!("reserve failed: {err}");
     /// ```
     pub fn take_last_error(&self) -> Option<io::Error> {
-        self.inner.last_error.lock().unwrap_or_else(|e| e.into_inner()).take()
+        self.inner
+            .last_error
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .take()
     }
 }
 
@@ -400,7 +423,10 @@ impl Builder {
             (Some(_), Some(dir)) => {
                 return Err(io::Error::new(
                     io::ErrorKind::InvalidInput,
-                    format!("both a directory ({}) and a segment creator were given", dir.display()),
+                    format!(
+                        "both a directory ({}) and a segment creator were given",
+                        dir.display()
+                    ),
                 ));
             }
             (Some(creator), None) => creator,
@@ -457,7 +483,7 @@ impl Inner {
             sys::page_size()
         };
         size.checked_next_multiple_of(unit)
-            .filter(|&len| len <= isize::MAX as usize)
+            .filter(|&len| len <= MAX_MAPPING)
             .ok_or_else(|| Failure::too_large(size))
     }
 
@@ -484,7 +510,10 @@ impl Inner {
         let len = self.mapped_len(size)?;
         let align = self.segment_align(align, len);
         let hold = self.may_hold_descriptor();
-        let request = SegmentRequest { len, keeps_name: !hold };
+        let request = SegmentRequest {
+            len,
+            keeps_name: !hold,
+        };
         let file = self.creator.create(&request).map_err(Failure::creator)?;
         let segment = Segment::create(file, len, align, &self.opts, hold).map_err(Failure::os)?;
         let c = &self.counters;
@@ -508,7 +537,11 @@ impl Inner {
 
     fn record(&self, failure: Failure) -> AllocError {
         self.counters.failed(failure.cause);
-        log::debug!("mmapvec: allocation failed ({:?}): {}", failure.cause, failure.error);
+        log::debug!(
+            "mmapvec: allocation failed ({:?}): {}",
+            failure.cause,
+            failure.error
+        );
         *self.last_error.lock().unwrap_or_else(|e| e.into_inner()) = Some(failure.error);
         AllocError
     }
@@ -518,12 +551,18 @@ impl Inner {
             return Ok(dangling(layout.align()));
         }
         if layout.size() < self.heap_threshold {
-            let block = if zeroed { Global.allocate_zeroed(layout) } else { Global.allocate(layout) }?;
+            let block = if zeroed {
+                Global.allocate_zeroed(layout)
+            } else {
+                Global.allocate(layout)
+            }?;
             Counters::add(&self.counters.heap_allocations, 1);
             return Ok(block);
         }
         // A fresh segment reads as zeros: `zeroed` needs no work here.
-        let segment = self.new_segment(layout.size(), layout.align()).map_err(|f| self.record(f))?;
+        let segment = self
+            .new_segment(layout.size(), layout.align())
+            .map_err(|f| self.record(f))?;
         let block = block(&segment);
         self.table.insert(segment);
         Ok(block)
@@ -569,10 +608,18 @@ impl Inner {
             // The file beyond `old_len` is fresh (zeros); the old block's slack up to `old_len`
             // may hold bytes from before a shrink, or writes into the slack we handed out.
             // SAFETY: `[old.size(), old_len)` lies inside the new mapping (new len >= old_len).
-            unsafe { segment.ptr().add(old.size()).write_bytes(0, old_len - old.size()) };
+            unsafe {
+                segment
+                    .ptr()
+                    .add(old.size())
+                    .write_bytes(0, old_len - old.size())
+            };
         }
         let c = &self.counters;
-        Counters::add(&c.mapped_bytes, (segment.len() - old_len) as u64);
+        Counters::add(
+            &c.mapped_bytes,
+            segment.len().saturating_sub(old_len) as u64,
+        );
         match resized {
             Resized::Remapped => Counters::add(&c.grows_remapped, 1),
             Resized::MappedAgain => Counters::add(&c.grows_mapped_again, 1),
@@ -596,10 +643,16 @@ impl Inner {
         if new.size() < self.heap_threshold {
             // SAFETY: forwarded contract; the block came from Global.
             return unsafe {
-                if zeroed { Global.grow_zeroed(ptr, old, new) } else { Global.grow(ptr, old, new) }
+                if zeroed {
+                    Global.grow_zeroed(ptr, old, new)
+                } else {
+                    Global.grow(ptr, old, new)
+                }
             };
         }
-        let segment = self.new_segment(new.size(), new.align()).map_err(|f| self.record(f))?;
+        let segment = self
+            .new_segment(new.size(), new.align())
+            .map_err(|f| self.record(f))?;
         // SAFETY: `ptr` is valid for `old.size()` reads (contract); the segment is a distinct,
         // fresh mapping of at least `new.size() >= old.size()` bytes. The rest reads as zeros.
         unsafe { ptr::copy_nonoverlapping(ptr.as_ptr(), segment.ptr().as_ptr(), old.size()) };
@@ -632,12 +685,14 @@ impl Inner {
             return unsafe { Global.shrink(ptr, old, new) };
         };
         let old_len = segment.len();
-        let (segment, resized) = self.resize(segment, new)?;
+        let (segment, _) = self.resize(segment, new)?;
         if segment.len() < old_len {
-            Counters::sub(&self.counters.mapped_bytes, (old_len - segment.len()) as u64);
+            Counters::sub(
+                &self.counters.mapped_bytes,
+                (old_len - segment.len()) as u64,
+            );
             Counters::add(&self.counters.shrinks, 1);
         }
-        let _ = resized;
         let block = block(&segment);
         self.table.insert(segment);
         Ok(block)
@@ -724,5 +779,66 @@ unsafe impl Allocator for MmapAllocator {
     ) -> Result<NonNull<[u8]>, AllocError> {
         // SAFETY: forwarded contract.
         unsafe { self.inner.shrink(ptr, old_layout, new_layout) }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn allocator() -> MmapAllocator {
+        MmapAllocator::default()
+    }
+
+    #[test]
+    fn mapped_len_rounds_to_pages_and_refuses_overflow() {
+        let inner = &allocator().inner;
+        let page = sys::page_size();
+        assert_eq!(inner.mapped_len(1).ok(), Some(page));
+        assert_eq!(inner.mapped_len(page).ok(), Some(page));
+        assert_eq!(inner.mapped_len(page + 1).ok(), Some(2 * page));
+        for size in [usize::MAX, usize::MAX - page + 2, MAX_MAPPING + 1] {
+            let failure = inner.mapped_len(size).err().expect("must be refused");
+            assert_eq!(failure.cause, FailureCause::TooLarge);
+        }
+    }
+
+    #[test]
+    fn huge_pages_round_and_align_large_segments_only() {
+        let alloc = Builder::new().huge_pages(true).build().unwrap();
+        let inner = &alloc.inner;
+        let huge = segment::HUGE_PAGE;
+        assert_eq!(inner.mapped_len(huge + 1).ok(), Some(2 * huge));
+        assert_eq!(inner.mapped_len(10).ok(), Some(sys::page_size()));
+        assert_eq!(inner.segment_align(8, huge), huge);
+        assert_eq!(inner.segment_align(8, sys::page_size()), 8);
+    }
+
+    #[test]
+    fn dangling_is_aligned_and_empty() {
+        for shift in 0..30 {
+            let block = dangling(1 << shift);
+            assert_eq!(block.len(), 0);
+            assert_eq!(block.cast::<u8>().as_ptr().addr(), 1 << shift);
+        }
+    }
+
+    #[test]
+    fn adjacent_mappings_spread_over_all_shards() {
+        let base = 0x7f00_0000_0000_usize;
+        let mut used = [0usize; SHARDS];
+        for page in 0..(16 * SHARDS) {
+            used[SegmentTable::shard_index(base + page * 4096)] += 1;
+        }
+        assert!(used.iter().all(|&n| n == 16), "{used:?}");
+        // Huge-page aligned mappings too.
+        let mut used = [false; SHARDS];
+        for i in 0..(4 * SHARDS) {
+            used[SegmentTable::shard_index(base + i * (2 << 20))] = true;
+        }
+        assert!(
+            used.iter().filter(|&&u| u).count() >= SHARDS / 2,
+            "{used:?}"
+        );
     }
 }

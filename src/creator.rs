@@ -75,7 +75,10 @@ impl SegmentFile {
     /// # Ok(()) }
     /// ```
     pub fn named(file: File, path: impl Into<PathBuf>) -> Self {
-        SegmentFile { file, path: Some(path.into()) }
+        SegmentFile {
+            file,
+            path: Some(path.into()),
+        }
     }
 
     /// A file without a name (`memfd_create`, `O_TMPFILE`, or already unlinked). The allocator
@@ -194,7 +197,11 @@ impl DirCreator {
     /// assert!(creator.folder().starts_with(std::env::temp_dir()));
     /// ```
     pub fn new(base: impl Into<PathBuf>) -> Self {
-        DirCreator { base: base.into(), prepared: OnceLock::new(), preparing: Mutex::new(()) }
+        DirCreator {
+            base: base.into(),
+            prepared: OnceLock::new(),
+            preparing: Mutex::new(()),
+        }
     }
 
     /// A creator for `base`, with its folder checked and created now: errors name the path.
@@ -271,14 +278,22 @@ impl DirCreator {
             );
         }
         remove_stale(&folder);
-        Ok(Prepared { folder, ram_backed, session: OnceLock::new(), session_init: Mutex::new(()) })
+        Ok(Prepared {
+            folder,
+            ram_backed,
+            session: OnceLock::new(),
+            session_init: Mutex::new(()),
+        })
     }
 
     fn session<'a>(&self, prepared: &'a Prepared) -> io::Result<&'a Path> {
         if let Some(s) = prepared.session.get() {
             return Ok(&s.path);
         }
-        let _guard = prepared.session_init.lock().unwrap_or_else(|e| e.into_inner());
+        let _guard = prepared
+            .session_init
+            .lock()
+            .unwrap_or_else(|e| e.into_inner());
         if let Some(s) = prepared.session.get() {
             return Ok(&s.path);
         }
@@ -290,7 +305,11 @@ impl DirCreator {
 impl SegmentCreator for DirCreator {
     fn create(&self, request: &SegmentRequest) -> io::Result<SegmentFile> {
         let prepared = self.prepared()?;
-        let dir = if request.keeps_name { self.session(prepared)? } else { &prepared.folder };
+        let dir = if request.keeps_name {
+            self.session(prepared)?
+        } else {
+            &prepared.folder
+        };
         let path = dir.join(uuid::Uuid::new_v4().to_string());
         let file = OpenOptions::new()
             .read(true)
@@ -334,7 +353,10 @@ fn open_private_dir(path: &Path) -> io::Result<File> {
     }
     if meta.permissions().mode() & 0o077 != 0 {
         return Err(with_path(
-            io::Error::new(io::ErrorKind::PermissionDenied, "open to other users (want 0700)"),
+            io::Error::new(
+                io::ErrorKind::PermissionDenied,
+                "open to other users (want 0700)",
+            ),
             "refusing segment folder",
             path,
         ));
@@ -361,22 +383,31 @@ fn new_session(folder: &Path) -> io::Result<Session> {
             _ => continue,
         }
     }
-    Err(io::Error::other(format!("could not create a session folder in {}", folder.display())))
+    Err(io::Error::other(format!(
+        "could not create a session folder in {}",
+        folder.display()
+    )))
 }
 
 /// Removes what dead processes left behind. Errors are ignored: this is tidying, and whatever
 /// stays is tried again at the next start.
 fn remove_stale(folder: &Path) {
-    let Ok(entries) = fs::read_dir(folder) else { return };
+    let Ok(entries) = fs::read_dir(folder) else {
+        return;
+    };
     let now = SystemTime::now();
     for entry in entries.flatten() {
         let path = entry.path();
-        let Ok(meta) = fs::symlink_metadata(&path) else { continue };
+        let Ok(meta) = fs::symlink_metadata(&path) else {
+            continue;
+        };
         let name = entry.file_name();
         let name = name.to_string_lossy();
         if meta.is_dir() && name.starts_with("session-") {
             // Holding the lock proves no live process owns the folder.
-            let Ok(lock) = open_private_dir(&path) else { continue };
+            let Ok(lock) = open_private_dir(&path) else {
+                continue;
+            };
             if sys::try_lock_exclusive(&lock).unwrap_or(false) {
                 remove_segment_files(&path);
                 let _ = fs::remove_dir(&path);
@@ -384,7 +415,10 @@ fn remove_stale(folder: &Path) {
         } else if meta.is_file() && uuid::Uuid::try_parse(&name).is_ok() {
             // A loose file is normally unlinked microseconds after creation; an old one was left
             // by a process killed in between.
-            let old = meta.modified().ok().and_then(|m| now.duration_since(m).ok());
+            let old = meta
+                .modified()
+                .ok()
+                .and_then(|m| now.duration_since(m).ok());
             if old.is_some_and(|age| age > STALE_AFTER) {
                 let _ = fs::remove_file(&path);
             }
@@ -393,7 +427,9 @@ fn remove_stale(folder: &Path) {
 }
 
 fn remove_segment_files(dir: &Path) {
-    let Ok(entries) = fs::read_dir(dir) else { return };
+    let Ok(entries) = fs::read_dir(dir) else {
+        return;
+    };
     for entry in entries.flatten() {
         let is_file = entry.file_type().is_ok_and(|t| t.is_file());
         if is_file && uuid::Uuid::try_parse(&entry.file_name().to_string_lossy()).is_ok() {

@@ -222,7 +222,11 @@ impl Segment {
         }
         extend(file, 0, len, opts)?;
         let ptr = map_aligned(file, len, align)?;
-        let segment = Segment { view: View { ptr, len }, backing, stale_tail: false };
+        let segment = Segment {
+            view: View { ptr, len },
+            backing,
+            stale_tail: false,
+        };
         segment.apply(0, opts)?;
         Ok(segment)
     }
@@ -252,7 +256,9 @@ impl Segment {
         align: usize,
         opts: &MapOptions,
     ) -> io::Result<Resized> {
-        debug_assert!(new_len > 0 && new_len.is_multiple_of(sys::page_size()) && align.is_power_of_two());
+        debug_assert!(
+            new_len > 0 && new_len.is_multiple_of(sys::page_size()) && align.is_power_of_two()
+        );
         let old_len = self.view.len;
         if new_len == old_len && self.view.ptr.as_ptr().addr().is_multiple_of(align) {
             return Ok(Resized::Unchanged);
@@ -265,11 +271,14 @@ impl Segment {
                 self.stale_tail = false;
             }
             extend(&file, old_len, new_len, opts)?;
-            let resized = self.view.move_to(&file, new_len, align, opts).inspect_err(|_| {
-                // Give the extension back; should that fail too, the file is only longer than
-                // its mapping, which costs disk space until the segment is freed.
-                let _ = file.set_len(old_len as u64);
-            })?;
+            let resized = self
+                .view
+                .move_to(&file, new_len, align, opts)
+                .inspect_err(|_| {
+                    // Give the extension back; should that fail too, the file is only longer than
+                    // its mapping, which costs disk space until the segment is freed.
+                    let _ = file.set_len(old_len as u64);
+                })?;
             self.apply(old_len, opts)?;
             Ok(resized)
         } else {
@@ -462,4 +471,27 @@ fn reserve_aligned(len: usize, align: usize) -> io::Result<NonNull<u8>> {
         let _ = unsafe { sys::unmap(at.add(len), tail) };
     }
     Ok(at)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn reserve_aligned_gives_exactly_aligned_ranges() {
+        let page = sys::page_size();
+        for align in [page, 2 * page, 1 << 16, HUGE_PAGE, 1 << 30] {
+            let len = 3 * page;
+            let at = reserve_aligned(len, align).unwrap();
+            assert_eq!(at.as_ptr().addr() % align, 0, "align {align}");
+            // SAFETY: the reservation is ours and nothing refers to it.
+            unsafe { sys::unmap(at, len).unwrap() };
+        }
+    }
+
+    #[test]
+    fn reserve_aligned_refuses_overflow() {
+        let err = reserve_aligned(usize::MAX - 10, 1 << 21).unwrap_err();
+        assert_eq!(err.raw_os_error(), Some(libc::ENOMEM));
+    }
 }

@@ -206,3 +206,34 @@ impl Counters {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn causes_from_errno() {
+        let of = |errno| FailureCause::of(&io::Error::from_raw_os_error(errno));
+        assert_eq!(of(libc::ENOSPC), FailureCause::DiskFull);
+        assert_eq!(of(libc::EDQUOT), FailureCause::DiskFull);
+        assert_eq!(of(libc::EFBIG), FailureCause::DiskFull);
+        assert_eq!(of(libc::EMFILE), FailureCause::TooManyFiles);
+        assert_eq!(of(libc::ENFILE), FailureCause::TooManyFiles);
+        assert_eq!(of(libc::ENOMEM), FailureCause::OutOfMappings);
+        assert_eq!(of(libc::ENOENT), FailureCause::FileReplaced);
+        assert_eq!(of(libc::EIO), FailureCause::Other);
+    }
+
+    #[test]
+    fn snapshot_counts_each_cause_once() {
+        let counters = Counters::default();
+        counters.failed(FailureCause::DiskFull);
+        counters.failed(FailureCause::Creator);
+        counters.failed(FailureCause::Creator);
+        let stats = counters.snapshot();
+        assert_eq!(stats.failures.disk_full, 1);
+        assert_eq!(stats.failures.creator, 2);
+        assert_eq!(stats.failures.count(FailureCause::Creator), 2);
+        assert_eq!(stats.failures.total(), 3);
+    }
+}

@@ -18,7 +18,10 @@ pub(crate) fn page_size() -> usize {
             // SAFETY: sysconf has no preconditions; it only reads a system value.
             let size = unsafe { libc::sysconf(libc::_SC_PAGESIZE) };
             // POSIX guarantees a positive page size; 4096 is a safe floor should it ever fail.
-            let size = usize::try_from(size).ok().filter(|s| s.is_power_of_two()).unwrap_or(4096);
+            let size = usize::try_from(size)
+                .ok()
+                .filter(|s| s.is_power_of_two())
+                .unwrap_or(4096);
             PAGE_SIZE.store(size, Ordering::Relaxed);
             size
         }
@@ -30,12 +33,17 @@ fn check_mapped(ret: *mut libc::c_void) -> io::Result<NonNull<u8>> {
     if ret == libc::MAP_FAILED {
         Err(io::Error::last_os_error())
     } else {
-        NonNull::new(ret.cast::<u8>()).ok_or_else(|| io::Error::other("mmap returned a null pointer"))
+        NonNull::new(ret.cast::<u8>())
+            .ok_or_else(|| io::Error::other("mmap returned a null pointer"))
     }
 }
 
 fn check_zero(ret: libc::c_int) -> io::Result<()> {
-    if ret == 0 { Ok(()) } else { Err(io::Error::last_os_error()) }
+    if ret == 0 {
+        Ok(())
+    } else {
+        Err(io::Error::last_os_error())
+    }
 }
 
 /// Maps `len` bytes of `file` from offset 0, shared and read/write, wherever the kernel likes.
@@ -201,8 +209,14 @@ pub(crate) fn allocate_blocks(file: &File, offset: u64, len: u64) -> io::Result<
 /// length (a sparse file); the README's platform table says so.
 #[cfg(not(target_os = "linux"))]
 pub(crate) fn allocate_blocks(file: &File, offset: u64, len: u64) -> io::Result<()> {
-    let end = offset.checked_add(len).ok_or_else(|| io::Error::from_raw_os_error(libc::EFBIG))?;
-    if file.metadata()?.len() < end { file.set_len(end) } else { Ok(()) }
+    let end = offset
+        .checked_add(len)
+        .ok_or_else(|| io::Error::from_raw_os_error(libc::EFBIG))?;
+    if file.metadata()?.len() < end {
+        file.set_len(end)
+    } else {
+        Ok(())
+    }
 }
 
 /// Whether the file system holding `file` keeps its data in RAM (tmpfs, ramfs).
@@ -238,7 +252,10 @@ pub(crate) fn try_lock_exclusive(file: &File) -> io::Result<bool> {
 
 /// The soft limit on open descriptors (`RLIMIT_NOFILE`), `None` if unlimited or unknown.
 pub(crate) fn open_files_soft_limit() -> Option<u64> {
-    let mut limit = libc::rlimit { rlim_cur: 0, rlim_max: 0 };
+    let mut limit = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
     // SAFETY: `limit` is a valid, writable rlimit.
     let ret = unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut limit) };
     #[allow(clippy::unnecessary_cast)] // `rlim_t` differs between targets.

@@ -798,7 +798,7 @@ mod tests {
         assert_eq!(inner.mapped_len(page).ok(), Some(page));
         assert_eq!(inner.mapped_len(page + 1).ok(), Some(2 * page));
         for size in [usize::MAX, usize::MAX - page + 2, MAX_MAPPING + 1] {
-            let failure = inner.mapped_len(size).err().expect("must be refused");
+            let failure = inner.mapped_len(size).expect_err("must be refused");
             assert_eq!(failure.cause, FailureCause::TooLarge);
         }
     }

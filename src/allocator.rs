@@ -44,11 +44,13 @@ pub struct MmapAllocator {
 }
 
 struct Inner {
+    /// First, so it drops first: segments remove their files before the creator (whose session
+    /// folder must be empty by then) goes away.
+    table: SegmentTable,
     creator: Box<dyn SegmentCreator>,
     opts: MapOptions,
     heap_threshold: usize,
     descriptor_budget: Option<usize>,
-    table: SegmentTable,
     counters: Counters,
     last_error: Mutex<Option<io::Error>>,
 }
@@ -450,11 +452,11 @@ impl Builder {
     fn into_allocator(self, creator: Box<dyn SegmentCreator>) -> MmapAllocator {
         MmapAllocator {
             inner: Arc::new(Inner {
+                table: SegmentTable::new(),
                 creator,
                 opts: self.opts,
                 heap_threshold: self.heap_threshold,
                 descriptor_budget: self.descriptor_budget,
-                table: SegmentTable::new(),
                 counters: Counters::default(),
                 last_error: Mutex::new(None),
             }),
@@ -602,6 +604,9 @@ impl Inner {
             // SAFETY: not a segment, so (contract: currently allocated by us) a heap block.
             return unsafe { self.grow_heap_block(ptr, old, new, zeroed) };
         };
+        if segment.is_inherited() {
+            return self.move_inherited(segment, old, new);
+        }
         let old_len = segment.len();
         let (segment, resized) = self.resize(segment, new)?;
         if zeroed && old.size() < old_len {
@@ -665,6 +670,40 @@ impl Inner {
         Ok(block)
     }
 
+    /// A child made by `fork` shares its inherited segments' files with the parent and must
+    /// not resize them: copy the first `keep.size()` bytes into a segment of its own instead,
+    /// and let go of the inherited view (unmapped; the parent's file is left alone).
+    fn move_inherited(
+        &self,
+        inherited: Segment,
+        keep: Layout,
+        new: Layout,
+    ) -> Result<NonNull<[u8]>, AllocError> {
+        let segment = match self.new_segment(new.size(), new.align()) {
+            Ok(segment) => segment,
+            Err(failure) => {
+                self.table.insert(inherited);
+                return Err(self.record(failure));
+            }
+        };
+        // SAFETY: the inherited view is mapped for `inherited.len() >= keep.size()` bytes (the
+        // old block fits it); the new segment is a distinct mapping of at least `new.size() >=
+        // keep.size()` bytes. The rest of the new segment reads as zeros.
+        unsafe {
+            ptr::copy_nonoverlapping(
+                inherited.ptr().as_ptr(),
+                segment.ptr().as_ptr(),
+                keep.size(),
+            )
+        };
+        self.forget(&inherited);
+        drop(inherited);
+        Counters::add(&self.counters.grows_copied, 1);
+        let block = block(&segment);
+        self.table.insert(segment);
+        Ok(block)
+    }
+
     /// # Safety
     /// The [`Allocator::shrink`] contract.
     unsafe fn shrink(
@@ -684,6 +723,15 @@ impl Inner {
             // SAFETY: not a segment, so a heap block (contract); forwarded.
             return unsafe { Global.shrink(ptr, old, new) };
         };
+        if segment.is_inherited() {
+            if segment.ptr().as_ptr().addr().is_multiple_of(new.align()) {
+                // The block as it is still fits the smaller layout; the parent's file stays.
+                let block = block(&segment);
+                self.table.insert(segment);
+                return Ok(block);
+            }
+            return self.move_inherited(segment, new, new);
+        }
         let old_len = segment.len();
         let (segment, _) = self.resize(segment, new)?;
         if segment.len() < old_len {

@@ -116,7 +116,9 @@ impl SegmentFile {
 /// #[derive(Debug)]
 /// struct Numbered { dir: std::path::PathBuf, next: AtomicUsize }
 ///
-/// impl SegmentCreator for Numbered {
+/// // SAFETY: each call creates a new file (`create_new`) under a fresh number, hands it out
+/// // once and keeps no handle to it; the path given is the file's own.
+/// unsafe impl SegmentCreator for Numbered {
 ///     fn create(&self, _request: &SegmentRequest) -> io::Result<SegmentFile> {
 ///         let n = self.next.fetch_add(1, Ordering::Relaxed);
 ///         let path = self.dir.join(format!("segment-{n}"));
@@ -138,7 +140,18 @@ impl SegmentFile {
 /// # drop(v); std::fs::remove_dir_all(dir)?;
 /// # Ok(()) }
 /// ```
-pub trait SegmentCreator: fmt::Debug + Send + Sync + 'static {
+///
+/// # Safety
+///
+/// The allocator hands out the mapping of each file as memory that nothing else aliases, so an
+/// implementation must guarantee that every file returned by `create`:
+/// 1. is a new file, given out once: no other segment, live or future, is backed by it;
+/// 2. is not mapped, resized, truncated or written by anything else while its segment lives
+///    (the creator keeps no handle it uses later; a truncation would kill the process with
+///    `SIGBUS`, a write would change memory under safe code's feet);
+/// 3. when given with [`SegmentFile::named`], is the file that the path names (the allocator
+///    removes that path).
+pub unsafe trait SegmentCreator: fmt::Debug + Send + Sync + 'static {
     /// Creates one new, empty, read-write file for a segment of `request.len()` bytes.
     fn create(&self, request: &SegmentRequest) -> io::Result<SegmentFile>;
 }
@@ -178,6 +191,8 @@ struct Prepared {
 struct Session {
     path: PathBuf,
     _lock: File,
+    /// A child made by `fork` inherits the session (and shares its lock) but must not remove it.
+    owner: u32,
 }
 
 impl fmt::Debug for DirCreator {
@@ -249,7 +264,17 @@ impl DirCreator {
             return Ok(p);
         }
         let prepared = self.prepare()?;
-        Ok(self.prepared.get_or_init(|| prepared))
+        let prepared = self.prepared.get_or_init(|| prepared);
+        drop(_guard);
+        // Logged outside the lock: a logger may allocate through this very creator.
+        if prepared.ram_backed {
+            log::warn!(
+                "mmapvec: {} is on a RAM-backed file system (tmpfs): segments there do not \
+                 relieve memory; set TMPDIR or MmapAllocator::builder().dir(..) to a disk",
+                prepared.folder.display()
+            );
+        }
+        Ok(prepared)
     }
 
     fn prepare(&self) -> io::Result<Prepared> {
@@ -270,13 +295,6 @@ impl DirCreator {
         }
         let handle = open_private_dir(&folder)?;
         let ram_backed = sys::is_ram_backed(&handle).unwrap_or(false);
-        if ram_backed {
-            log::warn!(
-                "mmapvec: {} is on a RAM-backed file system (tmpfs): segments there do not \
-                 relieve memory; set TMPDIR or MmapAllocator::builder().dir(..) to a disk",
-                folder.display()
-            );
-        }
         remove_stale(&folder);
         Ok(Prepared {
             folder,
@@ -302,7 +320,10 @@ impl DirCreator {
     }
 }
 
-impl SegmentCreator for DirCreator {
+// SAFETY: every file is created with O_CREAT | O_EXCL under a fresh UUID v4 name in a folder
+// that only this user can enter (checked 0700, owned, not a symlink), handed out once, and no
+// handle is kept; the path given is the one just created.
+unsafe impl SegmentCreator for DirCreator {
     fn create(&self, request: &SegmentRequest) -> io::Result<SegmentFile> {
         let prepared = self.prepared()?;
         let dir = if request.keeps_name {
@@ -328,7 +349,9 @@ impl Drop for Session {
         // Only reached when an allocator built with its own creator goes away, after its last
         // segment: the folder is empty then. A failure leaves an empty folder that the next
         // start removes, so it is ignored.
-        let _ = fs::remove_dir(&self.path);
+        if self.owner == std::process::id() {
+            let _ = fs::remove_dir(&self.path);
+        }
     }
 }
 
@@ -379,7 +402,13 @@ fn new_session(folder: &Path) -> io::Result<Session> {
         }
         // Still there, and still the folder we locked?
         match fs::symlink_metadata(&path) {
-            Ok(m) if m.ino() == lock.metadata()?.ino() => return Ok(Session { path, _lock: lock }),
+            Ok(m) if m.ino() == lock.metadata()?.ino() => {
+                return Ok(Session {
+                    path,
+                    _lock: lock,
+                    owner: std::process::id(),
+                });
+            }
             _ => continue,
         }
     }

@@ -80,6 +80,9 @@ pub(crate) struct Segment {
     backing: Backing,
     /// A shrink could not truncate the file: bytes past `len` are stale, not zeros.
     stale_tail: bool,
+    /// The process that made the segment. A child made by `fork` shares the mapping and the
+    /// file: it must neither resize nor remove them, or it would corrupt the parent's block.
+    owner: u32,
 }
 
 // SAFETY: a `Segment` is the only owner of its mapping and its file; nothing in it is tied to the
@@ -100,7 +103,13 @@ enum Backing {
     /// The descriptor is held; the file has no name (unlinked at creation, or anonymous).
     Held(HeldFile),
     /// No descriptor is held; the file is reopened by name and checked to be the same file.
-    Named { path: PathBuf, dev: u64, ino: u64 },
+    /// Only the `owner` process removes it.
+    Named {
+        path: PathBuf,
+        dev: u64,
+        ino: u64,
+        owner: u32,
+    },
 }
 
 #[derive(Debug)]
@@ -126,11 +135,24 @@ impl Backing {
             Some(path) if !hold => {
                 let meta = file.metadata()?;
                 let (dev, ino) = (meta.dev(), meta.ino());
-                Ok((Backing::Named { path, dev, ino }, Some(file)))
+                let owner = std::process::id();
+                Ok((
+                    Backing::Named {
+                        path,
+                        dev,
+                        ino,
+                        owner,
+                    },
+                    Some(file),
+                ))
             }
             Some(path) => {
-                // Drop the name at once: from here on a crash leaves nothing on disk.
-                let removed = fs::remove_file(&path);
+                // Drop the name at once: from here on a crash leaves nothing on disk. NotFound
+                // means a clean-up took the name (see `DirCreator`): the descriptor is still ours.
+                let removed = fs::remove_file(&path).or_else(|e| match e.kind() {
+                    io::ErrorKind::NotFound => Ok(()),
+                    _ => Err(e),
+                });
                 let backing = Backing::Held(HeldFile::new(file));
                 removed.map(|()| (backing, None))
             }
@@ -143,7 +165,7 @@ impl Backing {
     fn open(&self) -> io::Result<FileRef<'_>> {
         match self {
             Backing::Held(held) => Ok(FileRef::Borrowed(&held.0)),
-            Backing::Named { path, dev, ino } => {
+            Backing::Named { path, dev, ino, .. } => {
                 let file = OpenOptions::new()
                     .read(true)
                     .write(true)
@@ -167,10 +189,18 @@ impl Backing {
 
 impl Drop for Backing {
     fn drop(&mut self) {
-        if let Backing::Named { path, dev, ino } = self {
-            // Remove the name only if it is still our file. An error leaves the file for the
-            // next start's clean-up (see `DirCreator`); Drop cannot report it.
-            if let Ok(meta) = fs::symlink_metadata(&*path)
+        if let Backing::Named {
+            path,
+            dev,
+            ino,
+            owner,
+        } = self
+        {
+            // Remove the name only in the process that made it (not in a fork child, whose
+            // parent still uses the file) and only if it is still our file. An error leaves the
+            // file for the next start's clean-up (see `DirCreator`); Drop cannot report it.
+            if *owner == std::process::id()
+                && let Ok(meta) = fs::symlink_metadata(&*path)
                 && (meta.dev(), meta.ino()) == (*dev, *ino)
             {
                 let _ = fs::remove_file(&*path);
@@ -221,13 +251,14 @@ impl Segment {
             ));
         }
         extend(file, 0, len, opts)?;
-        let ptr = map_aligned(file, len, align)?;
+        let ptr = map_view(file, len, align, opts)?;
         let segment = Segment {
             view: View { ptr, len },
             backing,
             stale_tail: false,
+            owner: std::process::id(),
         };
-        segment.apply(0, opts)?;
+        segment.apply_hints(0, opts);
         Ok(segment)
     }
 
@@ -239,6 +270,11 @@ impl Segment {
     /// The mapped length in bytes.
     pub(crate) fn len(&self) -> usize {
         self.view.len
+    }
+
+    /// Whether this process got the segment through `fork` rather than making it.
+    pub(crate) fn is_inherited(&self) -> bool {
+        self.owner != std::process::id()
     }
 
     /// Whether the segment holds its file's descriptor (else the file keeps its name).
@@ -263,6 +299,12 @@ impl Segment {
         if new_len == old_len && self.view.ptr.as_ptr().addr().is_multiple_of(align) {
             return Ok(Resized::Unchanged);
         }
+        if self.is_inherited() {
+            return Err(io::Error::new(
+                io::ErrorKind::Unsupported,
+                "a segment inherited through fork is shared with the parent: not resized",
+            ));
+        }
         let file = self.backing.open()?;
         if new_len > old_len {
             if self.stale_tail {
@@ -270,41 +312,40 @@ impl Segment {
                 file.set_len(old_len as u64)?;
                 self.stale_tail = false;
             }
-            extend(&file, old_len, new_len, opts)?;
+            // Give the extension back on failure: a failed fallocate may have grown the file
+            // part way (ext4), holding blocks just when the disk is full. Should giving back
+            // fail too, the file is only longer than its mapping until the segment is freed.
+            let give_back = |_: &io::Error| {
+                let _ = file.set_len(old_len as u64);
+            };
+            extend(&file, old_len, new_len, opts).inspect_err(give_back)?;
             let resized = self
                 .view
                 .move_to(&file, new_len, align, opts)
-                .inspect_err(|_| {
-                    // Give the extension back; should that fail too, the file is only longer than
-                    // its mapping, which costs disk space until the segment is freed.
-                    let _ = file.set_len(old_len as u64);
-                })?;
-            self.apply(old_len, opts)?;
+                .inspect_err(give_back)?;
+            // The mapping has moved: nothing may fail past this point (the caller would keep
+            // the old, now invalid, pointer). What follows is hints only.
+            self.apply_hints(old_len, opts);
             Ok(resized)
         } else {
             let resized = self.view.move_to(&file, new_len, align, opts)?;
-            if new_len < old_len {
-                // Return the blocks to the file system. A failure keeps them until the segment
-                // is freed or grown; the mapping is already the new length, so nothing can
-                // touch them meanwhile.
-                self.stale_tail |= file.set_len(new_len as u64).is_err();
+            let mapped = self.view.len;
+            if mapped < old_len {
+                // Return the blocks past the mapping to the file system. A failure keeps them
+                // until the segment is freed or grown; nothing maps them meanwhile.
+                self.stale_tail |= file.set_len(mapped as u64).is_err();
             }
             Ok(resized)
         }
     }
 
-    /// Applies the builder's advice to the mapping; `populate` only to the bytes from `from`.
-    fn apply(&self, from: usize, opts: &MapOptions) -> io::Result<()> {
+    /// Gives the builder's hints for the mapping; `populate` only for the bytes from `from`.
+    /// Hints may fail (old kernels, memory pressure) without harm, so errors are ignored.
+    fn apply_hints(&self, from: usize, opts: &MapOptions) {
         let (ptr, len) = (self.view.ptr, self.view.len);
         #[cfg(target_os = "linux")]
-        if opts.dont_fork {
-            // Not a hint but a promise to the user: report a failure.
-            // SAFETY: `[ptr, ptr + len)` is our mapping; DONTFORK leaves its contents alone.
-            unsafe { sys::advise(ptr, len, Advice::DontFork)? };
-        }
-        #[cfg(target_os = "linux")]
         if opts.huge_pages && len >= HUGE_PAGE {
-            // SAFETY: our mapping; a hint that leaves contents alone.
+            // SAFETY: `[ptr, ptr + len)` is our mapping; a hint that leaves contents alone.
             let _ = unsafe { sys::advise(ptr, len, Advice::HugePage) };
         }
         if let Some(access) = opts.access {
@@ -323,11 +364,9 @@ impl Segment {
             let advice = Advice::PopulateWrite;
             #[cfg(not(target_os = "linux"))]
             let advice = Advice::WillNeed;
-            // A hint: kernels before 5.14 answer EINVAL, and memory pressure may stop it early.
             // SAFETY: inside our mapping; populating faults pages in without changing them.
             let _ = unsafe { sys::advise(new_part, len - from, advice) };
         }
-        Ok(())
     }
 }
 
@@ -342,59 +381,75 @@ impl View {
         match opts.strategy {
             #[cfg(target_os = "linux")]
             GrowStrategy::Remap => self.remap(new_len, align),
-            _ => self.map_again(file, new_len, align),
+            _ => self.map_again(file, new_len, align, opts),
         }
     }
 
-    /// Linux: move the page-table entries with `mremap`.
+    /// Linux: move the page-table entries with `mremap`. Flags set with `madvise`
+    /// (`MADV_DONTFORK`) travel with the mapping.
     #[cfg(target_os = "linux")]
     fn remap(&mut self, new_len: usize, align: usize) -> io::Result<Resized> {
         let aligned = self.ptr.as_ptr().addr().is_multiple_of(align);
-        let new_ptr = if aligned && align <= sys::page_size() {
+        if aligned && align <= sys::page_size() {
             // SAFETY: `[ptr, ptr + len)` is our own single mapping (struct invariant); on
             // success it may have moved and we take the new address, on error it is untouched.
-            unsafe { sys::remap(self.ptr, self.len, new_len, RemapTo::Anywhere)? }
-        } else {
-            // MREMAP_MAYMOVE would only keep page alignment. Try in place (the address keeps its
-            // alignment), else move into a fresh reservation aligned as asked.
-            let in_place = if aligned {
-                // SAFETY: as above; an in-place resize never moves the mapping.
-                unsafe { sys::remap(self.ptr, self.len, new_len, RemapTo::InPlace) }.ok()
-            } else {
-                None
-            };
-            match in_place {
-                Some(ptr) => ptr,
-                None => {
-                    let target = reserve_aligned(new_len, align)?;
-                    // SAFETY: the source is our mapping; the target is the reservation we just
-                    // made, exactly `new_len` bytes, referenced by nothing else.
-                    match unsafe { sys::remap(self.ptr, self.len, new_len, RemapTo::Fixed(target)) }
-                    {
-                        Ok(ptr) => ptr,
-                        Err(e) => {
-                            // SAFETY: the reservation is ours and was not consumed.
-                            let _ = unsafe { sys::unmap(target, new_len) };
-                            return Err(e);
-                        }
-                    }
-                }
+            self.ptr = unsafe { sys::remap(self.ptr, self.len, new_len, RemapTo::Anywhere)? };
+            self.len = new_len;
+            return Ok(Resized::Remapped);
+        }
+        // MREMAP_MAYMOVE would only keep page alignment. Try in place (the address keeps its
+        // alignment), else move into a fresh reservation aligned as asked.
+        if aligned {
+            // SAFETY: as above; an in-place resize never moves the mapping.
+            if let Ok(ptr) = unsafe { sys::remap(self.ptr, self.len, new_len, RemapTo::InPlace) } {
+                self.ptr = ptr;
+                self.len = new_len;
+                return Ok(Resized::Remapped);
             }
-        };
-        self.ptr = new_ptr;
-        self.len = new_len;
+        }
+        // Move at the larger of the two lengths, so that a failure leaves the whole old block
+        // mapped; a shrink then trims in place, which cannot fail.
+        let move_len = new_len.max(self.len);
+        let target = reserve_aligned(move_len, align)?;
+        // SAFETY: the source is our mapping; the target is the reservation just made, exactly
+        // `move_len` bytes, referenced by nothing else.
+        match unsafe { sys::remap(self.ptr, self.len, move_len, RemapTo::Fixed(target)) } {
+            Ok(ptr) => {
+                self.ptr = ptr;
+                self.len = move_len;
+            }
+            // The reservation is leaked, not unmapped: some kernels release the target range
+            // before failing, and another thread may have mapped something there since. It is
+            // address space only, PROT_NONE, and this path is rare.
+            Err(e) => return Err(e),
+        }
+        if new_len < self.len {
+            // The mapping has moved: no error may escape now. Trimming the end in place does
+            // not fail on a sane kernel; if it did, the longer mapping still fits the block.
+            // SAFETY: our mapping, now aligned; shrinking in place only trims its end.
+            if let Ok(ptr) = unsafe { sys::remap(self.ptr, self.len, new_len, RemapTo::InPlace) } {
+                self.ptr = ptr;
+                self.len = new_len;
+            }
+        }
         Ok(Resized::Remapped)
     }
 
     /// Portable: map the file again at the new length and drop the old view.
-    fn map_again(&mut self, file: &File, new_len: usize, align: usize) -> io::Result<Resized> {
+    fn map_again(
+        &mut self,
+        file: &File,
+        new_len: usize,
+        align: usize,
+        opts: &MapOptions,
+    ) -> io::Result<Resized> {
         let aligned = self.ptr.as_ptr().addr().is_multiple_of(align);
         if new_len < self.len && aligned {
             // SAFETY: the tail `[ptr + new_len, ptr + len)` lies inside our mapping (new_len <
-            // len) and the caller no longer uses it (it shrinks the block below new_len).
+            // len) and the caller gives it up (it shrinks the block below new_len).
             unsafe { sys::unmap(self.ptr.add(new_len), self.len - new_len)? };
         } else {
-            let new_ptr = map_aligned(file, new_len, align)?;
+            let new_ptr = map_view(file, new_len, align, opts)?;
             // SAFETY: the old view is ours; both views show the same file pages, so the bytes
             // live on in the new one.
             if let Err(e) = unsafe { sys::unmap(self.ptr, self.len) } {
@@ -440,13 +495,30 @@ fn map_aligned(file: &File, len: usize, align: usize) -> io::Result<NonNull<u8>>
         return sys::map_file(file, len);
     }
     let at = reserve_aligned(len, align)?;
-    // SAFETY: `[at, at + len)` is the reservation just made, referenced by nothing else.
-    if let Err(e) = unsafe { sys::map_file_fixed(at, file, len) } {
-        // SAFETY: the reservation is still ours.
-        let _ = unsafe { sys::unmap(at, len) };
-        return Err(e);
-    }
+    // SAFETY: `[at, at + len)` is the reservation just made, referenced by nothing else. On
+    // failure the reservation is leaked rather than unmapped: a kernel may have released the
+    // range already, and another thread may have mapped something there since.
+    unsafe { sys::map_file_fixed(at, file, len)? };
     Ok(at)
+}
+
+/// Maps a new view (see [`map_aligned`]) and applies what the builder promised for every view,
+/// as opposed to hints: `MADV_DONTFORK`. On error nothing stays mapped.
+fn map_view(file: &File, len: usize, align: usize, opts: &MapOptions) -> io::Result<NonNull<u8>> {
+    let ptr = map_aligned(file, len, align)?;
+    #[cfg(target_os = "linux")]
+    if opts.dont_fork {
+        // SAFETY: the view was just mapped by us and nothing refers to it yet; DONTFORK leaves
+        // its contents alone.
+        if let Err(e) = unsafe { sys::advise(ptr, len, Advice::DontFork) } {
+            // SAFETY: as above; nothing refers to the view.
+            let _ = unsafe { sys::unmap(ptr, len) };
+            return Err(e);
+        }
+    }
+    #[cfg(not(target_os = "linux"))]
+    let _ = opts;
+    Ok(ptr)
 }
 
 /// Reserves exactly `len` bytes of address space starting at a multiple of `align`: reserve

@@ -130,8 +130,9 @@ pub struct Stats {
     pub grows_remapped: u64,
     /// Grows done by mapping the file again (other systems, or [`GrowStrategy::MapAgain`](crate::GrowStrategy::MapAgain)).
     pub grows_mapped_again: u64,
-    /// Grows of a heap block into a segment (only with a heap threshold): the one path that
-    /// copies bytes.
+    /// Grows that had to copy bytes, the only ones that do: a heap block growing into a segment
+    /// (with a heap threshold), or a segment inherited through `fork`, which a child moves into
+    /// a segment of its own rather than resize the parent's file.
     pub grows_copied: u64,
     /// Shrinks that gave pages back.
     pub shrinks: u64,

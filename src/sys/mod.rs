@@ -121,7 +121,9 @@ pub(crate) enum RemapTo {
 }
 
 /// Resizes the mapping at `addr` from `old_len` to `new_len` with `mremap`: page-table entries
-/// move, no byte is copied. On failure the old mapping is untouched.
+/// move, no byte is copied. On failure the old mapping is untouched; with [`RemapTo::Fixed`]
+/// the target range may or may not still be mapped (kernels differ), so the caller must not
+/// assume it owns it any more.
 ///
 /// # Safety
 /// `[addr, addr + old_len)` must be one mapping owned by the caller. If it moves, the old
@@ -222,15 +224,15 @@ pub(crate) fn allocate_blocks(file: &File, offset: u64, len: u64) -> io::Result<
 /// Whether the file system holding `file` keeps its data in RAM (tmpfs, ramfs).
 #[cfg(target_os = "linux")]
 pub(crate) fn is_ram_backed(file: &File) -> io::Result<bool> {
-    const TMPFS_MAGIC: i64 = 0x0102_1994;
-    const RAMFS_MAGIC: i64 = 0x8584_58f6;
+    const TMPFS_MAGIC: u32 = 0x0102_1994;
+    const RAMFS_MAGIC: u32 = 0x8584_58f6;
     let mut buf = std::mem::MaybeUninit::<libc::statfs>::uninit();
     // SAFETY: `buf` is writable and large enough for one `statfs`; the descriptor is valid.
     check_zero(unsafe { libc::fstatfs(file.as_raw_fd(), buf.as_mut_ptr()) })?;
     // SAFETY: fstatfs succeeded, so it filled `buf`.
     let stat = unsafe { buf.assume_init() };
-    #[allow(clippy::unnecessary_cast)] // `f_type`'s type differs between targets.
-    let kind = stat.f_type as i64;
+    // `f_type` is signed and of a target-dependent width; the magic numbers are 32-bit.
+    let kind = stat.f_type as u32;
     Ok(kind == TMPFS_MAGIC || kind == RAMFS_MAGIC)
 }
 

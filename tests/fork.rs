@@ -1,0 +1,82 @@
+//! A child made by `fork` shares its parent's segments: it may read, write, grow and drop its
+//! copies of the parent's vectors without resizing or removing the parent's files.
+
+use std::path::PathBuf;
+
+use mmapvec::{MmapAllocator, MmapVec};
+
+fn fresh_dir(name: &str) -> PathBuf {
+    let dir = std::env::temp_dir().join(format!("mmapvec-fork-{name}-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    dir
+}
+
+/// Forks; the child runs `child` and exits 0 if it returns, 1 if it panics.
+fn in_child(child: impl FnOnce()) -> i32 {
+    // SAFETY: the child only runs `child` and then `_exit`s, never returning into the test
+    // harness. Other test threads are not running in the child (fork copies one thread); the
+    // child code below takes no lock that another thread might have held at the fork.
+    let pid = unsafe { libc::fork() };
+    assert!(pid >= 0, "fork failed");
+    if pid == 0 {
+        let ok = std::panic::catch_unwind(std::panic::AssertUnwindSafe(child)).is_ok();
+        // SAFETY: `_exit` ends the child at once, without running the parent's destructors.
+        unsafe { libc::_exit(if ok { 0 } else { 1 }) };
+    }
+    let mut status = 0;
+    // SAFETY: `pid` is our child; `status` is a valid out-pointer.
+    assert_eq!(unsafe { libc::waitpid(pid, &mut status, 0) }, pid);
+    status
+}
+
+#[test]
+fn child_resizing_and_dropping_inherited_vectors_leaves_the_parent_intact() {
+    for budget in [None, Some(0)] {
+        let dir = fresh_dir(if budget.is_some() { "named" } else { "held" });
+        let mut builder = MmapAllocator::builder().dir(&dir);
+        if let Some(budget) = budget {
+            builder = builder.descriptor_budget(budget);
+        }
+        let alloc = builder.build().unwrap();
+        let mut shrunk = MmapVec::<u64>::new_in(alloc.clone());
+        shrunk.extend(0..1_000_000);
+        let mut grown = MmapVec::<u64>::new_in(alloc.clone());
+        grown.extend(0..1000);
+        let mut dropped = MmapVec::<u64>::new_in(alloc.clone());
+        dropped.extend(0..1000);
+        let kept = dropped.clone();
+
+        let status = in_child(|| {
+            let dropped = std::mem::replace(&mut dropped, MmapVec::new_in(alloc.clone()));
+            // Writes to a shared mapping reach the parent: documented behaviour.
+            grown[0] = 42;
+            shrunk.truncate(10);
+            shrunk.shrink_to_fit();
+            grown.extend(0..1_000_000);
+            drop(dropped);
+            assert_eq!(grown.len(), 1_001_000);
+            assert_eq!(shrunk[..], [0, 1, 2, 3, 4, 5, 6, 7, 8, 9]);
+        });
+        assert_eq!(status, 0, "the child failed");
+
+        // The parent's blocks are whole: no SIGBUS from a truncated file, data intact.
+        assert_eq!(shrunk.len(), 1_000_000);
+        assert!(shrunk.iter().copied().eq(0..1_000_000));
+        assert_eq!(
+            grown[0], 42,
+            "a child's write to a shared segment is seen by the parent"
+        );
+        assert!(grown[1..].iter().copied().eq(1..1000));
+        assert!(dropped.iter().copied().eq(0..1000));
+        assert_eq!(dropped, kept);
+        // And the parent can still resize them: their files were not removed.
+        grown.extend(0..1_000_000);
+        shrunk.shrink_to_fit();
+        assert_eq!(grown.len(), 1_001_000);
+        drop((shrunk, grown, dropped, kept));
+        assert_eq!(alloc.stats().live_segments, 0);
+        drop(alloc);
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+}

@@ -608,7 +608,11 @@ impl Inner {
             return self.move_inherited(segment, old, new);
         }
         let old_len = segment.len();
-        let (segment, resized) = self.resize(segment, new)?;
+        // Never make the mapping smaller while growing: the block may be larger than `new` (a
+        // failed shrink keeps it whole, see `shrink`), and the zeroing below relies on the new
+        // length being at least `old_len`.
+        let at_least = Layout::from_size_align(new.size().max(old_len), new.align()).unwrap_or(new);
+        let (segment, resized) = self.resize(segment, at_least)?;
         if zeroed && old.size() < old_len {
             // The file beyond `old_len` is fresh (zeros); the old block's slack up to `old_len`
             // may hold bytes from before a shrink, or writes into the slack we handed out.
@@ -733,7 +737,16 @@ impl Inner {
             return self.move_inherited(segment, new, new);
         }
         let old_len = segment.len();
-        let (segment, _) = self.resize(segment, new)?;
+        let (segment, _) = match self.resize(segment, new) {
+            Ok(resized) => resized,
+            // The segment is back in the table, unchanged, and the failure recorded. The old
+            // block still fits `new` if it is aligned enough: keeping it is a valid shrink,
+            // where an error would make `Vec::shrink_to_fit` abort the process.
+            Err(_) if ptr.as_ptr().addr().is_multiple_of(new.align()) => {
+                return Ok(NonNull::slice_from_raw_parts(ptr, old_len));
+            }
+            Err(e) => return Err(e),
+        };
         if segment.len() < old_len {
             Counters::sub(
                 &self.counters.mapped_bytes,

@@ -1,6 +1,8 @@
 #![doc = include_str!("../README.md")]
 #![cfg_attr(docsrs, feature(doc_cfg))]
 #![cfg_attr(feature = "nightly", feature(allocator_api))]
+// With `nightly`, `Vec::new_in` and friends are std's unstable ones: doc tests need the gate too.
+#![doc(test(attr(cfg_attr(feature = "nightly", feature(allocator_api)))))]
 
 #[cfg(not(unix))]
 compile_error!("mmapvec needs a unix system (mmap); see the README's platform table");
@@ -90,7 +92,7 @@ impl<T> MmapVecExt for MmapVec<T> {
 #[macro_export]
 macro_rules! mmap_vec {
     (in $alloc:expr $(;)?) => {
-        $crate::MmapVec::new_in($alloc)
+        $crate::__new_in($alloc)
     };
     (in $alloc:expr; $elem:expr; $n:expr) => {
         $crate::__from_elem($elem, $n, $alloc)
@@ -99,7 +101,7 @@ macro_rules! mmap_vec {
         $crate::__from_array([$($x),+], $alloc)
     };
     () => {
-        $crate::MmapVec::new_in($crate::MmapAllocator::default())
+        $crate::__new_in($crate::MmapAllocator::default())
     };
     ($elem:expr; $n:expr) => {
         $crate::__from_elem($elem, $n, $crate::MmapAllocator::default())
@@ -107,6 +109,13 @@ macro_rules! mmap_vec {
     ($($x:expr),+ $(,)?) => {
         $crate::__from_array([$($x),+], $crate::MmapAllocator::default())
     };
+}
+
+// The macro calls this crate's functions rather than `Vec::new_in` itself: with `nightly`, `Vec`
+// is std's, whose `new_in` is unstable at the call site (the user's crate).
+#[doc(hidden)]
+pub fn __new_in<T>(alloc: MmapAllocator) -> MmapVec<T> {
+    MmapVec::new_in(alloc)
 }
 
 #[doc(hidden)]

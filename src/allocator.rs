@@ -13,6 +13,7 @@ use std::sync::{Arc, Mutex, OnceLock};
 use allocator_api2::alloc::{AllocError, Allocator, Global, Layout};
 
 use crate::creator::{DirCreator, SegmentCreator, SegmentRequest};
+use crate::release;
 use crate::segment::{self, AccessPattern, GrowStrategy, MapOptions, Resized, Segment};
 use crate::stats::{Counters, FailureCause, Stats};
 use crate::sys;
@@ -51,6 +52,7 @@ struct Inner {
     opts: MapOptions,
     heap_threshold: usize,
     descriptor_budget: Option<usize>,
+    background_release: bool,
     counters: Counters,
     last_error: Mutex<Option<io::Error>>,
 }
@@ -226,6 +228,7 @@ pub struct Builder {
     opts: MapOptions,
     heap_threshold: usize,
     descriptor_budget: Option<usize>,
+    background_release: bool,
     allow_ram_backed: bool,
 }
 
@@ -256,6 +259,7 @@ impl Builder {
             },
             heap_threshold: 0,
             descriptor_budget: None,
+            background_release: false,
             allow_ram_backed: true,
         }
     }
@@ -397,6 +401,30 @@ impl Builder {
         self
     }
 
+    /// Release freed segments (unmap, close, give the disk blocks back) on a background thread,
+    /// so `deallocate` returns at once. Default `false`: the release happens inside
+    /// `deallocate`, and no descriptor or file outlives its allocation.
+    ///
+    /// Worth it where freeing blocks is slow: on ext4 mounted with `discard` (common on cloud
+    /// VMs) closing a segment with reserved blocks waits for the device's discard, 1.3 to 3 ms
+    /// measured, against 20 µs without `discard`. At most 64 freed segments wait for the
+    /// thread; past that, `deallocate` releases its segment itself. Segments still waiting when
+    /// the process exits are released by the kernel (their files are already unlinked, unless
+    /// the descriptor budget was spent: such files are removed at the next start).
+    ///
+    /// ```
+    /// # fn main() -> std::io::Result<()> {
+    /// let alloc = mmapvec::MmapAllocator::builder().release_in_background(true).build()?;
+    /// let v = mmapvec::mmap_vec![in alloc.clone(); 0u8; 1 << 20];
+    /// drop(v); // returns without waiting for the file system
+    /// assert_eq!(alloc.stats().live_segments, 0);
+    /// # Ok(()) }
+    /// ```
+    pub fn release_in_background(mut self, background: bool) -> Self {
+        self.background_release = background;
+        self
+    }
+
     /// Accept a directory on a RAM-backed file system (tmpfs, ramfs) with a `log` warning
     /// (`true`, the default), or refuse it in [`build`](Builder::build) (`false`).
     ///
@@ -457,6 +485,7 @@ impl Builder {
                 opts: self.opts,
                 heap_threshold: self.heap_threshold,
                 descriptor_budget: self.descriptor_budget,
+                background_release: self.background_release,
                 counters: Counters::default(),
                 last_error: Mutex::new(None),
             }),
@@ -534,6 +563,15 @@ impl Inner {
         Counters::sub(&c.mapped_bytes, segment.len() as u64);
         if !segment.holds_descriptor() {
             Counters::sub(&c.named_segments, 1);
+        }
+    }
+
+    /// Unmaps a freed segment and closes or removes its file, here or on the release thread.
+    fn release(&self, segment: Segment) {
+        if self.background_release {
+            release::release_in_background(segment);
+        } else {
+            drop(segment);
         }
     }
 
@@ -701,7 +739,7 @@ impl Inner {
             )
         };
         self.forget(&inherited);
-        drop(inherited);
+        self.release(inherited);
         Counters::add(&self.counters.grows_copied, 1);
         let block = block(&segment);
         self.table.insert(segment);
@@ -768,7 +806,7 @@ impl Inner {
         match self.table.take(ptr.as_ptr().addr()) {
             Some(segment) => {
                 self.forget(&segment);
-                drop(segment);
+                self.release(segment);
             }
             None if self.heap_threshold > 0 => {
                 // SAFETY: not a segment, so a heap block currently allocated with `layout`.

@@ -11,6 +11,7 @@ pub use allocator_api2;
 
 mod allocator;
 mod creator;
+mod release;
 mod segment;
 mod stats;
 mod sys;

@@ -8,6 +8,7 @@ use std::path::{Path, PathBuf};
 use std::sync::{Mutex, OnceLock};
 use std::time::{Duration, SystemTime};
 
+use crate::stats::Context;
 use crate::sys;
 
 /// What the allocator asks of a [`SegmentCreator`] for one new segment.
@@ -356,7 +357,7 @@ impl Drop for Session {
 }
 
 fn with_path(err: io::Error, what: &str, path: &Path) -> io::Error {
-    io::Error::new(err.kind(), format!("{what} {}: {err}", path.display()))
+    Context::wrap(err, format!("{what} {}", path.display()))
 }
 
 /// Opens a folder of ours without following a link, and checks that it is ours alone.

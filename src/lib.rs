@@ -11,6 +11,8 @@ pub use allocator_api2;
 
 mod allocator;
 mod creator;
+#[cfg(target_os = "linux")]
+mod fork_guard;
 mod release;
 mod segment;
 mod stats;

@@ -8,6 +8,7 @@ use std::ptr::NonNull;
 use std::sync::atomic::{AtomicUsize, Ordering};
 
 use crate::creator::SegmentFile;
+use crate::stats::Context;
 #[cfg(target_os = "linux")]
 use crate::sys::RemapTo;
 use crate::sys::{self, Advice};
@@ -83,6 +84,8 @@ pub(crate) struct Segment {
     /// The process that made the segment. A child made by `fork` shares the mapping and the
     /// file: it must neither resize nor remove them, or it would corrupt the parent's block.
     owner: u32,
+    /// Made with `MADV_DONTFORK`: its range is recorded so that a child keeps it reserved.
+    dont_fork: bool,
 }
 
 // SAFETY: a `Segment` is the only owner of its mapping and its file; nothing in it is tied to the
@@ -171,9 +174,7 @@ impl Backing {
                     .write(true)
                     .custom_flags(sys::OPEN_FLAGS)
                     .open(path)
-                    .map_err(|e| {
-                        io::Error::new(e.kind(), format!("reopen {}: {e}", path.display()))
-                    })?;
+                    .map_err(|e| Context::wrap(e, format!("reopen {}", path.display())))?;
                 let meta = file.metadata()?;
                 if (meta.dev(), meta.ino()) != (*dev, *ino) {
                     return Err(io::Error::new(
@@ -257,7 +258,9 @@ impl Segment {
             backing,
             stale_tail: false,
             owner: std::process::id(),
+            dont_fork: opts.dont_fork,
         };
+        segment.track_fork(None);
         segment.apply_hints(0, opts);
         Ok(segment)
     }
@@ -319,16 +322,20 @@ impl Segment {
                 let _ = file.set_len(old_len as u64);
             };
             extend(&file, old_len, new_len, opts).inspect_err(give_back)?;
+            let old_ptr = self.view.ptr;
             let resized = self
                 .view
                 .move_to(&file, new_len, align, opts)
                 .inspect_err(give_back)?;
+            self.track_fork(Some(old_ptr));
             // The mapping has moved: nothing may fail past this point (the caller would keep
             // the old, now invalid, pointer). What follows is hints only.
             self.apply_hints(old_len, opts);
             Ok(resized)
         } else {
+            let old_ptr = self.view.ptr;
             let resized = self.view.move_to(&file, new_len, align, opts)?;
+            self.track_fork(Some(old_ptr));
             let mapped = self.view.len;
             if mapped < old_len {
                 // Return the blocks past the mapping to the file system. A failure keeps them
@@ -337,6 +344,20 @@ impl Segment {
             }
             Ok(resized)
         }
+    }
+
+    /// Keeps the fork registry in step with the view of a `dont_fork` segment (see
+    /// `fork_guard`): forgets `old` (the view before a resize), records the current one.
+    fn track_fork(&self, old: Option<NonNull<u8>>) {
+        #[cfg(target_os = "linux")]
+        if self.dont_fork {
+            if let Some(old) = old {
+                crate::fork_guard::unregister(old);
+            }
+            crate::fork_guard::register(self.view.ptr, self.view.len);
+        }
+        #[cfg(not(target_os = "linux"))]
+        let _ = old;
     }
 
     /// Gives the builder's hints for the mapping; `populate` only for the bytes from `from`.
@@ -466,6 +487,10 @@ impl View {
 
 impl Drop for Segment {
     fn drop(&mut self) {
+        #[cfg(target_os = "linux")]
+        if self.dont_fork {
+            crate::fork_guard::unregister(self.view.ptr);
+        }
         // SAFETY: the mapping is ours (struct invariant) and the segment is going away, so no
         // pointer into it is used again (the allocator contract: the block was deallocated).
         if let Err(e) = unsafe { sys::unmap(self.view.ptr, self.view.len) } {

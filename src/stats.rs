@@ -1,5 +1,6 @@
 //! Counters a user can read: what the allocator holds and did, and why allocations failed.
 
+use std::fmt;
 use std::io;
 use std::sync::atomic::{AtomicU64, Ordering};
 
@@ -28,7 +29,7 @@ pub enum FailureCause {
 
 impl FailureCause {
     pub(crate) fn of(err: &io::Error) -> FailureCause {
-        match err.raw_os_error() {
+        match Context::os_error(err) {
             Some(libc::ENOSPC | libc::EDQUOT | libc::EFBIG) => FailureCause::DiskFull,
             Some(libc::EMFILE | libc::ENFILE) => FailureCause::TooManyFiles,
             Some(libc::ENOMEM) => FailureCause::OutOfMappings,
@@ -38,6 +39,40 @@ impl FailureCause {
         }
     }
 }
+
+/// An `io::Error` given a sentence of context (which path, which step) that keeps the original
+/// error, and so its OS error number: the failure statistics sort by that number.
+#[derive(Debug)]
+pub(crate) struct Context {
+    message: String,
+    source: io::Error,
+}
+
+impl Context {
+    /// `source`, of the same kind, reading `"{message}: {source}"`.
+    pub(crate) fn wrap(source: io::Error, message: String) -> io::Error {
+        io::Error::new(source.kind(), Context { message, source })
+    }
+
+    /// The OS error number of `err`, or of the error it wraps.
+    fn os_error(err: &io::Error) -> Option<i32> {
+        err.raw_os_error().or_else(|| {
+            err.get_ref()?
+                .downcast_ref::<Context>()?
+                .source
+                .raw_os_error()
+        })
+    }
+}
+
+impl fmt::Display for Context {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}: {}", self.message, self.source)
+    }
+}
+
+// The source's message is part of `Display`, so `source()` stays `None` (no message twice).
+impl std::error::Error for Context {}
 
 /// Failure counts by cause.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]

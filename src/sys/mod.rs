@@ -99,6 +99,38 @@ pub(crate) fn reserve(len: usize) -> io::Result<NonNull<u8>> {
     check_mapped(ret)
 }
 
+/// Replaces `[addr, addr + len)` with an inaccessible reservation (see [`reserve`]).
+///
+/// # Safety
+/// The range must be the caller's to replace: `MAP_FIXED` silently unmaps what is there.
+pub(crate) unsafe fn reserve_fixed(addr: NonNull<u8>, len: usize) -> io::Result<()> {
+    // SAFETY: the caller owns the range; an anonymous PROT_NONE mapping holds no data.
+    let ret = unsafe {
+        libc::mmap(
+            addr.as_ptr().cast(),
+            len,
+            libc::PROT_NONE,
+            libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_NORESERVE | libc::MAP_FIXED,
+            -1,
+            0,
+        )
+    };
+    check_mapped(ret).map(drop)
+}
+
+/// Registers handlers run around every `fork` of this process (`pthread_atfork`).
+pub(crate) fn at_fork(
+    prepare: extern "C" fn(),
+    parent: extern "C" fn(),
+    child: extern "C" fn(),
+) -> io::Result<()> {
+    // SAFETY: the handlers are plain functions that live for the whole program.
+    match unsafe { libc::pthread_atfork(Some(prepare), Some(parent), Some(child)) } {
+        0 => Ok(()),
+        errno => Err(io::Error::from_raw_os_error(errno)),
+    }
+}
+
 /// Unmaps `[addr, addr + len)`.
 ///
 /// # Safety

@@ -1,0 +1,26 @@
+//! Faults that must become errors, not crashes, and nothing left behind or let in (issue 4).
+//!
+//! Each module takes one family of faults: a full disk, the OS's limits, bad configuration,
+//! crashes and leaks, and what other users or processes could reach. Tests that change
+//! process-wide state (rlimits, signal dispositions, uid, environment) run their body in a
+//! child process: the test binary started again on that one test (see `support::run_child`).
+//! Tests that need root or a facility this machine lacks say `SKIPPED` and pass.
+//! `RELIABILITY.md` lists every test with what it shows.
+//!
+//! Linux only: the tests read `/proc`, mount file systems and use Linux's `mount` flags.
+
+#![cfg(target_os = "linux")]
+
+#[path = "faults/support.rs"]
+mod support;
+
+#[path = "faults/bad_config.rs"]
+mod bad_config;
+#[path = "faults/disk_full.rs"]
+mod disk_full;
+#[path = "faults/left_behind.rs"]
+mod left_behind;
+#[path = "faults/no_one_let_in.rs"]
+mod no_one_let_in;
+#[path = "faults/os_limits.rs"]
+mod os_limits;

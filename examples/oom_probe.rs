@@ -314,7 +314,12 @@ fn hashmap_fill(size: usize, alloc: MmapAllocator, probes: u64) -> Result<(), St
     );
     println!(
         "RESULT kind=hashmap-fill table_bytes={table} entries={n} insert_secs={fill:.3} \
-         wrong={} rehashed={grew}",
+         in_order_secs={verify:.3} random_lookups_per_s={:.0} wrong={} rehashed={grew}",
+        if probes > 0 {
+            probes as f64 / random
+        } else {
+            0.0
+        },
         bad + random_bad
     );
     if bad + random_bad != 0 || map.len() != n || grew {

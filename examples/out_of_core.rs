@@ -211,8 +211,7 @@ fn run(options: &Options) -> Result<bool, String> {
 
     // 2. Count events per user: hash aggregation over the raw stream.
     let phase = Phase::start("count (hash map)", input_bytes);
-    let map_alloc = MmapAllocator::builder().dir(&dir).access_pattern(mmapvec::AccessPattern::Random).build().map_err(|e| e.to_string())?;
-    let mut users: UserCounts = if std::env::var_os("OOC_RANDOM").is_some() { HashMap::new_in(map_alloc) } else { HashMap::new_in(alloc.clone()) };
+    let mut users: UserCounts = HashMap::new_in(alloc.clone());
     for (i, event) in (0u64..).zip(events.iter()) {
         *users.entry(event.user).or_default() += 1;
         if i.is_multiple_of(PROGRESS_STEP) {

@@ -9,6 +9,7 @@
 //! mmap-vec 0.2 builds a slice from a null pointer, which aborts in debug builds, so it is only
 //! measured when debug assertions are off (`cargo bench` builds in release).
 
+use std::cell::OnceCell;
 use std::hint::black_box;
 use std::path::{Path, PathBuf};
 use std::sync::OnceLock;
@@ -45,8 +46,9 @@ fn sizes(all: &[usize]) -> &[usize] {
     if quick() { &all[..1] } else { all }
 }
 
-/// Sets measurement time and sampling. `heavy` groups run for seconds per iteration at their
-/// largest size: flat sampling with the minimum of 10 samples keeps them bounded.
+/// Sets measurement time and sampling. `heavy` groups take up to seconds per iteration at
+/// their largest size: flat sampling (the same iteration count in every sample) with 20 samples
+/// keeps them bounded; criterion picks the count from the warm-up, setup time included.
 fn budget(group: &mut BenchmarkGroup<'_, WallTime>, heavy: bool) {
     let (warm_up, measure, samples) = match (quick(), heavy) {
         (true, _) => (Duration::from_millis(100), Duration::from_millis(400), 10),
@@ -193,16 +195,20 @@ fn fill(c: &mut Criterion) {
     budget(&mut group, true);
     for &n in sizes(&[1_000_000, 10_000_000, 100_000_000]) {
         let label = count_label(n);
-        let source: Vec<u64> = (0..n as u64).collect();
+        // Built by the first benchmark that runs (never, if the command line filters them out).
+        let cell: OnceCell<Vec<u64>> = OnceCell::new();
+        let source = || -> &[u64] { cell.get_or_init(|| (0..n as u64).collect()) };
         group.throughput(Throughput::Elements(n as u64));
-        group.bench_with_input(BenchmarkId::new(STD, &label), &source, |b, source| {
+        group.bench_function(BenchmarkId::new(STD, &label), |b| {
+            let source = source();
             b.iter(|| {
                 let mut v = Vec::new();
                 v.extend_from_slice(source);
                 black_box(&v);
             })
         });
-        group.bench_with_input(BenchmarkId::new(MMAPVEC, &label), &source, |b, source| {
+        group.bench_function(BenchmarkId::new(MMAPVEC, &label), |b| {
+            let source = source();
             b.iter(|| {
                 let mut v = MmapVec::new_in(MmapAllocator::default());
                 v.extend_from_slice(source);
@@ -211,9 +217,10 @@ fn fill(c: &mut Criterion) {
         });
         if OLD_CRATE {
             // mmap-vec 0.2 has no `extend_from_slice`; `TryFrom<&[T]>` is its one-call form.
-            group.bench_with_input(BenchmarkId::new(OLD, &label), &source, |b, source| {
+            group.bench_function(BenchmarkId::new(OLD, &label), |b| {
+                let source = source();
                 b.iter(|| {
-                    let v = OldVec::try_from(&source[..]).expect("mmap-vec 0.2 segment");
+                    let v = OldVec::try_from(source).expect("mmap-vec 0.2 segment");
                     black_box(&v);
                 })
             });
@@ -283,85 +290,87 @@ fn grow(c: &mut Criterion) {
                 })
             });
         }
-        {
-            // What a grow costs when it has to copy: the same bytes into a buffer whose pages
-            // are already faulted in (so only the copy is timed).
-            let source = vec![1u64; n];
-            let mut target = vec![2u64; n];
-            group.bench_function(BenchmarkId::new(MEMCPY, &label), |b| {
-                b.iter(|| {
-                    target.copy_from_slice(black_box(&source));
-                    black_box(&target);
-                })
-            });
-        }
+        // What a grow costs when it has to copy: the same bytes into a buffer whose pages are
+        // already faulted in (so only the copy is timed). Built on first use.
+        let mut buffers: Option<(Vec<u64>, Vec<u64>)> = None;
+        group.bench_function(BenchmarkId::new(MEMCPY, &label), |b| {
+            let (source, target) = buffers.get_or_insert_with(|| (vec![1; n], vec![2; n]));
+            b.iter(|| {
+                target.copy_from_slice(black_box(source));
+                black_box(&target);
+            })
+        });
     }
     group.finish();
 }
 
+/// Benchmarks `read` over a vector of `n` u64 filled by each contender in turn. Each vector is
+/// built when its benchmark first runs (never, if filtered out) and dropped before the next.
+fn read_rows(group: &mut BenchmarkGroup<'_, WallTime>, n: usize, read: fn(&[u64]) -> u64) {
+    let label = count_label(n);
+    let mut heap: Option<Vec<u64>> = None;
+    group.bench_function(BenchmarkId::new(STD, &label), |b| {
+        let v = heap.get_or_insert_with(|| (0..n as u64).collect());
+        b.iter(|| read(black_box(v)))
+    });
+    drop(heap);
+    let mut mapped: Option<MmapVec<u64>> = None;
+    group.bench_function(BenchmarkId::new(MMAPVEC, &label), |b| {
+        let v = mapped.get_or_insert_with(|| {
+            let mut v = MmapVec::with_capacity_in(n, MmapAllocator::default());
+            v.extend(0..n as u64);
+            v
+        });
+        b.iter(|| read(black_box(v)))
+    });
+    drop(mapped);
+    if OLD_CRATE {
+        let mut old: Option<OldVec<u64>> = None;
+        group.bench_function(BenchmarkId::new(OLD, &label), |b| {
+            let v = old.get_or_insert_with(|| {
+                let mut v = old_with_capacity(n);
+                for i in 0..n as u64 {
+                    assert!(v.push_within_capacity(i).is_ok());
+                }
+                v
+            });
+            b.iter(|| read(black_box(v)))
+        });
+    }
+}
+
+const RANDOM_READS: usize = 1_000_000;
+
+fn sum_all(data: &[u64]) -> u64 {
+    data.iter().sum()
+}
+
+fn sum_random(data: &[u64]) -> u64 {
+    random_sum(data, RANDOM_READS)
+}
+
 /// c. Sequential and random reads over a filled vector.
 fn reads(c: &mut Criterion) {
-    const RANDOM_READS: usize = 1_000_000;
     let counts: &[usize] = if quick() {
         &[1_000_000]
     } else {
         &[10_000_000, 100_000_000]
     };
-    let mut seq = c.benchmark_group("read_sequential");
-    budget(&mut seq, true);
+    let mut group = c.benchmark_group("read_sequential");
+    budget(&mut group, true);
     for &n in counts {
-        let label = count_label(n);
-        seq.throughput(Throughput::Elements(n as u64));
-        let v: Vec<u64> = (0..n as u64).collect();
-        seq.bench_function(BenchmarkId::new(STD, &label), |b| {
-            b.iter(|| black_box(&v[..]).iter().sum::<u64>())
-        });
-        drop(v);
-        let mut v = MmapVec::<u64>::with_capacity_in(n, MmapAllocator::default());
-        v.extend(0..n as u64);
-        seq.bench_function(BenchmarkId::new(MMAPVEC, &label), |b| {
-            b.iter(|| black_box(&v[..]).iter().sum::<u64>())
-        });
-        drop(v);
-        if OLD_CRATE {
-            let mut v = old_with_capacity(n);
-            for i in 0..n as u64 {
-                assert!(v.push_within_capacity(i).is_ok());
-            }
-            seq.bench_function(BenchmarkId::new(OLD, &label), |b| {
-                b.iter(|| black_box(&v[..]).iter().sum::<u64>())
-            });
-        }
+        group.throughput(Throughput::Elements(n as u64));
+        read_rows(&mut group, n, sum_all);
     }
-    seq.finish();
+    group.finish();
 
-    let mut random = c.benchmark_group("read_random");
-    budget(&mut random, true);
+    let mut group = c.benchmark_group("read_random");
+    budget(&mut group, true);
+    group.throughput(Throughput::Elements(RANDOM_READS as u64));
     for &n in counts {
-        let label = count_label(n);
-        random.throughput(Throughput::Elements(RANDOM_READS as u64));
-        let v: Vec<u64> = (0..n as u64).collect();
-        random.bench_function(BenchmarkId::new(STD, &label), |b| {
-            b.iter(|| random_sum(black_box(&v[..]), RANDOM_READS))
-        });
-        drop(v);
-        let mut v = MmapVec::<u64>::with_capacity_in(n, MmapAllocator::default());
-        v.extend(0..n as u64);
-        random.bench_function(BenchmarkId::new(MMAPVEC, &label), |b| {
-            b.iter(|| random_sum(black_box(&v[..]), RANDOM_READS))
-        });
-        drop(v);
-        if OLD_CRATE {
-            let mut v = old_with_capacity(n);
-            for i in 0..n as u64 {
-                assert!(v.push_within_capacity(i).is_ok());
-            }
-            random.bench_function(BenchmarkId::new(OLD, &label), |b| {
-                b.iter(|| random_sum(black_box(&v[..]), RANDOM_READS))
-            });
-        }
+        read_rows(&mut group, n, sum_random);
     }
-    random.finish();
+    group.finish();
 }
 
 fn insert_all<S, A>(map: &mut hashbrown::HashMap<u64, u64, S, A>, n: usize)
@@ -434,16 +443,25 @@ fn hashbrown(c: &mut Criterion) {
     for &n in counts {
         let label = count_label(n);
         group.throughput(Throughput::Elements(n as u64));
-        let mut map = HashMap::new();
-        insert_all(&mut map, n);
+        // Each map is built when its benchmark first runs, and dropped before the next.
+        let mut heap = None;
         group.bench_function(BenchmarkId::new(GLOBAL, &label), |b| {
-            b.iter(|| lookup_all(&map, n))
+            let map = heap.get_or_insert_with(|| {
+                let mut map = HashMap::new();
+                insert_all(&mut map, n);
+                map
+            });
+            b.iter(|| lookup_all(map, n))
         });
-        drop(map);
-        let mut map = HashMap::new_in(MmapAllocator::default());
-        insert_all(&mut map, n);
+        drop(heap);
+        let mut mapped = None;
         group.bench_function(BenchmarkId::new(MMAPVEC, &label), |b| {
-            b.iter(|| lookup_all(&map, n))
+            let map = mapped.get_or_insert_with(|| {
+                let mut map = HashMap::new_in(MmapAllocator::default());
+                insert_all(&mut map, n);
+                map
+            });
+            b.iter(|| lookup_all(map, n))
         });
     }
     group.finish();

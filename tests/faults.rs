@@ -11,6 +11,8 @@
 
 #![cfg(target_os = "linux")]
 
+#[path = "core_support/mod.rs"]
+mod core_support;
 #[path = "faults/support.rs"]
 mod support;
 

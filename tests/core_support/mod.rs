@@ -2,7 +2,7 @@
 //! many segments): a private temp directory per test, file counting, `/proc/self/maps` parsing,
 //! UUID checks, and running a test again in a child process.
 //!
-//! (Kept apart from `tests/common`, which the fault tests' helper owns.)
+//! The fault tests (`tests/faults.rs`) use some of these too.
 
 // Each test binary compiles this module on its own and uses only part of it.
 #![allow(dead_code)]

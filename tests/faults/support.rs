@@ -13,6 +13,9 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 use std::sync::atomic::{AtomicUsize, Ordering};
 
+/// Shared with the core tests (`tests/core_support`).
+pub use crate::core_support::{euid, files_under, is_uuid_v4};
+
 /// Says why a test cannot run here and returns from it (the test counts as passed; the message
 /// is in the output with `--nocapture`).
 macro_rules! skip {
@@ -190,12 +193,6 @@ pub fn cstring(path: &Path) -> CString {
     CString::new(path.as_os_str().as_bytes()).expect("path without NUL")
 }
 
-/// The effective user id (names the crate's folder).
-pub fn euid() -> u32 {
-    // SAFETY: geteuid has no preconditions and cannot fail.
-    unsafe { libc::geteuid() }
-}
-
 /// The type of `RLIMIT_*` constants (glibc gives them a type of their own).
 #[cfg(target_env = "gnu")]
 pub type Resource = libc::__rlimit_resource_t;
@@ -325,25 +322,6 @@ pub fn mappings_under(dir: &Path) -> usize {
     maps().iter().filter(|line| line.contains(&prefix)).count()
 }
 
-/// Regular files (and symlinks) anywhere below `dir`; empty if it does not exist.
-pub fn files_under(dir: &Path) -> Vec<PathBuf> {
-    let mut found = Vec::new();
-    let mut pending = vec![dir.to_path_buf()];
-    while let Some(dir) = pending.pop() {
-        let Ok(entries) = fs::read_dir(&dir) else {
-            continue;
-        };
-        for entry in entries.flatten() {
-            if entry.file_type().is_ok_and(|t| t.is_dir()) {
-                pending.push(entry.path());
-            } else {
-                found.push(entry.path());
-            }
-        }
-    }
-    found
-}
-
 /// Names in `dir` (not recursive), sorted; empty if it does not exist.
 pub fn names_in(dir: &Path) -> Vec<String> {
     let Ok(entries) = fs::read_dir(dir) else {
@@ -355,16 +333,4 @@ pub fn names_in(dir: &Path) -> Vec<String> {
         .collect();
     names.sort();
     names
-}
-
-/// Whether `name` is a UUID v4, hyphenated and lower case (the default creator's file names).
-pub fn is_uuid_v4(name: &str) -> bool {
-    let bytes = name.as_bytes();
-    bytes.len() == 36
-        && bytes.iter().enumerate().all(|(i, &b)| match i {
-            8 | 13 | 18 | 23 => b == b'-',
-            _ => b.is_ascii_digit() || (b'a'..=b'f').contains(&b),
-        })
-        && bytes[14] == b'4'
-        && matches!(bytes[19], b'8' | b'9' | b'a' | b'b')
 }

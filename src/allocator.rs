@@ -704,12 +704,10 @@ impl Inner {
                 }
             };
         }
-        let segment = self
-            .new_segment(new.size(), new.align())
+        // SAFETY: `ptr` is valid for `old.size()` reads (contract), and `old.size() <=
+        // new.size()` (grow).
+        let segment = unsafe { self.copy_into_new_segment(ptr, old.size(), new) }
             .map_err(|f| self.record(f))?;
-        // SAFETY: `ptr` is valid for `old.size()` reads (contract); the segment is a distinct,
-        // fresh mapping of at least `new.size() >= old.size()` bytes. The rest reads as zeros.
-        unsafe { ptr::copy_nonoverlapping(ptr.as_ptr(), segment.ptr().as_ptr(), old.size()) };
         // SAFETY: the heap block is currently allocated by Global with layout `old`.
         unsafe { Global.deallocate(ptr, old) };
         Counters::sub(&self.counters.heap_allocations, 1);
@@ -717,6 +715,25 @@ impl Inner {
         let block = block(&segment);
         self.table.insert(segment);
         Ok(block)
+    }
+
+    /// A new segment for `new` holding a copy of the `keep` bytes at `src`; the rest reads as
+    /// zeros (a fresh file). The one path that copies bytes (see `Stats::grows_copied`).
+    ///
+    /// # Safety
+    /// `src` must be valid for `keep` reads, and `keep <= new.size()`.
+    unsafe fn copy_into_new_segment(
+        &self,
+        src: NonNull<u8>,
+        keep: usize,
+        new: Layout,
+    ) -> Result<Segment, Failure> {
+        debug_assert!(keep <= new.size());
+        let segment = self.new_segment(new.size(), new.align())?;
+        // SAFETY: `src` is valid for `keep` reads (caller); the segment is a distinct, fresh
+        // mapping of at least `new.size() >= keep` bytes, so the ranges cannot overlap.
+        unsafe { ptr::copy_nonoverlapping(src.as_ptr(), segment.ptr().as_ptr(), keep) };
+        Ok(segment)
     }
 
     /// A child made by `fork` shares its inherited segments' files with the parent and must
@@ -728,22 +745,15 @@ impl Inner {
         keep: Layout,
         new: Layout,
     ) -> Result<NonNull<[u8]>, AllocError> {
-        let segment = match self.new_segment(new.size(), new.align()) {
+        // SAFETY: the inherited view is mapped for `inherited.len() >= keep.size()` bytes (the
+        // old block fits it), and callers pass `keep.size() <= new.size()`.
+        let copied = unsafe { self.copy_into_new_segment(inherited.ptr(), keep.size(), new) };
+        let segment = match copied {
             Ok(segment) => segment,
             Err(failure) => {
                 self.table.insert(inherited);
                 return Err(self.record(failure));
             }
-        };
-        // SAFETY: the inherited view is mapped for `inherited.len() >= keep.size()` bytes (the
-        // old block fits it); the new segment is a distinct mapping of at least `new.size() >=
-        // keep.size()` bytes. The rest of the new segment reads as zeros.
-        unsafe {
-            ptr::copy_nonoverlapping(
-                inherited.ptr().as_ptr(),
-                segment.ptr().as_ptr(),
-                keep.size(),
-            )
         };
         self.forget(&inherited);
         self.release(inherited);

@@ -432,18 +432,13 @@ impl View {
         // mapped; a shrink then trims in place, which cannot fail.
         let move_len = new_len.max(self.len);
         let target = reserve_aligned(move_len, align)?;
+        // On failure the reservation is leaked, not unmapped: some kernels release the target
+        // range before failing, and another thread may have mapped something there since. It is
+        // address space only, PROT_NONE, and this path is rare.
         // SAFETY: the source is our mapping; the target is the reservation just made, exactly
         // `move_len` bytes, referenced by nothing else.
-        match unsafe { sys::remap(self.ptr, self.len, move_len, RemapTo::Fixed(target)) } {
-            Ok(ptr) => {
-                self.ptr = ptr;
-                self.len = move_len;
-            }
-            // The reservation is leaked, not unmapped: some kernels release the target range
-            // before failing, and another thread may have mapped something there since. It is
-            // address space only, PROT_NONE, and this path is rare.
-            Err(e) => return Err(e),
-        }
+        self.ptr = unsafe { sys::remap(self.ptr, self.len, move_len, RemapTo::Fixed(target))? };
+        self.len = move_len;
         if new_len < self.len {
             // The mapping has moved: no error may escape now. Trimming the end in place does
             // not fail on a sane kernel; if it did, the longer mapping still fits the block.

@@ -792,7 +792,7 @@ fn removed_named_file_shrink_does_not_abort() {
     let Some(dir) = child_role() else {
         let dir = TestDir::new("shrink-removed");
         let role = dir.path().to_str().expect("UTF-8 temp path");
-        run_ignored_in_child("removed_named_file_shrink_does_not_abort", role);
+        core_support::run_in_child("removed_named_file_shrink_does_not_abort", role);
         return;
     };
     let alloc = MmapAllocator::builder()
@@ -817,28 +817,4 @@ fn removed_named_file_shrink_does_not_abort() {
     assert_eq!(v.len(), 11);
     drop(v);
     assert_eq!(alloc.stats().live_segments, 0);
-}
-
-/// Like `core_support::run_in_child`, for a test marked `#[ignore]`: the child must be told to
-/// run it anyway.
-fn run_ignored_in_child(test_name: &str, role: &str) {
-    let exe = std::env::current_exe().expect("current exe");
-    let output = std::process::Command::new(exe)
-        .args([test_name, "--exact", "--include-ignored", "--nocapture"])
-        .args(["--test-threads=1"])
-        .env(core_support::CHILD_ENV, role)
-        .output()
-        .expect("spawn the child test process");
-    let stdout = String::from_utf8_lossy(&output.stdout);
-    let stderr = String::from_utf8_lossy(&output.stderr);
-    let text = format!("--- child stdout\n{stdout}--- child stderr\n{stderr}");
-    assert!(
-        output.status.success(),
-        "child failed ({}):\n{text}",
-        output.status
-    );
-    assert!(
-        stdout.contains("1 passed"),
-        "the child did not run the test:\n{text}"
-    );
 }

@@ -3,6 +3,7 @@
 //! The contract's terms (*currently allocated*, *fits*) are those of
 //! [`allocator_api2::alloc::Allocator`]; this module relies on them without restating them.
 
+use std::any::Any;
 use std::collections::HashMap;
 use std::fmt;
 use std::io;
@@ -13,6 +14,7 @@ use std::sync::{Arc, Mutex, OnceLock};
 use allocator_api2::alloc::{AllocError, Allocator, Global, Layout};
 
 use crate::creator::{DirCreator, SegmentCreator, SegmentRequest};
+use crate::fork;
 use crate::release;
 use crate::segment::{self, AccessPattern, GrowStrategy, MapOptions, Resized, Segment};
 use crate::stats::{Counters, FailureCause, Stats};
@@ -48,7 +50,9 @@ struct Inner {
     /// First, so it drops first: segments remove their files before the creator (whose session
     /// folder must be empty by then) goes away.
     table: SegmentTable,
-    creator: Box<dyn SegmentCreator>,
+    creator: Arc<dyn SegmentCreator>,
+    /// The creator again when it is the crate's own, whose lock the fork handlers take too.
+    dir_creator: Option<Arc<DirCreator>>,
     opts: MapOptions,
     heap_threshold: usize,
     descriptor_budget: Option<usize>,
@@ -127,8 +131,22 @@ impl SegmentTable {
 
     fn insert(&self, segment: Segment) {
         let addr = segment.ptr().as_ptr().addr();
-        let previous = self.shard(addr).insert(addr, segment);
-        debug_assert!(previous.is_none(), "two live segments at one address");
+        if let Some(previous) = self.shard(addr).insert(addr, segment) {
+            // Two live segments at one address: one of the mappings was replaced behind the
+            // table's back. Dropping either would unmap the other's pages and using either is
+            // undefined behaviour, so no way on is sound: stop here, loudly.
+            std::mem::forget(previous);
+            log::error!("mmapvec: two live segments at {addr:#x}; aborting");
+            eprintln!("mmapvec: two live segments at {addr:#x}: allocator state corrupted");
+            std::process::abort();
+        }
+    }
+
+    /// Locks every shard, in order, for a `fork` (see `fork::ForkLocks`).
+    fn lock_for_fork(&'static self, held: &mut Vec<Box<dyn Any>>) {
+        for shard in &self.shards {
+            held.push(Box::new(shard.lock().unwrap_or_else(|e| e.into_inner())));
+        }
     }
 
     fn take(&self, addr: usize) -> Option<Segment> {
@@ -146,7 +164,7 @@ impl Default for MmapAllocator {
         static DEFAULT: OnceLock<MmapAllocator> = OnceLock::new();
         DEFAULT
             .get_or_init(|| {
-                Builder::new().into_allocator(Box::new(DirCreator::new(std::env::temp_dir())))
+                Builder::new().into_allocator(Err(DirCreator::new(std::env::temp_dir())))
             })
             .clone()
     }
@@ -224,7 +242,7 @@ impl MmapAllocator {
 #[derive(Debug)]
 pub struct Builder {
     dir: Option<PathBuf>,
-    creator: Option<Box<dyn SegmentCreator>>,
+    creator: Option<Arc<dyn SegmentCreator>>,
     opts: MapOptions,
     heap_threshold: usize,
     descriptor_budget: Option<usize>,
@@ -281,7 +299,7 @@ impl Builder {
     /// Makes segment files with a creator of your own instead of the default [`DirCreator`].
     /// See [`SegmentCreator`] for an example.
     pub fn creator(mut self, creator: impl SegmentCreator) -> Self {
-        self.creator = Some(Box::new(creator));
+        self.creator = Some(Arc::new(creator));
         self
     }
 
@@ -456,7 +474,7 @@ impl Builder {
     /// assert!(err.to_string().contains("/no/such/dir"));
     /// ```
     pub fn build(mut self) -> io::Result<MmapAllocator> {
-        let creator: Box<dyn SegmentCreator> = match (self.creator.take(), self.dir.take()) {
+        let creator = match (self.creator.take(), self.dir.take()) {
             (Some(_), Some(dir)) => {
                 return Err(io::Error::new(
                     io::ErrorKind::InvalidInput,
@@ -466,7 +484,7 @@ impl Builder {
                     ),
                 ));
             }
-            (Some(creator), None) => creator,
+            (Some(creator), None) => Ok(creator),
             (None, dir) => {
                 let creator = DirCreator::open(dir.unwrap_or_else(std::env::temp_dir))?;
                 if !self.allow_ram_backed && creator.is_ram_backed()? {
@@ -478,25 +496,37 @@ impl Builder {
                         ),
                     ));
                 }
-                Box::new(creator)
+                Err(creator)
             }
         };
         Ok(self.into_allocator(creator))
     }
 
-    fn into_allocator(self, creator: Box<dyn SegmentCreator>) -> MmapAllocator {
-        MmapAllocator {
-            inner: Arc::new(Inner {
-                table: SegmentTable::new(),
-                creator,
-                opts: self.opts,
-                heap_threshold: self.heap_threshold,
-                descriptor_budget: self.descriptor_budget,
-                background_release: self.background_release,
-                counters: Counters::default(),
-                last_error: Mutex::new(None),
-            }),
-        }
+    /// The allocator, with a creator of the user's (`Ok`) or the crate's own (`Err`).
+    fn into_allocator(self, creator: Result<Arc<dyn SegmentCreator>, DirCreator>) -> MmapAllocator {
+        fork::install();
+        let (creator, dir_creator) = match creator {
+            Ok(creator) => (creator, None),
+            Err(dir) => {
+                let dir = Arc::new(dir);
+                (Arc::clone(&dir) as Arc<dyn SegmentCreator>, Some(dir))
+            }
+        };
+        let inner = Arc::new(Inner {
+            table: SegmentTable::new(),
+            creator,
+            dir_creator,
+            opts: self.opts,
+            heap_threshold: self.heap_threshold,
+            descriptor_budget: self.descriptor_budget,
+            background_release: self.background_release,
+            counters: Counters::default(),
+            last_error: Mutex::new(None),
+        });
+        // SAFETY: `Inner` lives in the `Arc` at a fixed address until its `Drop`, which
+        // unregisters it first; its `lock_for_fork` takes only its own locks.
+        unsafe { fork::register(&*inner) };
+        MmapAllocator { inner }
     }
 }
 
@@ -509,6 +539,28 @@ fn dangling(align: usize) -> NonNull<[u8]> {
 
 fn block(segment: &Segment) -> NonNull<[u8]> {
     NonNull::slice_from_raw_parts(segment.ptr(), segment.len())
+}
+
+impl Drop for Inner {
+    fn drop(&mut self) {
+        // First, while every field is alive: a fork in progress may be holding our locks.
+        fork::unregister(&*self);
+    }
+}
+
+impl fork::ForkLocks for Inner {
+    fn lock_for_fork(&'static self, held: &mut Vec<Box<dyn Any>>) {
+        // The order of the allocator's own use: a table shard or the creator's state (taken
+        // while creating a segment, never under a shard), then the last error.
+        self.table.lock_for_fork(held);
+        if let Some(creator) = &self.dir_creator {
+            let creator: &'static DirCreator = creator;
+            creator.lock_for_fork(held);
+        }
+        held.push(Box::new(
+            self.last_error.lock().unwrap_or_else(|e| e.into_inner()),
+        ));
+    }
 }
 
 impl Inner {
@@ -738,7 +790,8 @@ impl Inner {
 
     /// A child made by `fork` shares its inherited segments' files with the parent and must
     /// not resize them: copy the first `keep.size()` bytes into a segment of its own instead,
-    /// and let go of the inherited view (unmapped; the parent's file is left alone).
+    /// and let go of the inherited view (unmapped; the parent's file is left alone). Also the
+    /// parent's way to realign a segment a child may map, which it must not cut.
     fn move_inherited(
         &self,
         inherited: Segment,
@@ -783,8 +836,14 @@ impl Inner {
             return unsafe { Global.shrink(ptr, old, new) };
         };
         if segment.is_inherited() {
-            if segment.ptr().as_ptr().addr().is_multiple_of(new.align()) {
-                // The block as it is still fits the smaller layout; the parent's file stays.
+            // The child's vector gets a block of its own, as for a grow: keeping the shared
+            // block would let the child's writes after the shrink land in the parent's data.
+            return self.move_inherited(segment, new, new);
+        }
+        if segment.may_be_shared() {
+            // A child made since may map the whole file: it is never made shorter (the child
+            // would die of SIGBUS). The block as it is fits the smaller layout if aligned.
+            if ptr.as_ptr().addr().is_multiple_of(new.align()) {
                 let block = block(&segment);
                 self.table.insert(segment);
                 return Ok(block);

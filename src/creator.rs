@@ -1,13 +1,15 @@
 //! Where segment files come from: the [`SegmentCreator`] trait and the default [`DirCreator`].
 
+use std::ffi::{OsStr, OsString};
 use std::fmt;
 use std::fs::{self, DirBuilder, File, OpenOptions};
 use std::io;
 use std::os::unix::fs::{DirBuilderExt, MetadataExt, OpenOptionsExt, PermissionsExt};
 use std::path::{Path, PathBuf};
-use std::sync::{Mutex, OnceLock};
+use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, SystemTime};
 
+use crate::fork;
 use crate::stats::Context;
 use crate::sys;
 
@@ -59,12 +61,14 @@ impl SegmentRequest {
 #[derive(Debug)]
 pub struct SegmentFile {
     pub(crate) file: File,
-    pub(crate) path: Option<PathBuf>,
+    pub(crate) name: Option<FileName>,
 }
 
 impl SegmentFile {
     /// A file that has a name. The allocator owns the name from now on: it removes it right
-    /// after creation, or when the segment is freed (see [`SegmentRequest::keeps_name`]).
+    /// after creation, or when the segment is freed (see [`SegmentRequest::keeps_name`]). A
+    /// relative path is made absolute now, so a later change of the working directory does not
+    /// change which file it names.
     ///
     /// ```
     /// # fn main() -> std::io::Result<()> {
@@ -76,9 +80,11 @@ impl SegmentFile {
     /// # Ok(()) }
     /// ```
     pub fn named(file: File, path: impl Into<PathBuf>) -> Self {
+        let path = path.into();
+        let path = std::path::absolute(&path).unwrap_or(path);
         SegmentFile {
             file,
-            path: Some(path.into()),
+            name: Some(FileName::Path(path)),
         }
     }
 
@@ -95,7 +101,111 @@ impl SegmentFile {
     /// # Ok(()) }
     /// ```
     pub fn anonymous(file: File) -> Self {
-        SegmentFile { file, path: None }
+        SegmentFile { file, name: None }
+    }
+
+    /// Checks that the file is empty, as the creator promised, *before* anything is done to it
+    /// (a creator's mistake must not cost the user a file), then removes its name if it has one.
+    /// What is left is a file only the returned descriptor reaches.
+    pub(crate) fn into_unnamed(self) -> io::Result<File> {
+        self.check_empty()?;
+        if let Some(name) = &self.name {
+            name.remove()?;
+        }
+        Ok(self.file)
+    }
+
+    /// An error unless the file is empty.
+    pub(crate) fn check_empty(&self) -> io::Result<()> {
+        if self.file.metadata()?.len() != 0 {
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidInput,
+                "the segment creator returned a file that is not empty",
+            ));
+        }
+        Ok(())
+    }
+}
+
+/// Where a named segment file is: a name inside a folder held open (the default creator), or
+/// an absolute path (a creator of the user's).
+#[derive(Debug)]
+pub(crate) enum FileName {
+    In { dir: Arc<HeldDir>, name: OsString },
+    Path(PathBuf),
+}
+
+impl FileName {
+    /// Opens the file for reading and writing, never through a link.
+    pub(crate) fn open(&self) -> io::Result<File> {
+        let opened = match self {
+            FileName::In { dir, name } => sys::open_at(&dir.handle, name, None),
+            FileName::Path(path) => OpenOptions::new()
+                .read(true)
+                .write(true)
+                .custom_flags(sys::OPEN_FLAGS)
+                .open(path),
+        };
+        opened.map_err(|e| Context::wrap(e, format!("reopen {}", self.display().display())))
+    }
+
+    /// Device and inode of what the name points at now (a link is not followed).
+    pub(crate) fn identity(&self) -> io::Result<(u64, u64)> {
+        match self {
+            FileName::In { dir, name } => sys::identity_at(&dir.handle, name),
+            FileName::Path(path) => fs::symlink_metadata(path).map(|m| (m.dev(), m.ino())),
+        }
+    }
+
+    /// Removes the name. `NotFound` counts as done: a clean-up took it, the file is still ours
+    /// through its descriptor or mapping.
+    pub(crate) fn remove(&self) -> io::Result<()> {
+        let removed = match self {
+            FileName::In { dir, name } => sys::remove_at(&dir.handle, name, false),
+            FileName::Path(path) => fs::remove_file(path),
+        };
+        match removed {
+            Err(e) if e.kind() != io::ErrorKind::NotFound => Err(e),
+            _ => Ok(()),
+        }
+    }
+
+    /// The path, for messages.
+    pub(crate) fn display(&self) -> PathBuf {
+        match self {
+            FileName::In { dir, name } => dir.path.join(name),
+            FileName::Path(path) => path.clone(),
+        }
+    }
+}
+
+/// A folder of the crate's, checked once and held open: files are created, reopened and
+/// removed relative to the handle, so nothing is resolved again through a path that someone
+/// could change (rename the folder, plant a link).
+pub(crate) struct HeldDir {
+    handle: File,
+    /// For messages.
+    path: PathBuf,
+    /// For a session folder: its parent and name, and the generation that made it (and alone
+    /// removes it when the last segment and the creator let go of it).
+    session: Option<(Arc<HeldDir>, OsString, u64)>,
+}
+
+impl fmt::Debug for HeldDir {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_tuple("HeldDir").field(&self.path).finish()
+    }
+}
+
+impl Drop for HeldDir {
+    fn drop(&mut self) {
+        // A session folder is empty once its last named segment is gone. A failure leaves an
+        // empty folder that the next start removes (its lock is free), so it is ignored.
+        if let Some((parent, name, generation)) = &self.session
+            && *generation == fork::generation()
+        {
+            let _ = sys::remove_at(&parent.handle, name, true);
+        }
     }
 }
 
@@ -163,60 +273,64 @@ const STALE_AFTER: Duration = Duration::from_secs(60);
 /// The default creator: files named by a random UUID v4, in a folder of the crate's own
 /// (`mmapvec-<uid>`, mode `0700`) inside a base directory (the temp directory by default).
 ///
-/// * Files are created with `O_CREAT | O_EXCL | O_NOFOLLOW | O_CLOEXEC` and mode `0600`.
+/// * The base directory is made absolute when the creator is made, so changing the working
+///   directory later changes nothing.
 /// * The crate's folder must be a real directory (not a symlink), owned by the current user, and
-///   closed to others (no group or other permission bits); anything else is refused.
+///   closed to others (no group or other permission bits); anything else is refused. Once
+///   checked it is held open, and files are created in it through that handle (`openat`), so a
+///   rename of the folder or a link planted at its path cannot redirect them.
+/// * Files are created with `O_CREAT | O_EXCL | O_NOFOLLOW | O_CLOEXEC` and mode `0600`.
+/// * If the folder is removed while the process runs (a `/tmp` cleaner), the next segment
+///   prepares it again with the same checks: a symlink found at its path then is refused.
 /// * A segment that keeps its file name ([`SegmentRequest::keeps_name`]) lives in a
 ///   per-process *session* folder inside the crate's folder. The process holds an exclusive
 ///   `flock` on that folder while it runs; on start the creator removes session folders whose
 ///   lock it can take (their process is gone) and loose segment files over a minute old. The
-///   files of a live process are never touched.
+///   files of a live process are never touched. A child made by `fork` makes a session of its
+///   own for its named segments and never removes its parent's.
 /// * Base directories on tmpfs or ramfs (RAM-backed) are reported with a `log` warning; see
 ///   [`Builder::allow_ram_backed`](crate::Builder::allow_ram_backed) to refuse them instead.
 ///
 /// The folder is prepared on first use; [`DirCreator::open`] prepares it at once.
 pub struct DirCreator {
     base: PathBuf,
-    prepared: OnceLock<Prepared>,
-    preparing: Mutex<()>,
+    state: Mutex<State>,
 }
 
-struct Prepared {
-    folder: PathBuf,
+/// The folder and session in use. Behind one lock, held briefly (and across the fork handlers,
+/// see `fork`), except while a folder or session is being prepared.
+#[derive(Default)]
+struct State {
+    folder: Option<Arc<Folder>>,
+    session: Option<Arc<HeldDir>>,
+}
+
+struct Folder {
+    dir: Arc<HeldDir>,
     ram_backed: bool,
-    session: OnceLock<Session>,
-    session_init: Mutex<()>,
-}
-
-/// This process's session folder and the open handle that holds its lock.
-struct Session {
-    path: PathBuf,
-    _lock: File,
-    /// A child made by `fork` inherits the session (and shares its lock) but must not remove it.
-    owner: u32,
 }
 
 impl fmt::Debug for DirCreator {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("DirCreator")
             .field("base", &self.base)
-            .field("folder", &self.prepared.get().map(|p| &p.folder))
+            .field("folder", &self.folder())
             .finish()
     }
 }
 
 impl DirCreator {
-    /// A creator for `base`, prepared lazily at the first segment.
+    /// A creator for `base` (made absolute now), prepared lazily at the first segment.
     ///
     /// ```
     /// let creator = mmapvec::DirCreator::new(std::env::temp_dir());
     /// assert!(creator.folder().starts_with(std::env::temp_dir()));
     /// ```
     pub fn new(base: impl Into<PathBuf>) -> Self {
+        let base = base.into();
         DirCreator {
-            base: base.into(),
-            prepared: OnceLock::new(),
-            preparing: Mutex::new(()),
+            base: std::path::absolute(&base).unwrap_or(base),
+            state: Mutex::new(State::default()),
         }
     }
 
@@ -256,29 +370,37 @@ impl DirCreator {
         Ok(self.prepared()?.ram_backed)
     }
 
-    fn prepared(&self) -> io::Result<&Prepared> {
-        if let Some(p) = self.prepared.get() {
-            return Ok(p);
+    fn state(&self) -> MutexGuard<'_, State> {
+        // Every change is a single assignment: a poisoned lock is still consistent.
+        self.state.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Locks the state for a `fork` (see `fork::ForkLocks`).
+    pub(crate) fn lock_for_fork(&'static self, held: &mut Vec<Box<dyn std::any::Any>>) {
+        held.push(Box::new(self.state()));
+    }
+
+    /// The checked folder, prepared now if this is the first use or it was found removed.
+    fn prepared(&self) -> io::Result<Arc<Folder>> {
+        let mut state = self.state();
+        if let Some(folder) = &state.folder {
+            return Ok(folder.clone());
         }
-        let _guard = self.preparing.lock().unwrap_or_else(|e| e.into_inner());
-        if let Some(p) = self.prepared.get() {
-            return Ok(p);
-        }
-        let prepared = self.prepare()?;
-        let prepared = self.prepared.get_or_init(|| prepared);
-        drop(_guard);
+        let folder = Arc::new(self.prepare()?);
+        state.folder = Some(folder.clone());
+        drop(state);
         // Logged outside the lock: a logger may allocate through this very creator.
-        if prepared.ram_backed {
+        if folder.ram_backed {
             log::warn!(
                 "mmapvec: {} is on a RAM-backed file system (tmpfs): segments there do not \
                  relieve memory; set TMPDIR or MmapAllocator::builder().dir(..) to a disk",
-                prepared.folder.display()
+                folder.dir.path.display()
             );
         }
-        Ok(prepared)
+        Ok(folder)
     }
 
-    fn prepare(&self) -> io::Result<Prepared> {
+    fn prepare(&self) -> io::Result<Folder> {
         let base = &self.base;
         let meta = fs::metadata(base).map_err(|e| with_path(e, "segment directory", base))?;
         if !meta.is_dir() {
@@ -288,70 +410,92 @@ impl DirCreator {
                 base,
             ));
         }
-        let folder = self.folder();
-        match DirBuilder::new().mode(0o700).create(&folder) {
+        let path = self.folder();
+        match DirBuilder::new().mode(0o700).create(&path) {
             Ok(()) => {}
             Err(e) if e.kind() == io::ErrorKind::AlreadyExists => {}
-            Err(e) => return Err(with_path(e, "cannot create segment folder", &folder)),
+            Err(e) => return Err(with_path(e, "cannot create segment folder", &path)),
         }
-        let handle = open_private_dir(&folder)?;
+        let handle = open_private_dir(&path)?;
         let ram_backed = sys::is_ram_backed(&handle).unwrap_or(false);
-        remove_stale(&folder);
-        Ok(Prepared {
-            folder,
+        remove_stale(&path);
+        Ok(Folder {
+            dir: Arc::new(HeldDir {
+                handle,
+                path,
+                session: None,
+            }),
             ram_backed,
-            session: OnceLock::new(),
-            session_init: Mutex::new(()),
         })
     }
 
-    fn session<'a>(&self, prepared: &'a Prepared) -> io::Result<&'a Path> {
-        if let Some(s) = prepared.session.get() {
-            return Ok(&s.path);
+    /// This process's session folder (made now if needed: first named segment, a child of
+    /// `fork`, or the previous one was removed).
+    fn session(&self, folder: &Arc<Folder>) -> io::Result<Arc<HeldDir>> {
+        let mut state = self.state();
+        if let Some(session) = &state.session
+            && session
+                .session
+                .as_ref()
+                .is_some_and(|s| s.2 == fork::generation())
+        {
+            return Ok(session.clone());
         }
-        let _guard = prepared
-            .session_init
-            .lock()
-            .unwrap_or_else(|e| e.into_inner());
-        if let Some(s) = prepared.session.get() {
-            return Ok(&s.path);
+        let session = Arc::new(new_session(&folder.dir)?);
+        state.session = Some(session.clone());
+        Ok(session)
+    }
+
+    /// Forgets the session, and the folder too if it is gone, after a file could not be made
+    /// in them: the next attempt prepares them again.
+    fn forget_removed(&self, folder: &Arc<Folder>) {
+        let mut state = self.state();
+        state.session = None;
+        let removed = sys::identity_at(&folder.dir.handle, OsStr::new("."))
+            .ok()
+            .zip(fs::symlink_metadata(&folder.dir.path).ok())
+            .is_none_or(|(held, now)| held != (now.dev(), now.ino()));
+        if removed
+            && state
+                .folder
+                .as_ref()
+                .is_some_and(|f| Arc::ptr_eq(f, folder))
+        {
+            state.folder = None;
         }
-        let session = new_session(&prepared.folder)?;
-        Ok(&prepared.session.get_or_init(|| session).path)
+    }
+
+    fn create_in(&self, folder: &Arc<Folder>, keeps_name: bool) -> io::Result<SegmentFile> {
+        let dir = if keeps_name {
+            self.session(folder)?
+        } else {
+            folder.dir.clone()
+        };
+        let name = OsString::from(uuid::Uuid::new_v4().to_string());
+        let file = sys::open_at(&dir.handle, &name, Some(0o600))
+            .map_err(|e| with_path(e, "cannot create segment file", &dir.path.join(&name)))?;
+        Ok(SegmentFile {
+            file,
+            name: Some(FileName::In { dir, name }),
+        })
     }
 }
 
 // SAFETY: every file is created with O_CREAT | O_EXCL under a fresh UUID v4 name in a folder
-// that only this user can enter (checked 0700, owned, not a symlink), handed out once, and no
-// handle is kept; the path given is the one just created.
+// that only this user can enter (checked 0700, owned, not a symlink, and held open so the check
+// stays true), handed out once, and no handle is kept; the name given is the one just created.
 unsafe impl SegmentCreator for DirCreator {
     fn create(&self, request: &SegmentRequest) -> io::Result<SegmentFile> {
-        let prepared = self.prepared()?;
-        let dir = if request.keeps_name {
-            self.session(prepared)?
-        } else {
-            &prepared.folder
-        };
-        let path = dir.join(uuid::Uuid::new_v4().to_string());
-        let file = OpenOptions::new()
-            .read(true)
-            .write(true)
-            .create_new(true)
-            .mode(0o600)
-            .custom_flags(sys::OPEN_FLAGS)
-            .open(&path)
-            .map_err(|e| with_path(e, "cannot create segment file", &path))?;
-        Ok(SegmentFile::named(file, path))
-    }
-}
-
-impl Drop for Session {
-    fn drop(&mut self) {
-        // Only reached when an allocator built with its own creator goes away, after its last
-        // segment: the folder is empty then. A failure leaves an empty folder that the next
-        // start removes, so it is ignored.
-        if self.owner == std::process::id() {
-            let _ = fs::remove_dir(&self.path);
+        let folder = self.prepared()?;
+        match self.create_in(&folder, request.keeps_name) {
+            // The folder or the session was removed under us (a /tmp cleaner): prepare again,
+            // with every check, once.
+            Err(e) if e.kind() == io::ErrorKind::NotFound => {
+                self.forget_removed(&folder);
+                let folder = self.prepared()?;
+                self.create_in(&folder, request.keeps_name)
+            }
+            other => other,
         }
     }
 }
@@ -360,13 +504,8 @@ fn with_path(err: io::Error, what: &str, path: &Path) -> io::Error {
     Context::wrap(err, format!("{what} {}", path.display()))
 }
 
-/// Opens a folder of ours without following a link, and checks that it is ours alone.
-fn open_private_dir(path: &Path) -> io::Result<File> {
-    let handle = OpenOptions::new()
-        .read(true)
-        .custom_flags(sys::OPEN_FLAGS | libc::O_DIRECTORY)
-        .open(path)
-        .map_err(|e| with_path(e, "cannot open segment folder (is it a symlink?)", path))?;
+/// Checks that an open folder is ours alone: owned by this user, no group or other bits.
+fn check_private(handle: &File, path: &Path) -> io::Result<()> {
     let meta = handle.metadata()?;
     if meta.uid() != sys::effective_uid() {
         return Err(with_path(
@@ -385,29 +524,47 @@ fn open_private_dir(path: &Path) -> io::Result<File> {
             path,
         ));
     }
+    Ok(())
+}
+
+/// Opens a folder of ours without following a link, and checks that it is ours alone.
+fn open_private_dir(path: &Path) -> io::Result<File> {
+    let handle = OpenOptions::new()
+        .read(true)
+        .custom_flags(sys::OPEN_FLAGS | libc::O_DIRECTORY)
+        .open(path)
+        .map_err(|e| with_path(e, "cannot open segment folder (is it a symlink?)", path))?;
+    check_private(&handle, path)?;
     Ok(handle)
 }
 
-/// Makes this process's session folder and locks it before anyone can see it as stale.
-fn new_session(folder: &Path) -> io::Result<Session> {
+/// Makes this process's session folder inside `folder` and locks it before anyone can see it
+/// as stale. A cleaner (another process starting) may remove the new, empty folder before we
+/// lock it: then start again with another name.
+fn new_session(folder: &Arc<HeldDir>) -> io::Result<HeldDir> {
     for _ in 0..8 {
-        let path = folder.join(format!("session-{}", uuid::Uuid::new_v4()));
-        DirBuilder::new()
-            .mode(0o700)
-            .create(&path)
+        let name = OsString::from(format!("session-{}", uuid::Uuid::new_v4()));
+        let path = folder.path.join(&name);
+        sys::make_dir_at(&folder.handle, &name, 0o700)
             .map_err(|e| with_path(e, "cannot create session folder", &path))?;
-        let lock = open_private_dir(&path)?;
+        let handle = match sys::open_dir_at(&folder.handle, &name) {
+            Ok(handle) => handle,
+            Err(e) if e.kind() == io::ErrorKind::NotFound => continue,
+            Err(e) => return Err(with_path(e, "cannot open session folder", &path)),
+        };
+        check_private(&handle, &path)?;
         // A cleaner that took the lock first is removing this empty folder: start again.
-        if !sys::try_lock_exclusive(&lock)? {
+        if !sys::try_lock_exclusive(&handle)? {
             continue;
         }
         // Still there, and still the folder we locked?
-        match fs::symlink_metadata(&path) {
-            Ok(m) if m.ino() == lock.metadata()?.ino() => {
-                return Ok(Session {
+        let locked = handle.metadata()?;
+        match sys::identity_at(&folder.handle, &name) {
+            Ok(id) if id == (locked.dev(), locked.ino()) => {
+                return Ok(HeldDir {
+                    handle,
                     path,
-                    _lock: lock,
-                    owner: std::process::id(),
+                    session: Some((folder.clone(), name, fork::generation())),
                 });
             }
             _ => continue,
@@ -415,7 +572,7 @@ fn new_session(folder: &Path) -> io::Result<Session> {
     }
     Err(io::Error::other(format!(
         "could not create a session folder in {}",
-        folder.display()
+        folder.path.display()
     )))
 }
 

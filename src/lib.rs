@@ -11,8 +11,7 @@ pub use allocator_api2;
 
 mod allocator;
 mod creator;
-#[cfg(target_os = "linux")]
-mod fork_guard;
+mod fork;
 mod release;
 mod segment;
 mod stats;

@@ -1,14 +1,13 @@
 //! [`Segment`]: one memory-mapped file, the owner of its mapping and of its file.
 
-use std::fs::{self, File, OpenOptions};
+use std::fs::File;
 use std::io;
-use std::os::unix::fs::{MetadataExt, OpenOptionsExt};
-use std::path::PathBuf;
+use std::os::unix::fs::MetadataExt;
 use std::ptr::NonNull;
 use std::sync::atomic::{AtomicUsize, Ordering};
 
-use crate::creator::SegmentFile;
-use crate::stats::Context;
+use crate::creator::{FileName, SegmentFile};
+use crate::fork::{self, DontForkViews};
 #[cfg(target_os = "linux")]
 use crate::sys::RemapTo;
 use crate::sys::{self, Advice};
@@ -81,9 +80,13 @@ pub(crate) struct Segment {
     backing: Backing,
     /// A shrink could not truncate the file: bytes past `len` are stale, not zeros.
     stale_tail: bool,
-    /// The process that made the segment. A child made by `fork` shares the mapping and the
-    /// file: it must neither resize nor remove them, or it would corrupt the parent's block.
-    owner: u32,
+    /// The fork generation that made the segment (see `fork`). A child made by `fork` shares
+    /// the mapping and the file: it must neither resize nor remove them, or it would corrupt
+    /// the parent's block.
+    generation: u64,
+    /// The fork epoch in which the segment was made or last handed out afresh: if a fork came
+    /// since, a child may map the file, so it is never made shorter.
+    epoch: u64,
     /// Made with `MADV_DONTFORK`: its range is recorded so that a child keeps it reserved.
     dont_fork: bool,
 }
@@ -106,12 +109,12 @@ enum Backing {
     /// The descriptor is held; the file has no name (unlinked at creation, or anonymous).
     Held(HeldFile),
     /// No descriptor is held; the file is reopened by name and checked to be the same file.
-    /// Only the `owner` process removes it.
+    /// Only the fork generation that made it removes it.
     Named {
-        path: PathBuf,
+        name: FileName,
         dev: u64,
         ino: u64,
-        owner: u32,
+        generation: u64,
     },
 }
 
@@ -132,34 +135,24 @@ impl Drop for HeldFile {
 }
 
 impl Backing {
+    /// Takes over a creator's file: `hold` keeps the descriptor (and removes the name now),
+    /// otherwise the name is kept and the file returned for this one use. The file has been
+    /// checked empty before anything is done to it.
     fn from_file(segment: SegmentFile, hold: bool) -> io::Result<(Backing, Option<File>)> {
-        let SegmentFile { file, path } = segment;
-        match path {
-            Some(path) if !hold => {
-                let meta = file.metadata()?;
-                let (dev, ino) = (meta.dev(), meta.ino());
-                let owner = std::process::id();
-                Ok((
-                    Backing::Named {
-                        path,
-                        dev,
-                        ino,
-                        owner,
-                    },
-                    Some(file),
-                ))
+        segment.check_empty()?;
+        match segment.name {
+            Some(name) if !hold => {
+                let meta = segment.file.metadata()?;
+                let backing = Backing::Named {
+                    name,
+                    dev: meta.dev(),
+                    ino: meta.ino(),
+                    generation: fork::generation(),
+                };
+                Ok((backing, Some(segment.file)))
             }
-            Some(path) => {
-                // Drop the name at once: from here on a crash leaves nothing on disk. NotFound
-                // means a clean-up took the name (see `DirCreator`): the descriptor is still ours.
-                let removed = fs::remove_file(&path).or_else(|e| match e.kind() {
-                    io::ErrorKind::NotFound => Ok(()),
-                    _ => Err(e),
-                });
-                let backing = Backing::Held(HeldFile::new(file));
-                removed.map(|()| (backing, None))
-            }
-            None => Ok((Backing::Held(HeldFile::new(file)), None)),
+            // Drop the name at once: from here on a crash leaves nothing on disk.
+            _ => Ok((Backing::Held(HeldFile::new(segment.into_unnamed()?)), None)),
         }
     }
 
@@ -168,18 +161,13 @@ impl Backing {
     fn open(&self) -> io::Result<FileRef<'_>> {
         match self {
             Backing::Held(held) => Ok(FileRef::Borrowed(&held.0)),
-            Backing::Named { path, dev, ino, .. } => {
-                let file = OpenOptions::new()
-                    .read(true)
-                    .write(true)
-                    .custom_flags(sys::OPEN_FLAGS)
-                    .open(path)
-                    .map_err(|e| Context::wrap(e, format!("reopen {}", path.display())))?;
+            Backing::Named { name, dev, ino, .. } => {
+                let file = name.open()?;
                 let meta = file.metadata()?;
                 if (meta.dev(), meta.ino()) != (*dev, *ino) {
                     return Err(io::Error::new(
                         io::ErrorKind::NotFound,
-                        format!("segment file {} was replaced", path.display()),
+                        format!("segment file {} was replaced", name.display().display()),
                     ));
                 }
                 Ok(FileRef::Owned(file))
@@ -191,20 +179,19 @@ impl Backing {
 impl Drop for Backing {
     fn drop(&mut self) {
         if let Backing::Named {
-            path,
+            name,
             dev,
             ino,
-            owner,
+            generation,
         } = self
         {
             // Remove the name only in the process that made it (not in a fork child, whose
             // parent still uses the file) and only if it is still our file. An error leaves the
             // file for the next start's clean-up (see `DirCreator`); Drop cannot report it.
-            if *owner == std::process::id()
-                && let Ok(meta) = fs::symlink_metadata(&*path)
-                && (meta.dev(), meta.ino()) == (*dev, *ino)
+            if *generation == fork::generation()
+                && name.identity().is_ok_and(|id| id == (*dev, *ino))
             {
-                let _ = fs::remove_file(&*path);
+                let _ = name.remove();
             }
         }
     }
@@ -245,22 +232,22 @@ impl Segment {
             (Backing::Held(held), None) => &held.0,
             (Backing::Named { .. }, None) => unreachable!("a named backing comes with its file"),
         };
-        if file.metadata()?.len() != 0 {
-            return Err(io::Error::new(
-                io::ErrorKind::InvalidInput,
-                "the segment creator returned a file that is not empty",
-            ));
-        }
         extend(file, 0, len, opts)?;
-        let ptr = map_view(file, len, align, opts)?;
+        let ptr = with_fork_record(opts.dont_fork, |views| {
+            let ptr = map_view(file, len, align, opts)?;
+            if let Some(views) = views {
+                views.add(ptr.as_ptr().addr(), len);
+            }
+            Ok::<_, io::Error>(ptr)
+        })?;
         let segment = Segment {
             view: View { ptr, len },
             backing,
             stale_tail: false,
-            owner: std::process::id(),
+            generation: fork::generation(),
+            epoch: fork::epoch(),
             dont_fork: opts.dont_fork,
         };
-        segment.track_fork(None);
         segment.apply_hints(0, opts);
         Ok(segment)
     }
@@ -277,7 +264,13 @@ impl Segment {
 
     /// Whether this process got the segment through `fork` rather than making it.
     pub(crate) fn is_inherited(&self) -> bool {
-        self.owner != std::process::id()
+        self.generation != fork::generation()
+    }
+
+    /// Whether a child made by `fork` may map the file: a fork came since the segment was
+    /// made.
+    pub(crate) fn may_be_shared(&self) -> bool {
+        self.epoch != fork::epoch()
     }
 
     /// Whether the segment holds its file's descriptor (else the file keeps its name).
@@ -312,6 +305,8 @@ impl Segment {
         if new_len > old_len {
             if self.stale_tail {
                 // Growing must show zeros past the old length, not what a shrink left there.
+                // Cutting the file to the mapped length is safe even if a child maps it: a
+                // segment a child may map is never shrunk, so no child maps more than `old_len`.
                 file.set_len(old_len as u64)?;
                 self.stale_tail = false;
             }
@@ -322,20 +317,31 @@ impl Segment {
                 let _ = file.set_len(old_len as u64);
             };
             extend(&file, old_len, new_len, opts).inspect_err(give_back)?;
-            let old_ptr = self.view.ptr;
-            let resized = self
-                .view
-                .move_to(&file, new_len, align, opts)
-                .inspect_err(give_back)?;
-            self.track_fork(Some(old_ptr));
+            let dont_fork = self.dont_fork;
+            let resized = with_fork_record(dont_fork, |views| {
+                self.view
+                    .move_to_recorded(&file, new_len, align, opts, views)
+            })
+            .inspect_err(give_back)?;
             // The mapping has moved: nothing may fail past this point (the caller would keep
             // the old, now invalid, pointer). What follows is hints only.
             self.apply_hints(old_len, opts);
             Ok(resized)
         } else {
-            let old_ptr = self.view.ptr;
-            let resized = self.view.move_to(&file, new_len, align, opts)?;
-            self.track_fork(Some(old_ptr));
+            // No fork may start between the check and the cut of the file: a child made in
+            // between would map the whole file and die of SIGBUS touching the part cut off.
+            let mut no_fork = fork::hold();
+            if self.may_be_shared() {
+                // A child may map the whole file: it stays whole (the caller keeps the block).
+                return Err(io::Error::new(
+                    io::ErrorKind::Unsupported,
+                    "a segment that a fork child may map is not made shorter",
+                ));
+            }
+            let views = self.dont_fork.then_some(&mut *no_fork);
+            let resized = self
+                .view
+                .move_to_recorded(&file, new_len, align, opts, views)?;
             let mapped = self.view.len;
             if mapped < old_len {
                 // Return the blocks past the mapping to the file system. A failure keeps them
@@ -344,20 +350,6 @@ impl Segment {
             }
             Ok(resized)
         }
-    }
-
-    /// Keeps the fork registry in step with the view of a `dont_fork` segment (see
-    /// `fork_guard`): forgets `old` (the view before a resize), records the current one.
-    fn track_fork(&self, old: Option<NonNull<u8>>) {
-        #[cfg(target_os = "linux")]
-        if self.dont_fork {
-            if let Some(old) = old {
-                crate::fork_guard::unregister(old);
-            }
-            crate::fork_guard::register(self.view.ptr, self.view.len);
-        }
-        #[cfg(not(target_os = "linux"))]
-        let _ = old;
     }
 
     /// Gives the builder's hints for the mapping; `populate` only for the bytes from `from`.
@@ -392,6 +384,24 @@ impl Segment {
 }
 
 impl View {
+    /// [`View::move_to`], keeping `views` (the `dont_fork` record, when given) in step.
+    fn move_to_recorded(
+        &mut self,
+        file: &File,
+        new_len: usize,
+        align: usize,
+        opts: &MapOptions,
+        views: Option<&mut DontForkViews>,
+    ) -> io::Result<Resized> {
+        let old = self.ptr.as_ptr().addr();
+        let resized = self.move_to(file, new_len, align, opts)?;
+        if let Some(views) = views {
+            views.remove(old);
+            views.add(self.ptr.as_ptr().addr(), self.len);
+        }
+        Ok(resized)
+    }
+
     fn move_to(
         &mut self,
         file: &File,
@@ -482,17 +492,30 @@ impl View {
 
 impl Drop for Segment {
     fn drop(&mut self) {
-        #[cfg(target_os = "linux")]
-        if self.dont_fork {
-            crate::fork_guard::unregister(self.view.ptr);
-        }
-        // SAFETY: the mapping is ours (struct invariant) and the segment is going away, so no
-        // pointer into it is used again (the allocator contract: the block was deallocated).
-        if let Err(e) = unsafe { sys::unmap(self.view.ptr, self.view.len) } {
-            // Only possible with a corrupted invariant; Drop must not panic, so say it and go on.
-            log::error!("mmapvec: munmap failed for a segment: {e}");
-        }
+        let View { ptr, len } = self.view;
+        with_fork_record(self.dont_fork, |views| {
+            if let Some(views) = views {
+                views.remove(ptr.as_ptr().addr());
+            }
+            // SAFETY: the mapping is ours (struct invariant) and the segment is going away, so
+            // no pointer into it is used again (the contract: the block was deallocated).
+            if let Err(e) = unsafe { sys::unmap(ptr, len) } {
+                // Only possible with a corrupted invariant; Drop must not panic: say it, go on.
+                log::error!("mmapvec: munmap failed for a segment: {e}");
+            }
+        });
         // `backing` drops next: closes the descriptor or removes the file.
+    }
+}
+
+/// Runs a change of a view's mapping. For a `dont_fork` view (Linux) it runs under the fork
+/// lock with the record of such views, so the record changes together with the mapping and no
+/// child is ever made between the two (see `fork`); other views need neither.
+fn with_fork_record<R>(dont_fork: bool, change: impl FnOnce(Option<&mut DontForkViews>) -> R) -> R {
+    if cfg!(target_os = "linux") && dont_fork {
+        change(Some(&mut fork::hold()))
+    } else {
+        change(None)
     }
 }
 

@@ -4,9 +4,11 @@
 //! an [`io::Error`]. The allocator logic above never calls `libc` directly. Linux-only calls are
 //! gated item by item; the portable paths compile (and are tested) on Linux as well.
 
+use std::ffi::{CString, OsStr};
 use std::fs::File;
 use std::io;
-use std::os::unix::io::AsRawFd;
+use std::os::unix::ffi::OsStrExt;
+use std::os::unix::io::{AsRawFd, FromRawFd};
 use std::ptr::NonNull;
 use std::sync::atomic::{AtomicUsize, Ordering};
 
@@ -300,6 +302,82 @@ pub(crate) fn open_files_soft_limit() -> Option<u64> {
 pub(crate) fn effective_uid() -> u32 {
     // SAFETY: geteuid cannot fail and has no preconditions.
     unsafe { libc::geteuid() }
+}
+
+fn c_name(name: &OsStr) -> io::Result<CString> {
+    CString::new(name.as_bytes()).map_err(|_| io::Error::from(io::ErrorKind::InvalidInput))
+}
+
+fn check_fd(fd: libc::c_int) -> io::Result<File> {
+    if fd < 0 {
+        Err(io::Error::last_os_error())
+    } else {
+        // SAFETY: `fd` was just returned by the kernel and is owned by nobody else.
+        Ok(unsafe { File::from_raw_fd(fd) })
+    }
+}
+
+/// Opens `name` inside the folder `dir` (never through a symbolic link, close-on-exec):
+/// created new (`O_EXCL`, read/write, `mode`) when `create` is given, else an existing
+/// regular file for reading and writing. Nothing is resolved through a path: a folder renamed
+/// or replaced by a link under our feet cannot redirect the call.
+pub(crate) fn open_at(dir: &File, name: &OsStr, create: Option<u32>) -> io::Result<File> {
+    let name = c_name(name)?;
+    let mut flags = libc::O_RDWR | OPEN_FLAGS;
+    if create.is_some() {
+        flags |= libc::O_CREAT | libc::O_EXCL;
+    }
+    let mode = create.unwrap_or(0) as libc::c_uint;
+    loop {
+        // SAFETY: `name` is a valid C string; the descriptor is borrowed from `dir`.
+        let fd = unsafe { libc::openat(dir.as_raw_fd(), name.as_ptr(), flags, mode) };
+        match check_fd(fd) {
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+            other => return other,
+        }
+    }
+}
+
+/// Opens the folder `name` inside `dir` for reading, without following a link.
+pub(crate) fn open_dir_at(dir: &File, name: &OsStr) -> io::Result<File> {
+    let name = c_name(name)?;
+    let flags = libc::O_RDONLY | libc::O_DIRECTORY | OPEN_FLAGS;
+    // SAFETY: `name` is a valid C string; the descriptor is borrowed from `dir`.
+    check_fd(unsafe { libc::openat(dir.as_raw_fd(), name.as_ptr(), flags) })
+}
+
+/// Creates the folder `name` inside `dir` with `mode`.
+pub(crate) fn make_dir_at(dir: &File, name: &OsStr, mode: u32) -> io::Result<()> {
+    let name = c_name(name)?;
+    // SAFETY: `name` is a valid C string; the descriptor is borrowed from `dir`.
+    check_zero(unsafe { libc::mkdirat(dir.as_raw_fd(), name.as_ptr(), mode as libc::mode_t) })
+}
+
+/// Removes the entry `name` of `dir`: a file, or an empty folder when `folder` is set.
+pub(crate) fn remove_at(dir: &File, name: &OsStr, folder: bool) -> io::Result<()> {
+    let name = c_name(name)?;
+    let flags = if folder { libc::AT_REMOVEDIR } else { 0 };
+    // SAFETY: `name` is a valid C string; the descriptor is borrowed from `dir`.
+    check_zero(unsafe { libc::unlinkat(dir.as_raw_fd(), name.as_ptr(), flags) })
+}
+
+/// Device and inode of the entry `name` of `dir` itself (a link is not followed).
+pub(crate) fn identity_at(dir: &File, name: &OsStr) -> io::Result<(u64, u64)> {
+    let name = c_name(name)?;
+    let mut buf = std::mem::MaybeUninit::<libc::stat>::uninit();
+    // SAFETY: `name` is a valid C string, `buf` is writable and large enough for a `stat`.
+    check_zero(unsafe {
+        libc::fstatat(
+            dir.as_raw_fd(),
+            name.as_ptr(),
+            buf.as_mut_ptr(),
+            libc::AT_SYMLINK_NOFOLLOW,
+        )
+    })?;
+    // SAFETY: fstatat succeeded, so it filled `buf`.
+    let stat = unsafe { buf.assume_init() };
+    #[allow(clippy::unnecessary_cast)] // the field types differ between targets.
+    Ok((stat.st_dev as u64, stat.st_ino as u64))
 }
 
 /// Flags added to every `open` of a segment file or folder.

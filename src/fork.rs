@@ -1,0 +1,205 @@
+//! What the crate does around `fork`: who made a segment, what may be shared with a child, and
+//! which locks no other thread may hold at the moment of the fork.
+//!
+//! The model (the README and `RELIABILITY.md` state it for users):
+//!
+//! * **Generation.** Every process has a generation number, advanced in the child by a
+//!   `pthread_atfork` child handler. A segment, a named file or a session folder records the
+//!   generation that made it; a process of another generation got it through `fork` and
+//!   *inherited* it: it never resizes, truncates or removes it. This replaces a comparison of
+//!   process ids, which breaks when a pid is reused.
+//! * **Epoch.** Advanced at every fork, in the parent (before the fork, so the child starts with
+//!   the new value too). Whatever was mapped before the current epoch may be mapped in a child
+//!   as well. So, in the parent too, such a file is never made shorter (the child would die of
+//!   `SIGBUS` touching its tail), and such memory is never handed out again for new data (the
+//!   child would see its inherited data change under it).
+//! * **Locks.** The prepare handler takes every lock registered here (the allocators' tables,
+//!   caches and queues) and the process-wide [`hold`] lock, and the parent and child handlers
+//!   release them. So no lock is held by a thread that does not exist in the child, and no
+//!   fork happens in the middle of a truncation or of a `dont_fork` mapping change.
+//! * **`dont_fork` holes.** `MADV_DONTFORK` leaves a hole in the child where each such view
+//!   was. The child still holds the inherited vectors, so a hole is a trap: the kernel may put a
+//!   new mapping there, which the inherited vector's drop would then unmap. The child handler
+//!   fills every hole with an inaccessible reservation. The ranges are recorded while [`hold`]
+//!   is held *around* the mapping change itself, so the record can never fall out of step with
+//!   the mappings.
+
+use std::any::Any;
+use std::cell::RefCell;
+use std::collections::BTreeMap;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Mutex, MutexGuard, Once};
+
+use crate::sys;
+
+static GENERATION: AtomicU64 = AtomicU64::new(0);
+static EPOCH: AtomicU64 = AtomicU64::new(0);
+
+/// This process's generation: differs from that of any process it was forked from.
+pub(crate) fn generation() -> u64 {
+    GENERATION.load(Ordering::Acquire)
+}
+
+/// The number of forks this process and its ancestors made, as seen here: anything stamped
+/// with an older epoch may be mapped by a child too.
+pub(crate) fn epoch() -> u64 {
+    EPOCH.load(Ordering::Acquire)
+}
+
+/// Installs the fork handlers once per process. Called whenever an allocator is made, before
+/// it can map anything.
+pub(crate) fn install() {
+    static INSTALL: Once = Once::new();
+    INSTALL.call_once(|| {
+        if let Err(e) = sys::at_fork(prepare, parent, child) {
+            log::error!("mmapvec: pthread_atfork failed, fork children are not protected: {e}");
+        }
+    });
+}
+
+/// The `dont_fork` views mapped in this process: start address -> length.
+#[derive(Debug, Default)]
+pub(crate) struct DontForkViews(BTreeMap<usize, usize>);
+
+impl DontForkViews {
+    /// Records a view just mapped with `MADV_DONTFORK`.
+    pub(crate) fn add(&mut self, addr: usize, len: usize) {
+        self.0.insert(addr, len);
+    }
+
+    /// Forgets a view that is being unmapped or moved.
+    pub(crate) fn remove(&mut self, addr: usize) {
+        self.0.remove(&addr);
+    }
+}
+
+static HOLD: Mutex<DontForkViews> = Mutex::new(DontForkViews(BTreeMap::new()));
+
+/// Holds off any `fork` until the guard is dropped. Taken around every change of a
+/// `dont_fork` mapping (so its record changes with it) and around every truncation of a file
+/// that a child could map (so the check "no fork since" stays true until the file is cut).
+pub(crate) fn hold() -> MutexGuard<'static, DontForkViews> {
+    // Every change under the lock is a single insert or remove: a poisoned lock is consistent.
+    HOLD.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+/// Something whose locks must all be held by the forking thread across a `fork`.
+pub(crate) trait ForkLocks: Sync {
+    /// Locks every mutex of `self`, in a fixed order, pushing the guards into `held`. Called
+    /// only from the prepare handler; the guards are dropped after the fork.
+    fn lock_for_fork(&'static self, held: &mut Vec<Box<dyn Any>>);
+}
+
+/// A registered object. Raw, because registration does not own it: see [`register`].
+struct Registered(*const dyn ForkLocks);
+
+// SAFETY: the pointer is only dereferenced under `REGISTRY`'s lock, while (by the contract of
+// `register`) the object is alive; `ForkLocks: Sync` makes sharing it between threads sound.
+unsafe impl Send for Registered {}
+
+static REGISTRY: Mutex<Vec<Registered>> = Mutex::new(Vec::new());
+
+fn registry() -> MutexGuard<'static, Vec<Registered>> {
+    REGISTRY.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+/// Adds `object` to what the prepare handler locks.
+///
+/// # Safety
+/// `object` must stay at its address and alive until [`unregister`] is called for it, and
+/// `unregister` must be called before it is dropped (first thing in its `Drop`). Its
+/// `lock_for_fork` must not take the registry's lock (it must not register anything).
+pub(crate) unsafe fn register(object: &dyn ForkLocks) {
+    let ptr = object as *const dyn ForkLocks;
+    // SAFETY: erases the lifetime only; the caller keeps the object alive while registered.
+    let ptr: *const (dyn ForkLocks + 'static) = unsafe { std::mem::transmute(ptr) };
+    registry().push(Registered(ptr));
+}
+
+/// Removes `object` from the registry. Waits for a fork in progress to finish.
+pub(crate) fn unregister(object: &dyn ForkLocks) {
+    let addr = (object as *const dyn ForkLocks).cast::<()>();
+    registry().retain(|r| r.0.cast::<()>() != addr);
+}
+
+/// What the forking thread holds between `prepare` and `parent`/`child`.
+struct Held {
+    registry: MutexGuard<'static, Vec<Registered>>,
+    locks: Vec<Box<dyn Any>>,
+    views: MutexGuard<'static, DontForkViews>,
+}
+
+thread_local! {
+    static HELD: RefCell<Option<Held>> = const { RefCell::new(None) };
+}
+
+extern "C" fn prepare() {
+    // Order: the registry, each object's locks, then `HOLD`. Code that holds an object's lock
+    // may take `HOLD` (a tier mapping a `dont_fork` chunk) but never the other way round, and
+    // nothing takes the registry while holding either.
+    let registry = registry();
+    let mut locks = Vec::new();
+    for r in registry.iter() {
+        // SAFETY: registered objects are alive while the registry lock is held (`register`).
+        let object: &'static dyn ForkLocks = unsafe { &*r.0 };
+        object.lock_for_fork(&mut locks);
+    }
+    let views = hold();
+    EPOCH.fetch_add(1, Ordering::AcqRel);
+    HELD.with(|held| {
+        *held.borrow_mut() = Some(Held {
+            registry,
+            locks,
+            views,
+        })
+    });
+}
+
+fn release(held: Held) {
+    let Held {
+        registry,
+        locks,
+        views,
+    } = held;
+    drop(views);
+    drop(locks);
+    drop(registry);
+}
+
+extern "C" fn parent() {
+    if let Some(held) = HELD.with(|held| held.borrow_mut().take()) {
+        release(held);
+    }
+}
+
+extern "C" fn child() {
+    GENERATION.fetch_add(1, Ordering::AcqRel);
+    let Some(held) = HELD.with(|held| held.borrow_mut().take()) else {
+        return;
+    };
+    #[cfg(target_os = "linux")]
+    for (&addr, &len) in held.views.0.iter() {
+        if let Some(ptr) = std::ptr::NonNull::new(addr as *mut u8) {
+            // SAFETY: in the child the range is a hole left by MADV_DONTFORK (the parent's
+            // view was not copied; the record is exact because it changes only under `HOLD`,
+            // which prepare holds), so nothing of the child's is replaced. A failure leaves the
+            // hole, as it would be without this handler.
+            let _ = unsafe { sys::reserve_fixed(ptr, len) };
+        }
+    }
+    release(held);
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn views_are_recorded_and_forgotten() {
+        let mut views = DontForkViews::default();
+        views.add(0x1000, 4096);
+        views.add(0x3000, 8192);
+        views.remove(0x1000);
+        assert_eq!(views.0.into_iter().collect::<Vec<_>>(), [(0x3000, 8192)]);
+    }
+}

@@ -4,21 +4,21 @@
 //! [`allocator_api2::alloc::Allocator`]; this module relies on them without restating them.
 
 use std::any::Any;
-use std::collections::HashMap;
 use std::fmt;
 use std::io;
-use std::path::PathBuf;
 use std::ptr::{self, NonNull};
 use std::sync::{Arc, Mutex, OnceLock};
 
 use allocator_api2::alloc::{AllocError, Allocator, Global, Layout};
 
+use crate::builder::{Builder, Settings};
 use crate::creator::{DirCreator, SegmentCreator, SegmentRequest};
 use crate::fork;
 use crate::release;
-use crate::segment::{self, AccessPattern, GrowStrategy, MapOptions, Resized, Segment};
+use crate::segment::{self, Resized, Segment};
 use crate::stats::{Counters, FailureCause, Stats};
 use crate::sys;
+use crate::table::SegmentTable;
 
 /// An allocator whose every allocation is a memory-mapped file (a *segment*), so the kernel can
 /// write its pages to disk and drop them instead of running out of memory.
@@ -53,10 +53,7 @@ struct Inner {
     creator: Arc<dyn SegmentCreator>,
     /// The creator again when it is the crate's own, whose lock the fork handlers take too.
     dir_creator: Option<Arc<DirCreator>>,
-    opts: MapOptions,
-    heap_threshold: usize,
-    descriptor_budget: Option<usize>,
-    background_release: bool,
+    settings: Settings,
     counters: Counters,
     last_error: Mutex<Option<io::Error>>,
 }
@@ -95,13 +92,6 @@ impl Failure {
     }
 }
 
-/// Live segments by start address, split in shards so threads rarely wait on each other.
-struct SegmentTable {
-    shards: [Mutex<HashMap<usize, Segment>>; SHARDS],
-}
-
-const SHARDS: usize = 16;
-
 /// The largest mapping attempted. User address space is 47 bits on x86-64 (48 on aarch64), so
 /// anything larger fails anyway; refusing it up front avoids creating a file for nothing and
 /// reports the right cause. On 32-bit targets `Layout` already caps sizes at `isize::MAX`.
@@ -109,50 +99,6 @@ const SHARDS: usize = 16;
 const MAX_MAPPING: usize = 1 << 47;
 #[cfg(not(target_pointer_width = "64"))]
 const MAX_MAPPING: usize = isize::MAX as usize;
-
-impl SegmentTable {
-    fn new() -> Self {
-        SegmentTable {
-            shards: std::array::from_fn(|_| Mutex::new(HashMap::new())),
-        }
-    }
-
-    /// Mappings are page aligned and often adjacent: mix the bits above the page offset.
-    fn shard_index(addr: usize) -> usize {
-        ((addr >> 12) ^ (addr >> 18) ^ (addr >> 24)) % SHARDS
-    }
-
-    fn shard(&self, addr: usize) -> std::sync::MutexGuard<'_, HashMap<usize, Segment>> {
-        let index = Self::shard_index(addr);
-        // A panic while holding the lock cannot leave a map half-updated (single insert or
-        // remove), so a poisoned lock is still consistent.
-        self.shards[index].lock().unwrap_or_else(|e| e.into_inner())
-    }
-
-    fn insert(&self, segment: Segment) {
-        let addr = segment.ptr().as_ptr().addr();
-        if let Some(previous) = self.shard(addr).insert(addr, segment) {
-            // Two live segments at one address: one of the mappings was replaced behind the
-            // table's back. Dropping either would unmap the other's pages and using either is
-            // undefined behaviour, so no way on is sound: stop here, loudly.
-            std::mem::forget(previous);
-            log::error!("mmapvec: two live segments at {addr:#x}; aborting");
-            eprintln!("mmapvec: two live segments at {addr:#x}: allocator state corrupted");
-            std::process::abort();
-        }
-    }
-
-    /// Locks every shard, in order, for a `fork` (see `fork::ForkLocks`).
-    fn lock_for_fork(&'static self, held: &mut Vec<Box<dyn Any>>) {
-        for shard in &self.shards {
-            held.push(Box::new(shard.lock().unwrap_or_else(|e| e.into_inner())));
-        }
-    }
-
-    fn take(&self, addr: usize) -> Option<Segment> {
-        self.shard(addr).remove(&addr)
-    }
-}
 
 impl Default for MmapAllocator {
     /// The process-wide allocator: segments in `std::env::temp_dir()` (read at the first call,
@@ -164,7 +110,10 @@ impl Default for MmapAllocator {
         static DEFAULT: OnceLock<MmapAllocator> = OnceLock::new();
         DEFAULT
             .get_or_init(|| {
-                Builder::new().into_allocator(Err(DirCreator::new(std::env::temp_dir())))
+                MmapAllocator::new(
+                    Builder::new().settings(),
+                    Err(DirCreator::new(std::env::temp_dir())),
+                )
             })
             .clone()
     }
@@ -174,14 +123,42 @@ impl fmt::Debug for MmapAllocator {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("MmapAllocator")
             .field("creator", &self.inner.creator)
-            .field("options", &self.inner.opts)
-            .field("heap_threshold", &self.inner.heap_threshold)
+            .field("options", &self.inner.settings.opts)
+            .field("heap_threshold", &self.inner.settings.heap_threshold)
             .field("stats", &self.stats())
             .finish()
     }
 }
 
 impl MmapAllocator {
+    /// The allocator for `settings`, with a creator of the user's (`Ok`) or the crate's own
+    /// (`Err`, whose lock the fork handlers take too).
+    pub(crate) fn new(
+        settings: Settings,
+        creator: Result<Arc<dyn SegmentCreator>, DirCreator>,
+    ) -> MmapAllocator {
+        fork::install();
+        let (creator, dir_creator) = match creator {
+            Ok(creator) => (creator, None),
+            Err(dir) => {
+                let dir = Arc::new(dir);
+                (Arc::clone(&dir) as Arc<dyn SegmentCreator>, Some(dir))
+            }
+        };
+        let inner = Arc::new(Inner {
+            table: SegmentTable::new(),
+            creator,
+            dir_creator,
+            settings,
+            counters: Counters::default(),
+            last_error: Mutex::new(None),
+        });
+        // SAFETY: `Inner` lives in the `Arc` at a fixed address until its `Drop`, which
+        // unregisters it first; its `lock_for_fork` takes only its own locks.
+        unsafe { fork::register(&*inner) };
+        MmapAllocator { inner }
+    }
+
     /// Starts configuring an allocator.
     ///
     /// ```
@@ -226,310 +203,6 @@ impl MmapAllocator {
     }
 }
 
-/// Configures an [`MmapAllocator`]. Made by [`MmapAllocator::builder`].
-///
-/// ```
-/// use mmapvec::{AccessPattern, MmapAllocator, MmapVec};
-/// # fn main() -> std::io::Result<()> {
-/// let alloc = MmapAllocator::builder()
-///     .dir(std::env::temp_dir())
-///     .access_pattern(AccessPattern::Sequential)
-///     .build()?;
-/// let mut v = MmapVec::<u64>::new_in(alloc);
-/// v.push(7);
-/// # Ok(()) }
-/// ```
-#[derive(Debug)]
-pub struct Builder {
-    dir: Option<PathBuf>,
-    creator: Option<Arc<dyn SegmentCreator>>,
-    opts: MapOptions,
-    heap_threshold: usize,
-    descriptor_budget: Option<usize>,
-    background_release: bool,
-    allow_ram_backed: bool,
-}
-
-impl Default for Builder {
-    fn default() -> Self {
-        Self::new()
-    }
-}
-
-impl Builder {
-    /// The defaults: temp directory, blocks reserved on disk, `mremap` growth, no hints.
-    ///
-    /// ```
-    /// let builder = mmapvec::Builder::new();
-    /// # let _ = builder;
-    /// ```
-    pub fn new() -> Self {
-        Builder {
-            dir: None,
-            creator: None,
-            opts: MapOptions {
-                reserve_disk: true,
-                populate: false,
-                access: None,
-                huge_pages: false,
-                dont_fork: false,
-                strategy: GrowStrategy::Remap,
-            },
-            heap_threshold: 0,
-            descriptor_budget: None,
-            background_release: false,
-            allow_ram_backed: true,
-        }
-    }
-
-    /// The directory in which the crate's folder (`mmapvec-<uid>`) and the segments go. It must
-    /// exist: a missing directory is an error (a typo should not silently create one).
-    /// Default: `std::env::temp_dir()`. Conflicts with [`creator`](Builder::creator).
-    ///
-    /// ```
-    /// # fn main() -> std::io::Result<()> {
-    /// let alloc = mmapvec::MmapAllocator::builder().dir(std::path::Path::new("/var/tmp")).build()?;
-    /// # let _ = alloc; Ok(()) }
-    /// ```
-    pub fn dir(mut self, dir: impl Into<PathBuf>) -> Self {
-        self.dir = Some(dir.into());
-        self
-    }
-
-    /// Makes segment files with a creator of your own instead of the default [`DirCreator`].
-    /// See [`SegmentCreator`] for an example.
-    pub fn creator(mut self, creator: impl SegmentCreator) -> Self {
-        self.creator = Some(Arc::new(creator));
-        self
-    }
-
-    /// Reserve disk blocks when a segment is created or grown (`fallocate`), so a full disk is
-    /// an allocation error then, never a `SIGBUS` later. Default `true`. Turning it off makes
-    /// sparse files (a little faster to create, no disk used until written) at the risk of the
-    /// process being killed by `SIGBUS` if the disk fills while pages are being written.
-    ///
-    /// ```
-    /// # fn main() -> std::io::Result<()> {
-    /// let risky = mmapvec::MmapAllocator::builder().reserve_disk(false).build()?;
-    /// # let _ = risky; Ok(()) }
-    /// ```
-    pub fn reserve_disk(mut self, reserve: bool) -> Self {
-        self.opts.reserve_disk = reserve;
-        self
-    }
-
-    /// How mappings are resized. Default [`GrowStrategy::Remap`].
-    ///
-    /// ```
-    /// # fn main() -> std::io::Result<()> {
-    /// use mmapvec::GrowStrategy;
-    /// let alloc = mmapvec::MmapAllocator::builder().grow_strategy(GrowStrategy::MapAgain).build()?;
-    /// # let _ = alloc; Ok(()) }
-    /// ```
-    pub fn grow_strategy(mut self, strategy: GrowStrategy) -> Self {
-        self.opts.strategy = strategy;
-        self
-    }
-
-    /// Pre-fault new pages for writing when a segment is created or grown
-    /// (`MADV_POPULATE_WRITE` on Linux 5.14+, `MADV_WILLNEED` elsewhere): allocation costs
-    /// more, first writes cost less. Default `false`.
-    ///
-    /// ```
-    /// # fn main() -> std::io::Result<()> {
-    /// let alloc = mmapvec::MmapAllocator::builder().populate(true).build()?;
-    /// # let _ = alloc; Ok(()) }
-    /// ```
-    pub fn populate(mut self, populate: bool) -> Self {
-        self.opts.populate = populate;
-        self
-    }
-
-    /// An access pattern hint given to the kernel for every segment. Default: none.
-    ///
-    /// A page fault on a segment reads around the faulting page (the device's `read_ahead_kb`:
-    /// 128 KiB by default, 8 MiB on some VMs) unless the hint is `Random`. Leave it unset for
-    /// vectors and for tables that fit in memory. Give `Random` to the allocator of a hash table
-    /// much larger than the memory it gets: a 1 GiB hashbrown table in a 256 MiB cgroup with
-    /// 8 MiB read-ahead did 9,328 random lookups/s instead of 192/s, but an in-order scan took
-    /// 24.7 s instead of 2.7 s (`docs/out-of-core.md`).
-    ///
-    /// ```
-    /// # fn main() -> std::io::Result<()> {
-    /// use mmapvec::AccessPattern;
-    /// let alloc = mmapvec::MmapAllocator::builder().access_pattern(AccessPattern::Random).build()?;
-    /// # let _ = alloc; Ok(()) }
-    /// ```
-    pub fn access_pattern(mut self, pattern: AccessPattern) -> Self {
-        self.opts.access = Some(pattern);
-        self
-    }
-
-    /// Align segments of 2 MiB or more to 2 MiB, round them to 2 MiB, and ask for transparent
-    /// huge pages (`MADV_HUGEPAGE`, Linux). Whether the kernel uses huge pages for file
-    /// mappings depends on the file system and kernel. Default `false`.
-    ///
-    /// ```
-    /// # fn main() -> std::io::Result<()> {
-    /// let alloc = mmapvec::MmapAllocator::builder().huge_pages(true).build()?;
-    /// # let _ = alloc; Ok(()) }
-    /// ```
-    pub fn huge_pages(mut self, huge: bool) -> Self {
-        self.opts.huge_pages = huge;
-        self
-    }
-
-    /// Keep segments out of child processes made by `fork` (`MADV_DONTFORK`, Linux). Without
-    /// it a child shares the parent's segments: the child's writes are the parent's writes.
-    /// With it, touching a segment's address in the child is a `SIGSEGV`. Default `false`.
-    ///
-    /// ```
-    /// # fn main() -> std::io::Result<()> {
-    /// let alloc = mmapvec::MmapAllocator::builder().dont_fork(true).build()?;
-    /// # let _ = alloc; Ok(()) }
-    /// ```
-    pub fn dont_fork(mut self, dont_fork: bool) -> Self {
-        self.opts.dont_fork = dont_fork;
-        self
-    }
-
-    /// Serve allocations smaller than `bytes` from the heap ([`Global`]) instead of a segment.
-    /// A block that grows past the threshold moves into a segment (one copy). Default 0: every
-    /// allocation is file-backed.
-    ///
-    /// ```
-    /// # fn main() -> std::io::Result<()> {
-    /// let alloc = mmapvec::MmapAllocator::builder().heap_threshold(64 << 10).build()?;
-    /// let small = mmapvec::mmap_vec![in alloc.clone(); 1u8, 2, 3];
-    /// assert_eq!(alloc.stats().live_segments, 0);
-    /// # drop(small); Ok(()) }
-    /// ```
-    pub fn heap_threshold(mut self, bytes: usize) -> Self {
-        self.heap_threshold = bytes;
-        self
-    }
-
-    /// How many segment descriptors the process may hold open before new segments keep their
-    /// file name instead (and are reopened by name to resize). Default: half the soft
-    /// `RLIMIT_NOFILE`, read at each allocation, so the rest stays for the program. `0` makes
-    /// every segment keep its name.
-    ///
-    /// ```
-    /// # fn main() -> std::io::Result<()> {
-    /// let alloc = mmapvec::MmapAllocator::builder().descriptor_budget(0).build()?;
-    /// let v = mmapvec::mmap_vec![in alloc.clone(); 0u8; 10];
-    /// assert_eq!(alloc.stats().named_segments, 1);
-    /// # drop(v); Ok(()) }
-    /// ```
-    pub fn descriptor_budget(mut self, descriptors: usize) -> Self {
-        self.descriptor_budget = Some(descriptors);
-        self
-    }
-
-    /// Release freed segments (unmap, close, give the disk blocks back) on a background thread,
-    /// so `deallocate` returns at once. Default `false`: the release happens inside
-    /// `deallocate`, and no descriptor or file outlives its allocation.
-    ///
-    /// Worth it where freeing blocks is slow: on ext4 mounted with `discard` (common on cloud
-    /// VMs) closing a segment with reserved blocks waits for the device's discard, 1.3 to 3 ms
-    /// measured, against 20 µs without `discard`. At most 64 freed segments wait for the
-    /// thread; past that, `deallocate` releases its segment itself. Segments still waiting when
-    /// the process exits are released by the kernel (their files are already unlinked, unless
-    /// the descriptor budget was spent: such files are removed at the next start).
-    ///
-    /// ```
-    /// # fn main() -> std::io::Result<()> {
-    /// let alloc = mmapvec::MmapAllocator::builder().release_in_background(true).build()?;
-    /// let v = mmapvec::mmap_vec![in alloc.clone(); 0u8; 1 << 20];
-    /// drop(v); // returns without waiting for the file system
-    /// assert_eq!(alloc.stats().live_segments, 0);
-    /// # Ok(()) }
-    /// ```
-    pub fn release_in_background(mut self, background: bool) -> Self {
-        self.background_release = background;
-        self
-    }
-
-    /// Accept a directory on a RAM-backed file system (tmpfs, ramfs) with a `log` warning
-    /// (`true`, the default), or refuse it in [`build`](Builder::build) (`false`).
-    ///
-    /// ```
-    /// let refused = mmapvec::MmapAllocator::builder()
-    ///     .dir("/dev/shm")
-    ///     .allow_ram_backed(false)
-    ///     .build();
-    /// assert!(refused.is_err());
-    /// ```
-    pub fn allow_ram_backed(mut self, allow: bool) -> Self {
-        self.allow_ram_backed = allow;
-        self
-    }
-
-    /// Builds the allocator. The segment folder is checked and created now; errors name the
-    /// path (missing directory, not a directory, not writable, a symlink or a folder of
-    /// another user where the crate's folder goes, a RAM-backed directory when refused).
-    ///
-    /// ```
-    /// let err = mmapvec::MmapAllocator::builder().dir("/no/such/dir").build().unwrap_err();
-    /// assert!(err.to_string().contains("/no/such/dir"));
-    /// ```
-    pub fn build(mut self) -> io::Result<MmapAllocator> {
-        let creator = match (self.creator.take(), self.dir.take()) {
-            (Some(_), Some(dir)) => {
-                return Err(io::Error::new(
-                    io::ErrorKind::InvalidInput,
-                    format!(
-                        "both a directory ({}) and a segment creator were given",
-                        dir.display()
-                    ),
-                ));
-            }
-            (Some(creator), None) => Ok(creator),
-            (None, dir) => {
-                let creator = DirCreator::open(dir.unwrap_or_else(std::env::temp_dir))?;
-                if !self.allow_ram_backed && creator.is_ram_backed()? {
-                    return Err(io::Error::new(
-                        io::ErrorKind::InvalidInput,
-                        format!(
-                            "{} is on a RAM-backed file system; segments there save no memory",
-                            creator.folder().display()
-                        ),
-                    ));
-                }
-                Err(creator)
-            }
-        };
-        Ok(self.into_allocator(creator))
-    }
-
-    /// The allocator, with a creator of the user's (`Ok`) or the crate's own (`Err`).
-    fn into_allocator(self, creator: Result<Arc<dyn SegmentCreator>, DirCreator>) -> MmapAllocator {
-        fork::install();
-        let (creator, dir_creator) = match creator {
-            Ok(creator) => (creator, None),
-            Err(dir) => {
-                let dir = Arc::new(dir);
-                (Arc::clone(&dir) as Arc<dyn SegmentCreator>, Some(dir))
-            }
-        };
-        let inner = Arc::new(Inner {
-            table: SegmentTable::new(),
-            creator,
-            dir_creator,
-            opts: self.opts,
-            heap_threshold: self.heap_threshold,
-            descriptor_budget: self.descriptor_budget,
-            background_release: self.background_release,
-            counters: Counters::default(),
-            last_error: Mutex::new(None),
-        });
-        // SAFETY: `Inner` lives in the `Arc` at a fixed address until its `Drop`, which
-        // unregisters it first; its `lock_for_fork` takes only its own locks.
-        unsafe { fork::register(&*inner) };
-        MmapAllocator { inner }
-    }
-}
-
 /// The aligned dangling pointer answered for zero-size requests: never reaches the OS.
 fn dangling(align: usize) -> NonNull<[u8]> {
     // `Layout` guarantees a non-zero power-of-two alignment.
@@ -567,7 +240,7 @@ impl Inner {
     /// The mapped length for `size` bytes: page-rounded (huge-page-rounded when asked), or an
     /// error when that overflows what can be mapped.
     fn mapped_len(&self, size: usize) -> Result<usize, Failure> {
-        let unit = if self.opts.huge_pages && size >= segment::HUGE_PAGE {
+        let unit = if self.settings.opts.huge_pages && size >= segment::HUGE_PAGE {
             segment::HUGE_PAGE
         } else {
             sys::page_size()
@@ -578,7 +251,7 @@ impl Inner {
     }
 
     fn segment_align(&self, align: usize, len: usize) -> usize {
-        if self.opts.huge_pages && len >= segment::HUGE_PAGE {
+        if self.settings.opts.huge_pages && len >= segment::HUGE_PAGE {
             align.max(segment::HUGE_PAGE)
         } else {
             align
@@ -586,7 +259,7 @@ impl Inner {
     }
 
     fn may_hold_descriptor(&self) -> bool {
-        let budget = match self.descriptor_budget {
+        let budget = match self.settings.descriptor_budget {
             Some(budget) => budget,
             None => match sys::open_files_soft_limit() {
                 Some(limit) => usize::try_from(limit / 2).unwrap_or(usize::MAX),
@@ -605,7 +278,8 @@ impl Inner {
             keeps_name: !hold,
         };
         let file = self.creator.create(&request).map_err(Failure::creator)?;
-        let segment = Segment::create(file, len, align, &self.opts, hold).map_err(Failure::os)?;
+        let segment =
+            Segment::create(file, len, align, &self.settings.opts, hold).map_err(Failure::os)?;
         let c = &self.counters;
         Counters::add(&c.creates, 1);
         Counters::add(&c.live_segments, 1);
@@ -627,7 +301,7 @@ impl Inner {
 
     /// Unmaps a freed segment and closes or removes its file, here or on the release thread.
     fn release(&self, segment: Segment) {
-        if self.background_release {
+        if self.settings.background_release {
             release::release_in_background(segment);
         } else {
             drop(segment);
@@ -649,7 +323,7 @@ impl Inner {
         if layout.size() == 0 {
             return Ok(dangling(layout.align()));
         }
-        if layout.size() < self.heap_threshold {
+        if layout.size() < self.settings.heap_threshold {
             let block = if zeroed {
                 Global.allocate_zeroed(layout)
             } else {
@@ -672,7 +346,9 @@ impl Inner {
     fn resize(&self, mut segment: Segment, new: Layout) -> Result<(Segment, Resized), AllocError> {
         let result = self.mapped_len(new.size()).and_then(|len| {
             let align = self.segment_align(new.align(), len);
-            segment.resize(len, align, &self.opts).map_err(Failure::os)
+            segment
+                .resize(len, align, &self.settings.opts)
+                .map_err(Failure::os)
         });
         match result {
             Ok(resized) => Ok((segment, resized)),
@@ -745,8 +421,11 @@ impl Inner {
         new: Layout,
         zeroed: bool,
     ) -> Result<NonNull<[u8]>, AllocError> {
-        debug_assert!(self.heap_threshold > 0, "unknown block passed to grow");
-        if new.size() < self.heap_threshold {
+        debug_assert!(
+            self.settings.heap_threshold > 0,
+            "unknown block passed to grow"
+        );
+        if new.size() < self.settings.heap_threshold {
             // SAFETY: forwarded contract; the block came from Global.
             return unsafe {
                 if zeroed {
@@ -831,7 +510,10 @@ impl Inner {
             return Ok(dangling(new.align()));
         }
         let Some(segment) = self.table.take(ptr.as_ptr().addr()) else {
-            debug_assert!(self.heap_threshold > 0, "unknown block passed to shrink");
+            debug_assert!(
+                self.settings.heap_threshold > 0,
+                "unknown block passed to shrink"
+            );
             // SAFETY: not a segment, so a heap block (contract); forwarded.
             return unsafe { Global.shrink(ptr, old, new) };
         };
@@ -884,7 +566,7 @@ impl Inner {
                 self.forget(&segment);
                 self.release(segment);
             }
-            None if self.heap_threshold > 0 => {
+            None if self.settings.heap_threshold > 0 => {
                 // SAFETY: not a segment, so a heap block currently allocated with `layout`.
                 unsafe { Global.deallocate(ptr, layout) };
                 Counters::sub(&self.counters.heap_allocations, 1);
@@ -996,24 +678,5 @@ mod tests {
             assert_eq!(block.len(), 0);
             assert_eq!(block.cast::<u8>().as_ptr().addr(), 1 << shift);
         }
-    }
-
-    #[test]
-    fn adjacent_mappings_spread_over_all_shards() {
-        let base = 0x7f00_0000_0000_usize;
-        let mut used = [0usize; SHARDS];
-        for page in 0..(16 * SHARDS) {
-            used[SegmentTable::shard_index(base + page * 4096)] += 1;
-        }
-        assert!(used.iter().all(|&n| n == 16), "{used:?}");
-        // Huge-page aligned mappings too.
-        let mut used = [false; SHARDS];
-        for i in 0..(4 * SHARDS) {
-            used[SegmentTable::shard_index(base + i * (2 << 20))] = true;
-        }
-        assert!(
-            used.iter().filter(|&&u| u).count() >= SHARDS / 2,
-            "{used:?}"
-        );
     }
 }

@@ -10,14 +10,17 @@ compile_error!("mmapvec needs a unix system (mmap); see the README's platform ta
 pub use allocator_api2;
 
 mod allocator;
+mod builder;
 mod creator;
 mod fork;
 mod release;
 mod segment;
 mod stats;
 mod sys;
+mod table;
 
-pub use allocator::{Builder, MmapAllocator};
+pub use allocator::MmapAllocator;
+pub use builder::Builder;
 pub use creator::{DirCreator, SegmentCreator, SegmentFile, SegmentRequest};
 pub use segment::{AccessPattern, GrowStrategy};
 pub use stats::{FailureCause, Failures, Stats};

@@ -15,6 +15,7 @@ use crate::builder::{Builder, Settings};
 use crate::creator::{DirCreator, SegmentCreator, SegmentRequest};
 use crate::fork;
 use crate::release;
+use crate::reuse::ReuseCache;
 use crate::segment::{self, Resized, Segment};
 use crate::stats::{Counters, FailureCause, Stats};
 use crate::sys;
@@ -54,6 +55,8 @@ struct Inner {
     /// The creator again when it is the crate's own, whose lock the fork handlers take too.
     dir_creator: Option<Arc<DirCreator>>,
     settings: Settings,
+    /// Freed segments kept for reuse.
+    cache: ReuseCache,
     counters: Counters,
     last_error: Mutex<Option<io::Error>>,
 }
@@ -149,6 +152,7 @@ impl MmapAllocator {
             table: SegmentTable::new(),
             creator,
             dir_creator,
+            cache: ReuseCache::new(settings.reuse_bytes),
             settings,
             counters: Counters::default(),
             last_error: Mutex::new(None),
@@ -180,7 +184,10 @@ impl MmapAllocator {
     /// # drop(v);
     /// ```
     pub fn stats(&self) -> Stats {
-        self.inner.counters.snapshot()
+        let mut stats = self.inner.counters.snapshot();
+        let (kept, kept_bytes) = self.inner.cache.kept();
+        (stats.kept_segments, stats.kept_bytes) = (kept as u64, kept_bytes as u64);
+        stats
     }
 
     /// Takes the error behind the most recent failed allocation, grow or shrink of this
@@ -218,6 +225,9 @@ impl Drop for Inner {
     fn drop(&mut self) {
         // First, while every field is alive: a fork in progress may be holding our locks.
         fork::unregister(&*self);
+        let mut kept = Vec::new();
+        self.cache.drain(&mut kept);
+        drop(kept);
     }
 }
 
@@ -226,6 +236,8 @@ impl fork::ForkLocks for Inner {
         // The order of the allocator's own use: a table shard or the creator's state (taken
         // while creating a segment, never under a shard), then the last error.
         self.table.lock_for_fork(held);
+        let cache: &'static ReuseCache = &self.cache;
+        cache.lock_for_fork(held);
         if let Some(creator) = &self.dir_creator {
             let creator: &'static DirCreator = creator;
             creator.lock_for_fork(held);
@@ -269,9 +281,24 @@ impl Inner {
         segment::held_descriptors() < budget
     }
 
-    fn new_segment(&self, size: usize, align: usize) -> Result<Segment, Failure> {
+    /// A segment for `size` bytes aligned to `align`: a kept one if one fits (see `reuse`),
+    /// else a new one. It reads as zeros if `zeroed` (a new file does by itself).
+    fn new_segment(&self, size: usize, align: usize, zeroed: bool) -> Result<Segment, Failure> {
         let len = self.mapped_len(size)?;
         let align = self.segment_align(align, len);
+        let mut expired = Vec::new();
+        let reused = self.cache.take(len, align, zeroed, &mut expired);
+        expired.into_iter().for_each(|s| self.release_now(s));
+        if let Some(segment) = reused {
+            let c = &self.counters;
+            Counters::add(&c.reused, 1);
+            Counters::add(&c.live_segments, 1);
+            Counters::add(&c.mapped_bytes, segment.len() as u64);
+            if !segment.holds_descriptor() {
+                Counters::add(&c.named_segments, 1);
+            }
+            return Ok(segment);
+        }
         let hold = self.may_hold_descriptor();
         let request = SegmentRequest {
             len,
@@ -299,8 +326,18 @@ impl Inner {
         }
     }
 
-    /// Unmaps a freed segment and closes or removes its file, here or on the release thread.
+    /// Keeps a freed segment for reuse, or releases it (see [`Inner::release_now`]).
     fn release(&self, segment: Segment) {
+        let mut expired = Vec::new();
+        let refused = self.cache.put(segment, &mut expired);
+        expired
+            .into_iter()
+            .chain(refused)
+            .for_each(|s| self.release_now(s));
+    }
+
+    /// Unmaps a freed segment and closes or removes its file, here or on the release thread.
+    fn release_now(&self, segment: Segment) {
         if self.settings.background_release {
             release::release_in_background(segment);
         } else {
@@ -332,9 +369,8 @@ impl Inner {
             Counters::add(&self.counters.heap_allocations, 1);
             return Ok(block);
         }
-        // A fresh segment reads as zeros: `zeroed` needs no work here.
         let segment = self
-            .new_segment(layout.size(), layout.align())
+            .new_segment(layout.size(), layout.align(), zeroed)
             .map_err(|f| self.record(f))?;
         let block = block(&segment);
         self.table.insert(segment);
@@ -378,7 +414,7 @@ impl Inner {
             return unsafe { self.grow_heap_block(ptr, old, new, zeroed) };
         };
         if segment.is_inherited() {
-            return self.move_inherited(segment, old, new);
+            return self.move_inherited(segment, old, new, zeroed);
         }
         let old_len = segment.len();
         // Never make the mapping smaller while growing: the block may be larger than `new` (a
@@ -437,7 +473,7 @@ impl Inner {
         }
         // SAFETY: `ptr` is valid for `old.size()` reads (contract), and `old.size() <=
         // new.size()` (grow).
-        let segment = unsafe { self.copy_into_new_segment(ptr, old.size(), new) }
+        let segment = unsafe { self.copy_into_new_segment(ptr, old.size(), new, zeroed) }
             .map_err(|f| self.record(f))?;
         // SAFETY: the heap block is currently allocated by Global with layout `old`.
         unsafe { Global.deallocate(ptr, old) };
@@ -449,7 +485,7 @@ impl Inner {
     }
 
     /// A new segment for `new` holding a copy of the `keep` bytes at `src`; the rest reads as
-    /// zeros (a fresh file). The one path that copies bytes (see `Stats::grows_copied`).
+    /// zeros if `zeroed`. The one path that copies bytes (see `Stats::grows_copied`).
     ///
     /// # Safety
     /// `src` must be valid for `keep` reads, and `keep <= new.size()`.
@@ -458,9 +494,10 @@ impl Inner {
         src: NonNull<u8>,
         keep: usize,
         new: Layout,
+        zeroed: bool,
     ) -> Result<Segment, Failure> {
         debug_assert!(keep <= new.size());
-        let segment = self.new_segment(new.size(), new.align())?;
+        let segment = self.new_segment(new.size(), new.align(), zeroed)?;
         // SAFETY: `src` is valid for `keep` reads (caller); the segment is a distinct, fresh
         // mapping of at least `new.size() >= keep` bytes, so the ranges cannot overlap.
         unsafe { ptr::copy_nonoverlapping(src.as_ptr(), segment.ptr().as_ptr(), keep) };
@@ -476,10 +513,12 @@ impl Inner {
         inherited: Segment,
         keep: Layout,
         new: Layout,
+        zeroed: bool,
     ) -> Result<NonNull<[u8]>, AllocError> {
         // SAFETY: the inherited view is mapped for `inherited.len() >= keep.size()` bytes (the
         // old block fits it), and callers pass `keep.size() <= new.size()`.
-        let copied = unsafe { self.copy_into_new_segment(inherited.ptr(), keep.size(), new) };
+        let copied =
+            unsafe { self.copy_into_new_segment(inherited.ptr(), keep.size(), new, zeroed) };
         let segment = match copied {
             Ok(segment) => segment,
             Err(failure) => {
@@ -520,7 +559,7 @@ impl Inner {
         if segment.is_inherited() {
             // The child's vector gets a block of its own, as for a grow: keeping the shared
             // block would let the child's writes after the shrink land in the parent's data.
-            return self.move_inherited(segment, new, new);
+            return self.move_inherited(segment, new, new, false);
         }
         if segment.may_be_shared() {
             // A child made since may map the whole file: it is never made shorter (the child
@@ -530,7 +569,7 @@ impl Inner {
                 self.table.insert(segment);
                 return Ok(block);
             }
-            return self.move_inherited(segment, new, new);
+            return self.move_inherited(segment, new, new, false);
         }
         let old_len = segment.len();
         let (segment, _) = match self.resize(segment, new) {

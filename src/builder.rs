@@ -29,6 +29,9 @@ pub struct Builder {
     allow_ram_backed: bool,
 }
 
+/// The default bound on freed segments kept for reuse.
+const DEFAULT_REUSE_BYTES: usize = 256 << 20;
+
 /// What a built allocator keeps of its builder.
 #[derive(Clone, Copy, Debug)]
 pub(crate) struct Settings {
@@ -36,6 +39,7 @@ pub(crate) struct Settings {
     pub(crate) heap_threshold: usize,
     pub(crate) descriptor_budget: Option<usize>,
     pub(crate) background_release: bool,
+    pub(crate) reuse_bytes: usize,
 }
 
 impl Default for Builder {
@@ -67,6 +71,7 @@ impl Builder {
                 heap_threshold: 0,
                 descriptor_budget: None,
                 background_release: false,
+                reuse_bytes: DEFAULT_REUSE_BYTES,
             },
             allow_ram_backed: true,
         }
@@ -237,6 +242,28 @@ impl Builder {
     /// ```
     pub fn release_in_background(mut self, background: bool) -> Self {
         self.settings.background_release = background;
+        self
+    }
+
+    /// How many bytes of freed segments the allocator keeps, mapped, to hand to the next
+    /// large allocation that fits instead of making a new file. Default 256 MiB; `0` turns
+    /// reuse off (every large allocation gets a new file, every free releases at once).
+    ///
+    /// A kept segment is released after about a second without use (at the allocator's next
+    /// allocation or free), and a segment larger than half the bound is never kept. A kept
+    /// segment holds its disk blocks and page-cache pages; freed data is never written back to
+    /// disk for it (released files are unlinked scratch). See `src/reuse.rs` for the rules.
+    ///
+    /// ```
+    /// # fn main() -> std::io::Result<()> {
+    /// let alloc = mmapvec::MmapAllocator::builder().reuse_bytes(0).build()?;
+    /// let v = mmapvec::mmap_vec![in alloc.clone(); 0u8; 1 << 20];
+    /// drop(v);
+    /// assert_eq!(alloc.stats().kept_bytes, 0);
+    /// # Ok(()) }
+    /// ```
+    pub fn reuse_bytes(mut self, bytes: usize) -> Self {
+        self.settings.reuse_bytes = bytes;
         self
     }
 

@@ -14,6 +14,7 @@ mod builder;
 mod creator;
 mod fork;
 mod release;
+mod reuse;
 mod segment;
 mod stats;
 mod sys;

@@ -273,6 +273,12 @@ impl Segment {
         self.epoch != fork::epoch()
     }
 
+    /// Marks the segment as handed out afresh in this epoch: taken from the reuse cache, which
+    /// never keeps a segment that was live at a fork.
+    pub(crate) fn restamp(&mut self) {
+        self.epoch = fork::epoch();
+    }
+
     /// Whether the segment holds its file's descriptor (else the file keeps its name).
     pub(crate) fn holds_descriptor(&self) -> bool {
         matches!(self.backing, Backing::Held(_))

@@ -173,6 +173,14 @@ pub struct Stats {
     pub shrinks: u64,
     /// Live allocations served by the heap (below the heap threshold).
     pub heap_allocations: u64,
+    /// Segments handed out again from the freed ones kept for reuse, instead of a new file.
+    pub segments_reused: u64,
+    /// Freed segments kept for reuse now: each still holds its mapping and descriptor (see
+    /// [`Builder::reuse_bytes`](crate::Builder::reuse_bytes)).
+    pub kept_segments: u64,
+    /// Bytes of freed segments kept for reuse now (see
+    /// [`Builder::reuse_bytes`](crate::Builder::reuse_bytes)).
+    pub kept_bytes: u64,
     /// Failed allocations, grows and shrinks, by cause.
     pub failures: Failures,
 }
@@ -189,6 +197,7 @@ pub(crate) struct Counters {
     pub(crate) grows_copied: AtomicU64,
     pub(crate) shrinks: AtomicU64,
     pub(crate) heap_allocations: AtomicU64,
+    pub(crate) reused: AtomicU64,
     failures: [AtomicU64; 7],
 }
 
@@ -230,6 +239,9 @@ impl Counters {
             grows_copied: get(&self.grows_copied),
             shrinks: get(&self.shrinks),
             heap_allocations: get(&self.heap_allocations),
+            segments_reused: get(&self.reused),
+            kept_segments: 0,
+            kept_bytes: 0,
             failures: Failures {
                 disk_full: failed(FailureCause::DiskFull),
                 too_many_files: failed(FailureCause::TooManyFiles),

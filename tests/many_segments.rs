@@ -76,9 +76,12 @@ fn many_vectors(lower_hard_limit: bool) {
     // so dropping 5000 such segments takes 12 s or more. Descriptors are the subject here;
     // block reservation is tested elsewhere.
     let reserve = std::env::var_os("MMAPVEC_MANY_SEGMENTS_RESERVE").is_some();
+    // No reuse: the test counts what each free gives back at once (`tests/reuse.rs` covers
+    // the kept segments).
     let alloc = MmapAllocator::builder()
         .dir(dir.path())
         .reserve_disk(reserve)
+        .reuse_bytes(0)
         .build()
         .expect("build");
     let folder = dir.segment_folder();

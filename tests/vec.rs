@@ -238,7 +238,7 @@ fn elements_larger_and_more_aligned_than_a_page() {
 #[test]
 fn one_segment_per_vector() {
     let dir = TestDir::new("one-per-vector");
-    let alloc = dir.allocator();
+    let alloc = dir.allocator_without_reuse();
     let folder = dir.segment_folder();
     let vectors: Vec<MmapVec<u64>> = (0..10u64)
         .map(|i| {
@@ -272,7 +272,7 @@ fn one_segment_per_vector() {
 #[test]
 fn segment_file_is_a_uuid_in_the_folder_and_goes_away() {
     let dir = TestDir::new("maps");
-    let alloc = dir.allocator();
+    let alloc = dir.allocator_without_reuse();
     let folder = dir.segment_folder();
     assert_eq!(folder, dir.path().join(format!("mmapvec-{}", euid())));
 
@@ -316,7 +316,7 @@ fn segment_file_is_a_uuid_in_the_folder_and_goes_away() {
 #[test]
 fn segment_names_are_unique() {
     let dir = TestDir::new("unique");
-    let alloc = dir.allocator();
+    let alloc = dir.allocator_without_reuse();
     let folder = dir.segment_folder();
     let mut seen = HashSet::new();
     for round in 0..3 {
@@ -486,7 +486,7 @@ fn counting_allocator(
         made: Arc::clone(&made),
         anonymous,
     };
-    let mut builder = MmapAllocator::builder().creator(creator);
+    let mut builder = MmapAllocator::builder().creator(creator).reuse_bytes(0);
     if let Some(budget) = budget {
         builder = builder.descriptor_budget(budget);
     }

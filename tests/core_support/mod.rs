@@ -57,6 +57,16 @@ impl TestDir {
             .expect("build allocator")
     }
 
+    /// An allocator in the directory that keeps no freed segment for reuse, for tests that
+    /// check what each free gives back at once.
+    pub fn allocator_without_reuse(&self) -> MmapAllocator {
+        MmapAllocator::builder()
+            .dir(&self.path)
+            .reuse_bytes(0)
+            .build()
+            .expect("build allocator")
+    }
+
     /// Regular files anywhere below the directory.
     pub fn files(&self) -> Vec<PathBuf> {
         files_under(&self.path)

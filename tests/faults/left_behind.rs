@@ -149,6 +149,7 @@ fn sigkill_leaves_nothing_behind_and_live_files_are_kept() {
     // The next allocator in this directory removes the dead session, not the live one.
     let next = MmapAllocator::builder()
         .dir(dir.path())
+        .reuse_bytes(0)
         .build()
         .expect("build the next one");
     assert_eq!(sessions(&folder), vec![live_session.clone()]);
@@ -183,6 +184,7 @@ fn old_loose_files_are_removed_and_fresh_ones_kept() {
     drop(
         MmapAllocator::builder()
             .dir(dir.path())
+            .reuse_bytes(0)
             .build()
             .expect("first build"),
     );
@@ -204,6 +206,7 @@ fn old_loose_files_are_removed_and_fresh_ones_kept() {
     }
     let _next = MmapAllocator::builder()
         .dir(dir.path())
+        .reuse_bytes(0)
         .build()
         .expect("second build");
     assert!(!old.exists(), "an old loose segment file was kept");
@@ -290,19 +293,26 @@ fn ten_thousand_cycles_on_four_threads_leak_nothing() {
     };
     let before = count();
     let allocators = [
-        MmapAllocator::builder().dir(dir.path()).build().unwrap(),
         MmapAllocator::builder()
             .dir(dir.path())
+            .reuse_bytes(0)
+            .build()
+            .unwrap(),
+        MmapAllocator::builder()
+            .dir(dir.path())
+            .reuse_bytes(0)
             .descriptor_budget(0)
             .build()
             .unwrap(),
         MmapAllocator::builder()
             .dir(dir.path())
+            .reuse_bytes(0)
             .grow_strategy(GrowStrategy::MapAgain)
             .build()
             .unwrap(),
         MmapAllocator::builder()
             .dir(dir.path())
+            .reuse_bytes(0)
             .heap_threshold(16 << 10)
             .build()
             .unwrap(),

@@ -21,6 +21,7 @@ fn five_thousand_vectors_under_1024_descriptors() {
     let descriptors_at_start = open_descriptors();
     let alloc = MmapAllocator::builder()
         .dir(dir.path())
+        .reuse_bytes(0)
         .build()
         .expect("build");
     // The allocator holds its checked segment folder open (one descriptor).
@@ -78,6 +79,7 @@ fn descriptor_budget_above_the_limit_fails_with_too_many_files() {
     // A budget the process cannot afford: every segment holds its descriptor until EMFILE.
     let alloc = MmapAllocator::builder()
         .dir(dir.path())
+        .reuse_bytes(0)
         .descriptor_budget(usize::MAX)
         .build()
         .expect("build");
@@ -135,6 +137,7 @@ fn past_max_map_count_is_an_error_and_leaks_nothing() {
     // this test is about.
     let alloc = MmapAllocator::builder()
         .dir(dir.path())
+        .reuse_bytes(0)
         .reserve_disk(false)
         .build()
         .expect("build");

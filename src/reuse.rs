@@ -1,0 +1,218 @@
+//! The large tier's reuse of freed segments.
+//!
+//! A create / fill / drop loop over large vectors or hash tables would otherwise create a file,
+//! reserve its blocks, fault in fresh page-cache pages and give the blocks back (on ext4 with
+//! `discard`, a wait for the device) at every turn. Freed segments are kept instead, mapped and
+//! with their pages, and handed to the next large request they fit, the way jemalloc keeps
+//! dirty pages:
+//!
+//! * **Bounded** in bytes ([`Builder::reuse_bytes`](crate::Builder::reuse_bytes), 0 turns reuse
+//!   off) and in number (32: each holds a mapping and a descriptor); a segment larger than half
+//!   the bound is never kept, nor one that keeps its file name (past the descriptor budget).
+//!   Past the bounds the oldest go.
+//! * **Decaying**: a segment kept longer than [`DECAY`] is released at the next allocation or
+//!   free of the allocator (there is no timer thread), so a burst does not hold disk and page
+//!   cache for long, and freed data is released before writeback would write it to disk.
+//! * **Fit**: the smallest kept segment at least as long as asked, aligned as asked, and not
+//!   much longer (at most 4 times, or 8 MiB more), so a small long-lived block never pins a
+//!   large file. A larger block than asked is what the `Allocator` contract allows.
+//! * **Zeroed** requests take only a segment at most twice as long as asked, and zero it by
+//!   hand (fresh segments are zero for free).
+//! * **fork**: a segment that was live at a fork is never kept (a child may still map it and
+//!   read its inherited data there); a child drops the kept segments it inherited without
+//!   using them (the parent may reuse them).
+
+use std::any::Any;
+use std::collections::BTreeMap;
+use std::sync::{Mutex, MutexGuard};
+use std::time::{Duration, Instant};
+
+use crate::fork;
+use crate::segment::Segment;
+
+/// How long a freed segment is kept for reuse at most.
+pub(crate) const DECAY: Duration = Duration::from_secs(1);
+
+/// How many segments are kept at most: each holds a mapping (`vm.max_map_count`) and a
+/// descriptor (counted against the descriptor budget).
+const MAX_KEPT: usize = 32;
+
+/// How much longer than asked a reused segment may be: 4 times, or this many bytes more.
+const SLACK: usize = 8 << 20;
+
+/// Freed segments kept for reuse.
+pub(crate) struct ReuseCache {
+    max_bytes: usize,
+    state: Mutex<State>,
+}
+
+struct State {
+    /// The fork generation the kept segments belong to (see the module doc).
+    generation: u64,
+    bytes: usize,
+    /// By (length, arrival number): best fit is the first at or after the asked length.
+    kept: BTreeMap<(usize, u64), Kept>,
+    arrivals: u64,
+}
+
+struct Kept {
+    since: Instant,
+    segment: Segment,
+}
+
+impl ReuseCache {
+    /// A cache holding at most `max_bytes` of freed segments (0: none).
+    pub(crate) fn new(max_bytes: usize) -> ReuseCache {
+        ReuseCache {
+            max_bytes,
+            state: Mutex::new(State {
+                generation: fork::generation(),
+                bytes: 0,
+                kept: BTreeMap::new(),
+                arrivals: 0,
+            }),
+        }
+    }
+
+    fn state(&self) -> MutexGuard<'_, State> {
+        // No change leaves the map and the byte count out of step across a panic point (the
+        // segment drops, which could unwind, happen outside the lock): a poisoned lock is fine.
+        let mut state = self.state.lock().unwrap_or_else(|e| e.into_inner());
+        if state.generation != fork::generation() {
+            // Inherited through fork: the parent's to reuse, not ours. Forgotten, not dropped:
+            // dropping only unmaps our views, but is not worth the time in a fresh child.
+            state.generation = fork::generation();
+            state.bytes = 0;
+            std::mem::forget(std::mem::take(&mut state.kept));
+        }
+        state
+    }
+
+    /// Locks the cache for a `fork` (see `fork::ForkLocks`).
+    pub(crate) fn lock_for_fork(&'static self, held: &mut Vec<Box<dyn Any>>) {
+        held.push(Box::new(
+            self.state.lock().unwrap_or_else(|e| e.into_inner()),
+        ));
+    }
+
+    /// Segments and bytes kept now.
+    pub(crate) fn kept(&self) -> (usize, usize) {
+        if self.max_bytes == 0 {
+            return (0, 0);
+        }
+        let state = self.state();
+        (state.kept.len(), state.bytes)
+    }
+
+    /// A kept segment for `len` bytes (page-rounded) at an address aligned to `align`, taken
+    /// out of the cache; zeroed first if asked. Segments that decayed are moved to `expired`
+    /// for the caller to release (outside the lock).
+    pub(crate) fn take(
+        &self,
+        len: usize,
+        align: usize,
+        zeroed: bool,
+        expired: &mut Vec<Segment>,
+    ) -> Option<Segment> {
+        if self.max_bytes == 0 {
+            return None;
+        }
+        let longest = if zeroed {
+            len.saturating_mul(2)
+        } else {
+            len.saturating_mul(4).max(len.saturating_add(SLACK))
+        };
+        let mut state = self.state();
+        state.expire(Instant::now(), expired);
+        let key = state
+            .kept
+            .range((len, 0)..(longest.saturating_add(1), 0))
+            .find(|(_, kept)| kept.segment.ptr().as_ptr().addr().is_multiple_of(align))
+            .map(|(&key, _)| key)?;
+        let kept = state.kept.remove(&key)?;
+        state.bytes -= kept.segment.len();
+        drop(state);
+        let mut segment = kept.segment;
+        segment.restamp();
+        if zeroed {
+            // SAFETY: the segment is ours alone again (out of the cache, not handed out yet):
+            // its whole mapping is writable and nothing else refers to it.
+            unsafe { segment.ptr().as_ptr().write_bytes(0, segment.len()) };
+        }
+        Some(segment)
+    }
+
+    /// Keeps a freed segment for reuse, or gives it back (`Some`) when it cannot be kept.
+    /// Segments pushed out (past the bound, or decayed) go to `expired`.
+    pub(crate) fn put(&self, segment: Segment, expired: &mut Vec<Segment>) -> Option<Segment> {
+        let len = segment.len();
+        // Only segments that hold their descriptor: a named one could have had its file
+        // replaced (its next grow would fail), and it holds no descriptor to save anyway.
+        if len > self.max_bytes / 2
+            || !segment.holds_descriptor()
+            || segment.may_be_shared()
+            || segment.is_inherited()
+        {
+            return Some(segment);
+        }
+        let mut state = self.state();
+        let now = Instant::now();
+        state.expire(now, expired);
+        while state.bytes + len > self.max_bytes || state.kept.len() >= MAX_KEPT {
+            let Some(oldest) = state.oldest() else { break };
+            if let Some(kept) = state.kept.remove(&oldest) {
+                state.bytes -= kept.segment.len();
+                expired.push(kept.segment);
+            }
+        }
+        state.arrivals += 1;
+        let key = (len, state.arrivals);
+        state.bytes += len;
+        state.kept.insert(
+            key,
+            Kept {
+                since: now,
+                segment,
+            },
+        );
+        None
+    }
+
+    /// Every kept segment, for the allocator's drop.
+    pub(crate) fn drain(&self, out: &mut Vec<Segment>) {
+        let mut state = self.state();
+        state.bytes = 0;
+        out.extend(
+            std::mem::take(&mut state.kept)
+                .into_values()
+                .map(|k| k.segment),
+        );
+    }
+}
+
+impl State {
+    fn expire(&mut self, now: Instant, expired: &mut Vec<Segment>) {
+        if self.kept.is_empty() {
+            return;
+        }
+        let old: Vec<(usize, u64)> = self
+            .kept
+            .iter()
+            .filter(|(_, k)| now.duration_since(k.since) > DECAY)
+            .map(|(&key, _)| key)
+            .collect();
+        for key in old {
+            if let Some(kept) = self.kept.remove(&key) {
+                self.bytes -= kept.segment.len();
+                expired.push(kept.segment);
+            }
+        }
+    }
+
+    fn oldest(&self) -> Option<(usize, u64)> {
+        self.kept
+            .iter()
+            .min_by_key(|(key, _)| key.1)
+            .map(|(&key, _)| key)
+    }
+}

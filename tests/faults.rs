@@ -20,6 +20,8 @@ mod support;
 mod bad_config;
 #[path = "faults/disk_full.rs"]
 mod disk_full;
+#[path = "faults/fork_and_paths.rs"]
+mod fork_and_paths;
 #[path = "faults/left_behind.rs"]
 mod left_behind;
 #[path = "faults/no_one_let_in.rs"]

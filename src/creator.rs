@@ -6,7 +6,7 @@ use std::fs::{self, DirBuilder, File, OpenOptions};
 use std::io;
 use std::os::unix::fs::{DirBuilderExt, MetadataExt, OpenOptionsExt, PermissionsExt};
 use std::path::{Path, PathBuf};
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::sync::{Arc, Mutex, MutexGuard, Weak};
 use std::time::{Duration, SystemTime};
 
 use crate::fork;
@@ -302,7 +302,10 @@ pub struct DirCreator {
 #[derive(Default)]
 struct State {
     folder: Option<Arc<Folder>>,
-    session: Option<Arc<HeldDir>>,
+    /// Held by the named segments in it, not here: the folder goes when its last segment does
+    /// (so a fork child that exits without running destructors leaves no empty folder, and
+    /// neither does an allocator dropped while a freed segment waits for the release thread).
+    session: Weak<HeldDir>,
 }
 
 struct Folder {
@@ -433,16 +436,16 @@ impl DirCreator {
     /// `fork`, or the previous one was removed).
     fn session(&self, folder: &Arc<Folder>) -> io::Result<Arc<HeldDir>> {
         let mut state = self.state();
-        if let Some(session) = &state.session
+        if let Some(session) = state.session.upgrade()
             && session
                 .session
                 .as_ref()
                 .is_some_and(|s| s.2 == fork::generation())
         {
-            return Ok(session.clone());
+            return Ok(session);
         }
         let session = Arc::new(new_session(&folder.dir)?);
-        state.session = Some(session.clone());
+        state.session = Arc::downgrade(&session);
         Ok(session)
     }
 
@@ -450,7 +453,7 @@ impl DirCreator {
     /// in them: the next attempt prepares them again.
     fn forget_removed(&self, folder: &Arc<Folder>) {
         let mut state = self.state();
-        state.session = None;
+        state.session = Weak::new();
         let removed = sys::identity_at(&folder.dir.handle, OsStr::new("."))
             .ok()
             .zip(fs::symlink_metadata(&folder.dir.path).ok())

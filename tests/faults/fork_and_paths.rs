@@ -31,8 +31,11 @@ const MILLION_SUM: u64 = MILLION * (MILLION - 1) / 2;
 /// or the name kept and reopened to resize (`Some(0)`: no descriptor budget).
 const BACKINGS: [(&str, Option<usize>); 2] = [("held", None), ("named", Some(0))];
 
+/// An allocator in `dir` with that descriptor budget. Freed segments are not kept for reuse:
+/// these tests watch files, folders and mappings come and go with each allocation
+/// (`tests/reuse.rs` covers reuse across a fork).
 fn builder(dir: &Path, budget: Option<usize>) -> mmapvec::Builder {
-    let builder = MmapAllocator::builder().dir(dir);
+    let builder = MmapAllocator::builder().dir(dir).reuse_bytes(0);
     match budget {
         Some(budget) => builder.descriptor_budget(budget),
         None => builder,
@@ -521,6 +524,7 @@ fn background_release_runs_in_a_fork_child() {
     let alloc = MmapAllocator::builder()
         .dir(dir.path())
         .release_in_background(true)
+        .reuse_bytes(0)
         .build()
         .unwrap();
     drop(mmap_vec![in alloc.clone(); 1u8; 100_000]);
@@ -557,6 +561,7 @@ fn background_release_runs_in_a_fork_child() {
     let alloc = MmapAllocator::builder()
         .dir(dir.path())
         .release_in_background(true)
+        .reuse_bytes(0)
         .descriptor_budget(0)
         .build()
         .unwrap();
@@ -764,6 +769,7 @@ fn no_session_folder_left_after_background_release() {
     let alloc = MmapAllocator::builder()
         .dir(dir.path())
         .release_in_background(true)
+        .reuse_bytes(0)
         .descriptor_budget(0)
         .build()
         .unwrap();

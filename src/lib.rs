@@ -10,6 +10,7 @@ compile_error!("mmapvec needs a unix system (mmap); see the README's platform ta
 pub use allocator_api2;
 
 mod allocator;
+mod arena;
 mod creator;
 #[cfg(target_os = "linux")]
 mod fork_guard;

@@ -94,9 +94,9 @@ impl ChunkMeta {
     }
 
     /// Maps a new chunk file at `at` (a `CHUNK`-aligned, `CHUNK`-long part of the tier's
-    /// reservation) and marks this chunk mapped. On error `[at, at + CHUNK)` is a reservation
-    /// again and no file is left behind, except a non-empty file from a custom creator, which is
-    /// never removed.
+    /// reservation) and marks this chunk mapped. On error no file is left behind (except a
+    /// non-empty file from a custom creator, which is never removed) and `[at, at + CHUNK)` is a
+    /// reservation again, unless [`MapFailure::range_kept`] says otherwise.
     ///
     /// # Safety
     /// `[at, at + CHUNK)` must be a reservation of the caller's that nothing refers to.
@@ -106,7 +106,7 @@ impl ChunkMeta {
         creator: &dyn SegmentCreator,
         reserve_disk: bool,
         dont_fork: bool,
-    ) -> io::Result<()> {
+    ) -> Result<(), MapFailure> {
         debug_assert!(!self.is_mapped());
         let segment = creator.create(&SegmentRequest::new(CHUNK, false))?;
         // Before anything removes a name: a custom creator's file with data in it is the
@@ -115,12 +115,13 @@ impl ChunkMeta {
             return Err(io::Error::new(
                 io::ErrorKind::InvalidInput,
                 "the segment creator returned a file that is not empty",
-            ));
+            )
+            .into());
         }
         if let Some(path) = &segment.path {
             // NotFound: a clean-up took the name already (see `DirCreator`); the file is ours.
             match std::fs::remove_file(path) {
-                Err(e) if e.kind() != io::ErrorKind::NotFound => return Err(e),
+                Err(e) if e.kind() != io::ErrorKind::NotFound => return Err(e.into()),
                 _ => {}
             }
         }
@@ -129,15 +130,20 @@ impl ChunkMeta {
         } else {
             segment.file.set_len(CHUNK as u64)?;
         }
+        // A failed MAP_FIXED may have unmapped the target range already (Linux does so before
+        // it can fail): the range is no longer known to be ours.
         // SAFETY: the caller gives us the reservation `[at, at + CHUNK)`, which nothing refers
         // to; the file is CHUNK bytes long, so every mapped page has a backing.
-        unsafe { sys::map_file_fixed(at, &segment.file, CHUNK)? };
+        unsafe { sys::map_file_fixed(at, &segment.file, CHUNK) }.map_err(MapFailure::range_lost)?;
         // The mapping holds the file from now on; `segment` (and its descriptor) drops at the
         // end of this function.
         if dont_fork && let Err(e) = Self::keep_from_children(at) {
             // SAFETY: the view was just mapped by us and nothing refers to it yet.
-            let _ = unsafe { sys::reserve_fixed(at, CHUNK) };
-            return Err(e);
+            let range_kept = unsafe { sys::reserve_fixed(at, CHUNK) }.is_ok();
+            return Err(MapFailure {
+                error: e,
+                range_kept,
+            });
         }
         self.mapped.store(true, Ordering::Release);
         Ok(())
@@ -181,6 +187,33 @@ impl ChunkMeta {
         }
         #[cfg(not(target_os = "linux"))]
         let _ = (at, dont_fork);
+    }
+}
+
+/// Why [`ChunkMeta::map`] failed, and whether the chunk's range is still our reservation.
+#[derive(Debug)]
+pub(super) struct MapFailure {
+    pub(super) error: io::Error,
+    /// `[at, at + CHUNK)` is still a reservation of ours and may be mapped again.
+    pub(super) range_kept: bool,
+}
+
+impl From<io::Error> for MapFailure {
+    /// A failure before the range was touched.
+    fn from(error: io::Error) -> Self {
+        MapFailure {
+            error,
+            range_kept: true,
+        }
+    }
+}
+
+impl MapFailure {
+    fn range_lost(error: io::Error) -> Self {
+        MapFailure {
+            error,
+            range_kept: false,
+        }
     }
 }
 

@@ -296,12 +296,16 @@ impl SmallTier {
         loop {
             let mut shard = self.lock_shard(home);
             if let Some((index, taken)) = shard.take(class) {
+                // Counted under the lock: a free of the chunk's other blocks must not see it
+                // empty (and release it) while this block is on its way out.
+                self.meta(index).add_live();
                 drop(shard);
                 return Ok(self.hand_out(index, taken, zeroed));
             }
             if let Some(index) = self.take_retained(shard.epoch) {
                 self.meta(index).assign(class, shard.epoch, home);
                 let taken = shard.install(index, class, false);
+                self.meta(index).add_live();
                 drop(shard);
                 return Ok(self.hand_out(index, taken, zeroed));
             }
@@ -318,6 +322,7 @@ impl SmallTier {
             }
             self.meta(index).assign(class, epoch, home);
             let taken = shard.install(index, class, true);
+            self.meta(index).add_live();
             drop(shard);
             return Ok(self.hand_out(index, taken, zeroed));
         }
@@ -417,11 +422,10 @@ impl SmallTier {
         self.spare.lock().unwrap_or_else(|e| e.into_inner())
     }
 
-    /// The block `taken` of chunk `index`, counted, zeroed if asked.
+    /// The block `taken` of chunk `index` (already counted live under the shard lock), zeroed
+    /// if asked.
     fn hand_out(&self, index: u32, taken: Taken, zeroed: bool) -> NonNull<[u8]> {
-        let meta = self.meta(index);
-        meta.add_live();
-        let block_size = meta.block_size();
+        let block_size = self.meta(index).block_size();
         self.counters
             .in_use_bytes
             .fetch_add(block_size as u64, Ordering::Relaxed);
@@ -518,9 +522,13 @@ impl SmallTier {
                 cfg.dont_fork,
             )
         };
-        if let Err(e) = mapped {
-            self.lock_spare().free.push(index);
-            return Err(e);
+        if let Err(failure) = mapped {
+            // An index whose reservation may be gone is never used again: MAP_FIXED there
+            // could replace someone else's mapping.
+            if failure.range_kept {
+                self.lock_spare().free.push(index);
+            }
+            return Err(failure.error);
         }
         self.counters
             .arena_bytes

@@ -50,8 +50,8 @@
 
 mod chunk;
 mod class;
+mod shard;
 
-use std::collections::HashMap;
 use std::fmt;
 use std::io;
 use std::ptr::NonNull;
@@ -64,7 +64,8 @@ use crate::creator::SegmentCreator;
 use crate::segment;
 use crate::sys;
 
-use chunk::{Blocks, ChunkMeta, Taken};
+use chunk::{ChunkMeta, Taken};
+use shard::Shard;
 
 /// The size and alignment of a chunk.
 pub(crate) const CHUNK: usize = 4 << 20;
@@ -162,82 +163,6 @@ struct Spare {
     free: Vec<u32>,
     /// Chunks with no live block, still mapped (at most `retain_empty`).
     empty: Vec<u32>,
-}
-
-/// The chunks one shard hands blocks out of. Private memory, only touched under its mutex.
-#[derive(Debug)]
-struct Shard {
-    /// The epoch the lists belong to; a newer one empties them (see the module docs).
-    epoch: u64,
-    /// Per class: the chunk being filled, and chunks with free blocks (may hold stale entries,
-    /// checked against `chunks` when popped).
-    classes: Vec<ClassLists>,
-    /// Block bitmaps of the open chunks this shard owns.
-    chunks: HashMap<u32, Blocks>,
-}
-
-#[derive(Debug, Default, Clone)]
-struct ClassLists {
-    current: Option<u32>,
-    partial: Vec<u32>,
-}
-
-impl Shard {
-    fn new() -> Self {
-        Shard {
-            epoch: 0,
-            classes: vec![ClassLists::default(); class::COUNT],
-            chunks: HashMap::new(),
-        }
-    }
-
-    /// Moves to a newer epoch: every chunk of the old one is closed (freed by count only).
-    fn enter(&mut self, epoch: u64) {
-        if epoch > self.epoch {
-            self.epoch = epoch;
-            self.chunks.clear();
-            self.classes
-                .iter_mut()
-                .for_each(|c| *c = ClassLists::default());
-        }
-    }
-
-    /// A block of class `class` from the chunks already here.
-    fn take(&mut self, class: usize) -> Option<(u32, Taken)> {
-        let lists = &mut self.classes[class];
-        if let Some(index) = lists.current
-            && let Some(blocks) = self.chunks.get_mut(&index)
-            && let Some(taken) = blocks.take()
-        {
-            return Some((index, taken));
-        }
-        while let Some(index) = lists.partial.pop() {
-            let Some(blocks) = self.chunks.get_mut(&index) else {
-                continue; // emptied and gone since it was listed
-            };
-            if blocks.class() != class || !blocks.listed {
-                continue; // a stale entry: the index has been reused since
-            }
-            blocks.listed = false;
-            if let Some(taken) = blocks.take() {
-                lists.current = Some(index);
-                return Some((index, taken));
-            }
-        }
-        None
-    }
-
-    /// Makes chunk `index` (no live block, held by the caller) this shard's current chunk for
-    /// `class`, and takes its first block.
-    fn install(&mut self, index: u32, class: usize, fresh: bool) -> Taken {
-        let mut blocks = Blocks::new(class, fresh);
-        let taken = blocks.take().expect("a new chunk has a free block");
-        self.chunks.insert(index, blocks);
-        // The previous current chunk is full (or we would not be here); it is listed again
-        // when one of its blocks is freed.
-        self.classes[class].current = Some(index);
-        taken
-    }
 }
 
 impl SmallTier {

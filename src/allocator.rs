@@ -11,13 +11,14 @@ use std::sync::{Arc, Mutex, OnceLock};
 
 use allocator_api2::alloc::{AllocError, Allocator, Global, Layout};
 
+use crate::arena::{SmallTier, TierConfig};
 use crate::builder::{Builder, Settings};
 use crate::creator::{DirCreator, SegmentCreator, SegmentRequest};
 use crate::fork;
 use crate::release;
 use crate::reuse::ReuseCache;
 use crate::segment::{self, Resized, Segment};
-use crate::stats::{Counters, FailureCause, Stats};
+use crate::stats::{Counters, FailureCause, SmallStats, Stats};
 use crate::sys;
 use crate::table::SegmentTable;
 
@@ -57,6 +58,8 @@ struct Inner {
     settings: Settings,
     /// Freed segments kept for reuse.
     cache: ReuseCache,
+    /// Blocks up to the small threshold, carved out of shared chunk files.
+    tier: SmallTier,
     counters: Counters,
     last_error: Mutex<Option<io::Error>>,
 }
@@ -102,6 +105,10 @@ impl Failure {
 const MAX_MAPPING: usize = 1 << 47;
 #[cfg(not(target_pointer_width = "64"))]
 const MAX_MAPPING: usize = isize::MAX as usize;
+
+/// Empty chunks of the small-block tier kept mapped for the next blocks (4 MiB each); past
+/// this, an emptied chunk's file is given back at once.
+const RETAIN_EMPTY_CHUNKS: usize = 2;
 
 impl Default for MmapAllocator {
     /// The process-wide allocator: segments in `std::env::temp_dir()` (read at the first call,
@@ -153,6 +160,12 @@ impl MmapAllocator {
             creator,
             dir_creator,
             cache: ReuseCache::new(settings.reuse_bytes),
+            tier: SmallTier::new(TierConfig {
+                threshold: settings.small_threshold,
+                reserve_disk: settings.opts.reserve_disk,
+                dont_fork: settings.opts.dont_fork,
+                retain_empty: RETAIN_EMPTY_CHUNKS,
+            }),
             settings,
             counters: Counters::default(),
             last_error: Mutex::new(None),
@@ -177,16 +190,27 @@ impl MmapAllocator {
     /// A snapshot of the counters shared by this allocator and its clones.
     ///
     /// ```
-    /// let alloc = mmapvec::MmapAllocator::default();
-    /// let before = alloc.stats().creates;
-    /// let v = mmapvec::mmap_vec![in alloc.clone(); 1u8, 2, 3];
-    /// assert!(alloc.stats().creates > before);
-    /// # drop(v);
+    /// let alloc = mmapvec::MmapAllocator::builder().build().unwrap();
+    /// let small = mmapvec::mmap_vec![in alloc.clone(); 1u8, 2, 3]; // a block of a shared chunk
+    /// let large = mmapvec::mmap_vec![in alloc.clone(); 0u8; 1 << 20]; // a segment of its own
+    /// let stats = alloc.stats();
+    /// assert_eq!((stats.live_segments, stats.creates), (1, 1));
+    /// assert!(stats.small.in_use_bytes >= 3);
+    /// # drop((small, large));
     /// ```
     pub fn stats(&self) -> Stats {
         let mut stats = self.inner.counters.snapshot();
         let (kept, kept_bytes) = self.inner.cache.kept();
         (stats.kept_segments, stats.kept_bytes) = (kept as u64, kept_bytes as u64);
+        let tier = self.inner.tier.stats();
+        stats.small = SmallStats {
+            arena_bytes: tier.arena_bytes,
+            in_use_bytes: tier.in_use_bytes,
+            free_bytes: tier.free_bytes,
+            returned_bytes: tier.returned_bytes,
+            chunks_created: tier.chunks_created,
+            chunks_released: tier.chunks_released,
+        };
         stats
     }
 
@@ -232,10 +256,14 @@ impl Drop for Inner {
 }
 
 impl fork::ForkLocks for Inner {
-    fn lock_for_fork(&'static self, held: &mut Vec<Box<dyn Any>>) {
-        // The order of the allocator's own use: a table shard or the creator's state (taken
-        // while creating a segment, never under a shard), then the last error.
+    fn lock_for_fork(&'static self, held: &mut Vec<Box<dyn Any>>, epoch: u64) {
+        // The order of the allocator's own use, where one lock is ever taken under another:
+        // a tier shard, then the tier's spare chunks (both before `fork::hold`, which the fork
+        // handler takes last). The table shards, the reuse cache, the creator's state and the
+        // last error are each taken alone.
         self.table.lock_for_fork(held);
+        let tier: &'static SmallTier = &self.tier;
+        tier.lock_for_fork(held, epoch);
         let cache: &'static ReuseCache = &self.cache;
         cache.lock_for_fork(held);
         if let Some(creator) = &self.dir_creator {
@@ -369,6 +397,17 @@ impl Inner {
             Counters::add(&self.counters.heap_allocations, 1);
             return Ok(block);
         }
+        if self.tier.serves(layout) {
+            match self
+                .tier
+                .allocate(layout, zeroed, fork::epoch(), &*self.creator)
+            {
+                Ok(block) => return Ok(block),
+                // The tier's address range is full, or could not be reserved: a segment will do.
+                Err(e) if e.kind() == io::ErrorKind::OutOfMemory => {}
+                Err(e) => return Err(self.record(Failure::creator(e))),
+            }
+        }
         let segment = self
             .new_segment(layout.size(), layout.align(), zeroed)
             .map_err(|f| self.record(f))?;
@@ -395,6 +434,111 @@ impl Inner {
         }
     }
 
+    /// A new block for `new` (from whichever tier serves it) holding a copy of the `keep` bytes
+    /// at `src`; past them it reads as zeros if `zeroed`. The old block is the caller's to free.
+    ///
+    /// # Safety
+    /// `src` must be valid for `keep` reads, and `keep <= new.size()`.
+    unsafe fn copy_into_new_block(
+        &self,
+        src: NonNull<u8>,
+        keep: usize,
+        new: Layout,
+        zeroed: bool,
+    ) -> Result<NonNull<[u8]>, AllocError> {
+        debug_assert!(keep <= new.size());
+        let block = self.allocate(new, zeroed)?;
+        // SAFETY: `src` is valid for `keep` reads (caller); the new block is distinct from any
+        // block currently allocated (the old one included) and at least `new.size() >= keep`
+        // bytes long, so the ranges cannot overlap.
+        unsafe { ptr::copy_nonoverlapping(src.as_ptr(), block.cast::<u8>().as_ptr(), keep) };
+        Ok(block)
+    }
+
+    /// Moves the block of `segment` to a new block for `new`, copying its first `keep` bytes,
+    /// and gives the segment up. On failure the segment is handed back, untouched.
+    ///
+    /// The way a fork child grows or shrinks an inherited segment (whose file it must not
+    /// resize), and the way a segment shrunk small enough moves into the small-block tier.
+    fn move_segment(
+        &self,
+        segment: Segment,
+        keep: usize,
+        new: Layout,
+        zeroed: bool,
+    ) -> Result<NonNull<[u8]>, (Segment, AllocError)> {
+        // SAFETY: the segment's view is mapped for `segment.len() >= keep` bytes (the old
+        // block, or a part of it, fits it), and callers pass `keep <= new.size()`.
+        match unsafe { self.copy_into_new_block(segment.ptr(), keep, new, zeroed) } {
+            Ok(block) => {
+                self.forget(&segment);
+                self.release(segment);
+                if new.size() > keep {
+                    Counters::add(&self.counters.grows_copied, 1);
+                }
+                Ok(block)
+            }
+            Err(e) => Err((segment, e)),
+        }
+    }
+
+    /// [`Inner::move_segment`], putting the segment back in the table on failure.
+    fn move_segment_or_keep(
+        &self,
+        segment: Segment,
+        keep: usize,
+        new: Layout,
+        zeroed: bool,
+    ) -> Result<NonNull<[u8]>, AllocError> {
+        self.move_segment(segment, keep, new, zeroed)
+            .map_err(|(segment, e)| {
+                self.table.insert(segment);
+                e
+            })
+    }
+
+    /// Grows or shrinks a block of the small-block tier: in place when the new layout fits the
+    /// block (a shrink only within its size class, so `shrink_to_fit` gives memory back) and
+    /// no fork came since its chunk was made (pre-fork memory is shared with a child: never
+    /// resized in place, see `arena`); else into a new block, copying.
+    ///
+    /// # Safety
+    /// `ptr` is a block of the tier, currently allocated with `old`; the `grow`/`shrink`
+    /// contract for `new`.
+    unsafe fn resize_small(
+        &self,
+        ptr: NonNull<u8>,
+        old: Layout,
+        new: Layout,
+        zeroed: bool,
+    ) -> Result<NonNull<[u8]>, AllocError> {
+        let epoch = fork::epoch();
+        // SAFETY: `ptr` is a currently allocated block of the tier (caller).
+        let (len, current) =
+            unsafe { (self.tier.block_len(ptr), self.tier.is_current(ptr, epoch)) };
+        let same_class = || self.tier.serves(new) && self.tier.class_len(new) == Some(len);
+        let fits = new.size() <= len
+            && ptr.as_ptr().addr().is_multiple_of(new.align())
+            && (new.size() >= old.size() || same_class());
+        if fits && current {
+            if zeroed && old.size() < len {
+                // The block past the old size may hold bytes of an earlier, larger use.
+                // SAFETY: `[old.size(), len)` lies inside the block, which the caller owns.
+                unsafe { ptr.add(old.size()).write_bytes(0, len - old.size()) };
+            }
+            return Ok(NonNull::slice_from_raw_parts(ptr, len));
+        }
+        let keep = old.size().min(new.size());
+        // SAFETY: the old block is valid for `old.size() >= keep` reads; `keep <= new.size()`.
+        let block = unsafe { self.copy_into_new_block(ptr, keep, new, zeroed) }?;
+        // SAFETY: the old block is currently allocated and is not used again.
+        unsafe { self.tier.deallocate(ptr, epoch) };
+        if new.size() > old.size() {
+            Counters::add(&self.counters.grows_copied, 1);
+        }
+        Ok(block)
+    }
+
     /// # Safety
     /// The [`Allocator::grow`] contract.
     unsafe fn grow(
@@ -409,12 +553,16 @@ impl Inner {
             // The old block is a dangling pointer: nothing to keep, nothing to free.
             return self.allocate(new, zeroed);
         }
+        if self.tier.contains(ptr) {
+            // SAFETY: a block of the tier (it lies in its range), currently allocated (caller).
+            return unsafe { self.resize_small(ptr, old, new, zeroed) };
+        }
         let Some(segment) = self.table.take(ptr.as_ptr().addr()) else {
             // SAFETY: not a segment, so (contract: currently allocated by us) a heap block.
             return unsafe { self.grow_heap_block(ptr, old, new, zeroed) };
         };
         if segment.is_inherited() {
-            return self.move_inherited(segment, old, new, zeroed);
+            return self.move_segment_or_keep(segment, old.size(), new, zeroed);
         }
         let old_len = segment.len();
         // Never make the mapping smaller while growing: the block may be larger than `new` (a
@@ -473,64 +621,11 @@ impl Inner {
         }
         // SAFETY: `ptr` is valid for `old.size()` reads (contract), and `old.size() <=
         // new.size()` (grow).
-        let segment = unsafe { self.copy_into_new_segment(ptr, old.size(), new, zeroed) }
-            .map_err(|f| self.record(f))?;
+        let block = unsafe { self.copy_into_new_block(ptr, old.size(), new, zeroed) }?;
         // SAFETY: the heap block is currently allocated by Global with layout `old`.
         unsafe { Global.deallocate(ptr, old) };
         Counters::sub(&self.counters.heap_allocations, 1);
         Counters::add(&self.counters.grows_copied, 1);
-        let block = block(&segment);
-        self.table.insert(segment);
-        Ok(block)
-    }
-
-    /// A new segment for `new` holding a copy of the `keep` bytes at `src`; the rest reads as
-    /// zeros if `zeroed`. The one path that copies bytes (see `Stats::grows_copied`).
-    ///
-    /// # Safety
-    /// `src` must be valid for `keep` reads, and `keep <= new.size()`.
-    unsafe fn copy_into_new_segment(
-        &self,
-        src: NonNull<u8>,
-        keep: usize,
-        new: Layout,
-        zeroed: bool,
-    ) -> Result<Segment, Failure> {
-        debug_assert!(keep <= new.size());
-        let segment = self.new_segment(new.size(), new.align(), zeroed)?;
-        // SAFETY: `src` is valid for `keep` reads (caller); the segment is a distinct, fresh
-        // mapping of at least `new.size() >= keep` bytes, so the ranges cannot overlap.
-        unsafe { ptr::copy_nonoverlapping(src.as_ptr(), segment.ptr().as_ptr(), keep) };
-        Ok(segment)
-    }
-
-    /// A child made by `fork` shares its inherited segments' files with the parent and must
-    /// not resize them: copy the first `keep.size()` bytes into a segment of its own instead,
-    /// and let go of the inherited view (unmapped; the parent's file is left alone). Also the
-    /// parent's way to realign a segment a child may map, which it must not cut.
-    fn move_inherited(
-        &self,
-        inherited: Segment,
-        keep: Layout,
-        new: Layout,
-        zeroed: bool,
-    ) -> Result<NonNull<[u8]>, AllocError> {
-        // SAFETY: the inherited view is mapped for `inherited.len() >= keep.size()` bytes (the
-        // old block fits it), and callers pass `keep.size() <= new.size()`.
-        let copied =
-            unsafe { self.copy_into_new_segment(inherited.ptr(), keep.size(), new, zeroed) };
-        let segment = match copied {
-            Ok(segment) => segment,
-            Err(failure) => {
-                self.table.insert(inherited);
-                return Err(self.record(failure));
-            }
-        };
-        self.forget(&inherited);
-        self.release(inherited);
-        Counters::add(&self.counters.grows_copied, 1);
-        let block = block(&segment);
-        self.table.insert(segment);
         Ok(block)
     }
 
@@ -548,6 +643,10 @@ impl Inner {
             unsafe { self.deallocate(ptr, old) };
             return Ok(dangling(new.align()));
         }
+        if self.tier.contains(ptr) {
+            // SAFETY: a block of the tier, currently allocated with `old` (caller).
+            return unsafe { self.resize_small(ptr, old, new, false) };
+        }
         let Some(segment) = self.table.take(ptr.as_ptr().addr()) else {
             debug_assert!(
                 self.settings.heap_threshold > 0,
@@ -559,17 +658,35 @@ impl Inner {
         if segment.is_inherited() {
             // The child's vector gets a block of its own, as for a grow: keeping the shared
             // block would let the child's writes after the shrink land in the parent's data.
-            return self.move_inherited(segment, new, new, false);
+            return self.move_segment_or_keep(segment, new.size(), new, false);
+        }
+        let aligned = ptr.as_ptr().addr().is_multiple_of(new.align());
+        if self.tier.serves(new) || new.size() < self.settings.heap_threshold {
+            // Small now: into the tier (or the heap), and the segment goes.
+            match self.move_segment(segment, new.size(), new, false) {
+                Ok(block) => return Ok(block),
+                // The block as it is still fits: keeping it is a valid shrink, where an error
+                // would make `Vec::shrink_to_fit` abort the process.
+                Err((segment, _)) if aligned => {
+                    let block = block(&segment);
+                    self.table.insert(segment);
+                    return Ok(block);
+                }
+                Err((segment, e)) => {
+                    self.table.insert(segment);
+                    return Err(e);
+                }
+            }
         }
         if segment.may_be_shared() {
             // A child made since may map the whole file: it is never made shorter (the child
             // would die of SIGBUS). The block as it is fits the smaller layout if aligned.
-            if ptr.as_ptr().addr().is_multiple_of(new.align()) {
+            if aligned {
                 let block = block(&segment);
                 self.table.insert(segment);
                 return Ok(block);
             }
-            return self.move_inherited(segment, new, new, false);
+            return self.move_segment_or_keep(segment, new.size(), new, false);
         }
         let old_len = segment.len();
         let (segment, _) = match self.resize(segment, new) {
@@ -577,7 +694,7 @@ impl Inner {
             // The segment is back in the table, unchanged, and the failure recorded. The old
             // block still fits `new` if it is aligned enough: keeping it is a valid shrink,
             // where an error would make `Vec::shrink_to_fit` abort the process.
-            Err(_) if ptr.as_ptr().addr().is_multiple_of(new.align()) => {
+            Err(_) if aligned => {
                 return Ok(NonNull::slice_from_raw_parts(ptr, old_len));
             }
             Err(e) => return Err(e),
@@ -598,6 +715,12 @@ impl Inner {
     /// The [`Allocator::deallocate`] contract.
     unsafe fn deallocate(&self, ptr: NonNull<u8>, layout: Layout) {
         if layout.size() == 0 {
+            return;
+        }
+        if self.tier.contains(ptr) {
+            // SAFETY: a block of the tier (it lies in its range), currently allocated (caller),
+            // not used again.
+            unsafe { self.tier.deallocate(ptr, fork::epoch()) };
             return;
         }
         match self.table.take(ptr.as_ptr().addr()) {

@@ -29,6 +29,9 @@ pub struct Builder {
     allow_ram_backed: bool,
 }
 
+/// The default largest block of the small-block tier (measured: see `small_threshold`).
+const DEFAULT_SMALL_THRESHOLD: usize = 256 << 10;
+
 /// The default bound on freed segments kept for reuse.
 const DEFAULT_REUSE_BYTES: usize = 256 << 20;
 
@@ -40,6 +43,7 @@ pub(crate) struct Settings {
     pub(crate) descriptor_budget: Option<usize>,
     pub(crate) background_release: bool,
     pub(crate) reuse_bytes: usize,
+    pub(crate) small_threshold: usize,
 }
 
 impl Default for Builder {
@@ -72,6 +76,7 @@ impl Builder {
                 descriptor_budget: None,
                 background_release: false,
                 reuse_bytes: DEFAULT_REUSE_BYTES,
+                small_threshold: DEFAULT_SMALL_THRESHOLD,
             },
             allow_ram_backed: true,
         }
@@ -212,7 +217,7 @@ impl Builder {
     /// ```
     /// # fn main() -> std::io::Result<()> {
     /// let alloc = mmapvec::MmapAllocator::builder().descriptor_budget(0).build()?;
-    /// let v = mmapvec::mmap_vec![in alloc.clone(); 0u8; 10];
+    /// let v = mmapvec::mmap_vec![in alloc.clone(); 0u8; 1 << 20];
     /// assert_eq!(alloc.stats().named_segments, 1);
     /// # drop(v); Ok(()) }
     /// ```
@@ -242,6 +247,27 @@ impl Builder {
     /// ```
     pub fn release_in_background(mut self, background: bool) -> Self {
         self.settings.background_release = background;
+        self
+    }
+
+    /// Blocks up to `bytes` (at most 512 KiB; larger values are capped) come from the
+    /// small-block tier: they are carved out of 4 MiB chunk files that thousands of blocks
+    /// share, so they cost no file, mapping or descriptor of their own, and freed space is
+    /// reused at once. Larger blocks get a segment (a file) each, grown by `mremap`. Default
+    /// 256 KiB. `0` turns the tier off: every allocation gets its own segment, as before 0.2.
+    ///
+    /// Chunk files live in the same folder as segments, are unlinked at once (nothing is left
+    /// after a crash) and have their blocks reserved (a full disk is an allocation error).
+    ///
+    /// ```
+    /// # fn main() -> std::io::Result<()> {
+    /// let alloc = mmapvec::MmapAllocator::builder().small_threshold(0).build()?;
+    /// let v = mmapvec::mmap_vec![in alloc.clone(); 1u8, 2, 3];
+    /// assert_eq!(alloc.stats().live_segments, 1); // a file of its own
+    /// # drop(v); Ok(()) }
+    /// ```
+    pub fn small_threshold(mut self, bytes: usize) -> Self {
+        self.settings.small_threshold = bytes.min(crate::arena::MAX_SMALL);
         self
     }
 

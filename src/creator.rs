@@ -245,8 +245,8 @@ impl Drop for HeldDir {
 ///     .creator(Numbered { dir: dir.clone(), next: AtomicUsize::new(0) })
 ///     .build()?;
 /// let mut v = MmapVec::<u32>::new_in(alloc.clone());
-/// v.extend(0..1000);
-/// assert_eq!(v[999], 999);
+/// v.extend(0..1_000_000); // small blocks share a chunk file, then a segment of its own
+/// assert_eq!(v[999_999], 999_999);
 /// assert_eq!(alloc.stats().creates, 1);
 /// # drop(v); std::fs::remove_dir_all(dir)?;
 /// # Ok(()) }

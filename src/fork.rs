@@ -85,9 +85,10 @@ pub(crate) fn hold() -> MutexGuard<'static, DontForkViews> {
 
 /// Something whose locks must all be held by the forking thread across a `fork`.
 pub(crate) trait ForkLocks: Sync {
-    /// Locks every mutex of `self`, in a fixed order, pushing the guards into `held`. Called
-    /// only from the prepare handler; the guards are dropped after the fork.
-    fn lock_for_fork(&'static self, held: &mut Vec<Box<dyn Any>>);
+    /// Locks every mutex of `self`, in a fixed order, pushing the guards into `held`, and
+    /// takes note of the epoch the fork is about to begin (`epoch`). Called only from the
+    /// prepare handler; the guards are dropped after the fork.
+    fn lock_for_fork(&'static self, held: &mut Vec<Box<dyn Any>>, epoch: u64);
 }
 
 /// A registered object. Raw, because registration does not own it: see [`register`].
@@ -138,14 +139,16 @@ extern "C" fn prepare() {
     // may take `HOLD` (a tier mapping a `dont_fork` chunk) but never the other way round, and
     // nothing takes the registry while holding either.
     let registry = registry();
+    // Only this handler changes the epoch, and the registry's lock serializes it.
+    let next = epoch() + 1;
     let mut locks = Vec::new();
     for r in registry.iter() {
         // SAFETY: registered objects are alive while the registry lock is held (`register`).
         let object: &'static dyn ForkLocks = unsafe { &*r.0 };
-        object.lock_for_fork(&mut locks);
+        object.lock_for_fork(&mut locks, next);
     }
     let views = hold();
-    EPOCH.fetch_add(1, Ordering::AcqRel);
+    EPOCH.store(next, Ordering::Release);
     HELD.with(|held| {
         *held.borrow_mut() = Some(Held {
             registry,

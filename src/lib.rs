@@ -10,6 +10,7 @@ compile_error!("mmapvec needs a unix system (mmap); see the README's platform ta
 pub use allocator_api2;
 
 mod allocator;
+mod arena;
 mod builder;
 mod creator;
 mod fork;
@@ -24,7 +25,7 @@ pub use allocator::MmapAllocator;
 pub use builder::Builder;
 pub use creator::{DirCreator, SegmentCreator, SegmentFile, SegmentRequest};
 pub use segment::{AccessPattern, GrowStrategy};
-pub use stats::{FailureCause, Failures, Stats};
+pub use stats::{FailureCause, Failures, SmallStats, Stats};
 
 use allocator_api2::collections::TryReserveError;
 

@@ -40,7 +40,7 @@ fn queue() -> MutexGuard<'static, Option<Queue>> {
 struct QueueLock;
 
 impl fork::ForkLocks for QueueLock {
-    fn lock_for_fork(&'static self, held: &mut Vec<Box<dyn Any>>) {
+    fn lock_for_fork(&'static self, held: &mut Vec<Box<dyn Any>>, _epoch: u64) {
         held.push(Box::new(queue()));
     }
 }

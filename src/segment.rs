@@ -572,7 +572,7 @@ fn map_view(file: &File, len: usize, align: usize, opts: &MapOptions) -> io::Res
 
 /// Reserves exactly `len` bytes of address space starting at a multiple of `align`: reserve
 /// `len + align - page`, then give back the unaligned head and the tail.
-fn reserve_aligned(len: usize, align: usize) -> io::Result<NonNull<u8>> {
+pub(crate) fn reserve_aligned(len: usize, align: usize) -> io::Result<NonNull<u8>> {
     let page = sys::page_size();
     let span = len
         .checked_add(align.saturating_sub(page))

@@ -140,13 +140,17 @@ impl Failures {
 /// use mmapvec::{MmapAllocator, MmapVec};
 /// # fn main() -> std::io::Result<()> {
 /// let alloc = MmapAllocator::builder().dir(std::env::temp_dir()).build()?;
-/// let mut v = MmapVec::<u8>::new_in(alloc.clone());
-/// v.extend_from_slice(&[1; 10_000]);
+/// let mut small = MmapVec::<u8>::new_in(alloc.clone());
+/// small.extend_from_slice(&[1; 10_000]); // a block of the small-block tier
+/// let mut large = MmapVec::<u8>::new_in(alloc.clone());
+/// large.extend_from_slice(&[1; 1_000_000]); // a segment
 /// let stats = alloc.stats();
 /// assert_eq!(stats.live_segments, 1);
-/// assert!(stats.mapped_bytes >= 10_000);
-/// drop(v);
-/// assert_eq!(alloc.stats().live_segments, 0);
+/// assert!(stats.mapped_bytes >= 1_000_000);
+/// assert!(stats.small.in_use_bytes >= 10_000);
+/// drop((small, large));
+/// let stats = alloc.stats();
+/// assert_eq!((stats.live_segments, stats.small.in_use_bytes), (0, 0));
 /// # Ok(()) }
 /// ```
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -181,8 +185,30 @@ pub struct Stats {
     /// Bytes of freed segments kept for reuse now (see
     /// [`Builder::reuse_bytes`](crate::Builder::reuse_bytes)).
     pub kept_bytes: u64,
+    /// The small-block tier's figures.
+    pub small: SmallStats,
     /// Failed allocations, grows and shrinks, by cause.
     pub failures: Failures,
+}
+
+/// The small-block tier's figures: blocks up to
+/// [`Builder::small_threshold`](crate::Builder::small_threshold) carved out of 4 MiB chunk
+/// files that many blocks share.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct SmallStats {
+    /// Bytes of chunk files mapped now.
+    pub arena_bytes: u64,
+    /// Bytes of live blocks (each counted at its size class).
+    pub in_use_bytes: u64,
+    /// Bytes mapped and not in use: free blocks, and empty chunks kept for the next blocks.
+    pub free_bytes: u64,
+    /// Bytes of chunks given back to the file system since the allocator was built.
+    pub returned_bytes: u64,
+    /// Chunk files created since the allocator was built.
+    pub chunks_created: u64,
+    /// Chunk files given back since the allocator was built.
+    pub chunks_released: u64,
 }
 
 /// The live counters behind [`Stats`].
@@ -242,6 +268,7 @@ impl Counters {
             segments_reused: get(&self.reused),
             kept_segments: 0,
             kept_bytes: 0,
+            small: SmallStats::default(),
             failures: Failures {
                 disk_full: failed(FailureCause::DiskFull),
                 too_many_files: failed(FailureCause::TooManyFiles),

@@ -24,10 +24,14 @@ fn allocator_traits() {
     assert!(debug.contains("MmapAllocator"), "{debug}");
 }
 
+/// A segment-per-allocation allocator (the small-block tier off): these tests check the large
+/// tier's segments one by one. The small tier's contract is tested by `tests/fuzz_allocator.rs`
+/// (random programs across both tiers) and `tests/small_blocks.rs`.
 fn allocator(dir: &TestDir, strategy: GrowStrategy) -> MmapAllocator {
     MmapAllocator::builder()
         .dir(dir.path())
         .grow_strategy(strategy)
+        .small_threshold(0)
         .build()
         .expect("build")
 }
@@ -313,7 +317,7 @@ fn alignment_changes_map_again() {
 #[test]
 fn zero_size() {
     let dir = TestDir::new("zero-size");
-    let alloc = dir.allocator();
+    let alloc = dir.allocator_segments_only();
     for align in [1, 2, 8, 4096, 2 * MIB, GIB, 1 << 62, 1 << 63] {
         let l0 = layout(0, align);
         for block in [
@@ -382,7 +386,7 @@ fn zero_size() {
 #[test]
 fn overflowing_sizes_are_errors() {
     let dir = TestDir::new("overflow");
-    let alloc = dir.allocator();
+    let alloc = dir.allocator_segments_only();
     let page = page();
 
     // Rounding up to a page overflows what can be mapped.
@@ -607,6 +611,7 @@ fn failed_grow_leaves_old_block(strategy: GrowStrategy) {
     // Named segments, so the file's length can be checked after each failure; no reuse, so
     // the free at the end removes the file at once.
     let alloc = MmapAllocator::builder()
+        .small_threshold(0)
         .dir(dir.path())
         .grow_strategy(strategy)
         .descriptor_budget(0)
@@ -685,6 +690,7 @@ fn failed_grow_leaves_old_block_map_again() {
 fn heap_threshold_small_blocks_on_the_heap() {
     let dir = TestDir::new("heap");
     let alloc = MmapAllocator::builder()
+        .small_threshold(0)
         .dir(dir.path())
         .heap_threshold(64 << 10)
         .build()
@@ -720,10 +726,12 @@ fn heap_threshold_small_blocks_on_the_heap() {
         check(ptr, 10_000, 8, "heap block copied into a segment");
         check_zeros(ptr, 10_000, l3.size(), "grow_zeroed into a segment");
     }
-    // Shrinking below the threshold keeps it in its segment.
+    // Shrinking below the threshold moves it back to the heap (one copy), and the segment
+    // goes: a block's size alone says where it lives.
     // SAFETY: currently allocated with `l3`.
     let ptr = unsafe { alloc.shrink(ptr, l3, l1) }.unwrap().cast::<u8>();
-    assert_eq!(alloc.stats().live_segments, 1);
+    let s = alloc.stats();
+    assert_eq!((s.live_segments, s.heap_allocations), (0, 1));
     // SAFETY: kept.
     unsafe { check(ptr, 100, 8, "shrink below threshold") };
     // SAFETY: currently allocated with `l1`.
@@ -761,7 +769,7 @@ fn heap_threshold_small_blocks_on_the_heap() {
 #[test]
 fn any_clone_frees_any_block() {
     let dir = TestDir::new("clones");
-    let a = dir.allocator();
+    let a = dir.allocator_segments_only();
     let b = a.clone();
     let l = layout(10_000, 8);
     let ptr = a.allocate(l).unwrap().cast::<u8>();
@@ -777,7 +785,7 @@ fn any_clone_frees_any_block() {
     unsafe { b.deallocate(ptr, l2) };
     assert_eq!(a.stats().live_segments, 0);
     // Separate allocators keep separate counters.
-    let other = dir.allocator();
+    let other = dir.allocator_segments_only();
     let _v = mmapvec::mmap_vec![in other.clone(); 1u8; 10];
     assert_eq!(a.stats().live_segments, 0);
     assert_eq!(other.stats().live_segments, 1);
@@ -807,6 +815,7 @@ fn builder_options_keep_the_contract() {
         (
             "everything, map again",
             MmapAllocator::builder()
+                .small_threshold(0)
                 .populate(true)
                 .huge_pages(true)
                 .dont_fork(true)
@@ -850,6 +859,7 @@ fn builder_options_keep_the_contract() {
 fn dont_fork_survives_resizes(strategy: GrowStrategy) {
     let dir = TestDir::new("dont-fork");
     let alloc = MmapAllocator::builder()
+        .small_threshold(0)
         .dir(dir.path())
         .grow_strategy(strategy)
         .dont_fork(true)

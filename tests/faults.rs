@@ -8,6 +8,10 @@
 //! `RELIABILITY.md` lists every test with what it shows.
 //!
 //! Linux only: the tests read `/proc`, mount file systems and use Linux's `mount` flags.
+//!
+//! The modules written for one segment per allocation build their allocators with
+//! `small_threshold(0)`, so each allocation is a segment whose file, mapping and descriptor
+//! they can watch; `small_blocks` runs the same faults through the small-block tier.
 
 #![cfg(target_os = "linux")]
 

@@ -34,7 +34,7 @@ fn in_child(child: impl FnOnce()) -> i32 {
 fn child_resizing_and_dropping_inherited_vectors_leaves_the_parent_intact() {
     for budget in [None, Some(0)] {
         let dir = fresh_dir(if budget.is_some() { "named" } else { "held" });
-        let mut builder = MmapAllocator::builder().dir(&dir);
+        let mut builder = MmapAllocator::builder().small_threshold(0).dir(&dir);
         if let Some(budget) = budget {
             builder = builder.descriptor_budget(budget);
         }

@@ -14,7 +14,7 @@ const N: u64 = 1_000_000;
 #[test]
 fn hash_map_of_a_million_entries() {
     let dir = TestDir::new("hashmap");
-    let alloc = dir.allocator();
+    let alloc = dir.allocator_segments_only();
     let mut map: HashMap<u64, u64, DefaultHashBuilder, MmapAllocator> =
         HashMap::new_in(alloc.clone());
     for k in 0..N {
@@ -80,7 +80,7 @@ fn hash_map_of_a_million_entries() {
 #[test]
 fn hash_map_with_capacity_needs_one_segment() {
     let dir = TestDir::new("hashmap-capacity");
-    let alloc = dir.allocator();
+    let alloc = dir.allocator_segments_only();
     let mut map =
         HashMap::with_capacity_and_hasher_in(100_000, DefaultHashBuilder::default(), alloc.clone());
     for k in 0..100_000u64 {
@@ -102,7 +102,7 @@ fn hash_map_with_capacity_needs_one_segment() {
 #[test]
 fn hash_set() {
     let dir = TestDir::new("hashset");
-    let alloc = dir.allocator();
+    let alloc = dir.allocator_segments_only();
     let mut set: HashSet<String, DefaultHashBuilder, MmapAllocator> =
         HashSet::new_in(alloc.clone());
     for i in 0..50_000 {
@@ -138,7 +138,7 @@ fn hash_set() {
 #[test]
 fn hash_table() {
     let dir = TestDir::new("hashtable");
-    let alloc = dir.allocator();
+    let alloc = dir.allocator_segments_only();
     let hasher = DefaultHashBuilder::default();
     let hash = |name: &str| hasher.hash_one(name);
     let mut table: HashTable<(String, u32), MmapAllocator> = HashTable::new_in(alloc.clone());
@@ -169,7 +169,7 @@ fn hash_table() {
 #[test]
 fn map_of_vectors_frees_every_segment() {
     let dir = TestDir::new("map-of-vecs");
-    let alloc = dir.allocator();
+    let alloc = dir.allocator_segments_only();
     let mut map: HashMap<u32, MmapVec<u32>, DefaultHashBuilder, MmapAllocator> =
         HashMap::new_in(alloc.clone());
     for k in 0..50u32 {
@@ -189,5 +189,38 @@ fn map_of_vectors_frees_every_segment() {
     drop(map);
     let s = alloc.stats();
     assert_eq!((s.live_segments, s.mapped_bytes), (0, 0));
+    assert!(dir.files().is_empty());
+}
+
+#[test]
+fn ten_thousand_small_maps_share_a_few_chunk_files() {
+    let dir = TestDir::new("small-maps");
+    let alloc = dir.allocator();
+    let maps: Vec<HashMap<u32, u64, DefaultHashBuilder, MmapAllocator>> = (0..10_000u32)
+        .map(|m| {
+            let mut map = HashMap::new_in(alloc.clone());
+            map.extend((0..10).map(|k| (k, u64::from(m) * 100 + u64::from(k))));
+            map
+        })
+        .collect();
+    let s = alloc.stats();
+    assert_eq!(
+        s.live_segments, 0,
+        "small tables come from the small-block tier"
+    );
+    assert!(s.small.in_use_bytes > 0, "{s:?}");
+    // 10,000 tables of a few hundred bytes fit in a handful of 4 MiB chunk files, with no
+    // descriptor held for them.
+    assert!(s.small.arena_bytes <= 8 << 22, "{s:?}");
+    assert_eq!(core_support::descriptors_under(&dir.segment_folder()), 0);
+    for (m, map) in maps.iter().enumerate() {
+        for k in 0..10u32 {
+            assert_eq!(map[&k], m as u64 * 100 + u64::from(k));
+        }
+    }
+    drop(maps);
+    assert_eq!(alloc.stats().small.in_use_bytes, 0);
+    drop(alloc);
+    assert!(core_support::mappings_under(&dir.segment_folder()).is_empty());
     assert!(dir.files().is_empty());
 }

@@ -79,6 +79,7 @@ fn many_vectors(lower_hard_limit: bool) {
     // No reuse: the test counts what each free gives back at once (`tests/reuse.rs` covers
     // the kept segments).
     let alloc = MmapAllocator::builder()
+        .small_threshold(0)
         .dir(dir.path())
         .reserve_disk(reserve)
         .reuse_bytes(0)

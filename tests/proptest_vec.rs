@@ -158,27 +158,44 @@ fn apply(op: &Op, v: &mut MmapVec<u32>, model: &mut Vec<u32>) {
     }
 }
 
-/// The allocator holds one segment sized to the vector's capacity, or none for no capacity.
-fn check_segments(alloc: &MmapAllocator, v: &MmapVec<u32>) {
+/// The small-block tier's largest block (the default `small_threshold`).
+const SMALL: usize = 256 << 10;
+
+/// Where the vector's buffer is: nowhere for no capacity; a block of the small-block tier up to
+/// `small` bytes (its size class: at most a quarter more); else one segment sized to the
+/// capacity.
+fn check_segments(alloc: &MmapAllocator, v: &MmapVec<u32>, small: usize) {
     let stats = alloc.stats();
     let bytes = v.capacity() * 4;
+    let in_tier = bytes > 0 && bytes <= small;
     assert_eq!(
         stats.live_segments,
-        u64::from(bytes > 0),
+        u64::from(bytes > 0 && !in_tier),
         "segments for capacity {}",
         v.capacity()
     );
-    // Exactly the capacity, page-rounded; a segment taken from the reuse cache may be longer
-    // (4 times, or 8 MiB more, at most).
-    let rounded = bytes.next_multiple_of(page()) as u64;
-    assert!(
-        stats.mapped_bytes >= rounded
-            && stats.mapped_bytes <= (4 * rounded).max(rounded + (8 << 20)),
-        "{} mapped for {rounded}",
-        stats.mapped_bytes
-    );
-    if stats.segments_reused == 0 {
-        assert_eq!(stats.mapped_bytes, rounded);
+    if in_tier {
+        let used = stats.small.in_use_bytes as usize;
+        assert!(
+            used >= bytes && used <= bytes + bytes / 4 + 16,
+            "{used} bytes in use for capacity {}",
+            v.capacity()
+        );
+        assert_eq!(stats.mapped_bytes, 0);
+    } else {
+        assert_eq!(stats.small.in_use_bytes, 0);
+        // Exactly the capacity, page-rounded; a segment taken from the reuse cache may be
+        // longer (4 times, or 8 MiB more, at most).
+        let rounded = bytes.next_multiple_of(page()) as u64;
+        assert!(
+            stats.mapped_bytes >= rounded
+                && stats.mapped_bytes <= (4 * rounded).max(rounded + (8 << 20)),
+            "{} mapped for {rounded}",
+            stats.mapped_bytes
+        );
+        if stats.segments_reused == 0 {
+            assert_eq!(stats.mapped_bytes, rounded);
+        }
     }
     assert_eq!(stats.failures.total(), 0);
 }
@@ -190,11 +207,12 @@ fn cases() -> u32 {
     }
 }
 
-fn matches_the_model(strategy: GrowStrategy) {
+fn matches_the_model(strategy: GrowStrategy, small: usize) {
     let dir = TestDir::new("proptest");
     let alloc = MmapAllocator::builder()
         .dir(dir.path())
         .grow_strategy(strategy)
+        .small_threshold(small)
         .build()
         .expect("build");
     let mut runner = TestRunner::new(Config {
@@ -214,10 +232,11 @@ fn matches_the_model(strategy: GrowStrategy) {
                     "contents after step {step} ({op:?})"
                 );
                 prop_assert!(v.capacity() >= v.len());
-                check_segments(&alloc, &v);
+                check_segments(&alloc, &v, small);
             }
             drop(v);
             prop_assert_eq!(alloc.stats().live_segments, 0);
+            prop_assert_eq!(alloc.stats().small.in_use_bytes, 0);
             Ok(())
         })
         .unwrap_or_else(|e| panic!("{strategy:?}: {e}"));
@@ -232,10 +251,15 @@ fn matches_the_model(strategy: GrowStrategy) {
 
 #[test]
 fn matches_the_model_remap() {
-    matches_the_model(GrowStrategy::Remap);
+    matches_the_model(GrowStrategy::Remap, SMALL);
+}
+
+#[test]
+fn matches_the_model_segments_only() {
+    matches_the_model(GrowStrategy::Remap, 0);
 }
 
 #[test]
 fn matches_the_model_map_again() {
-    matches_the_model(GrowStrategy::MapAgain);
+    matches_the_model(GrowStrategy::MapAgain, SMALL);
 }

@@ -49,6 +49,7 @@ fn background_release_frees_everything() {
     let dir = fresh_dir();
     // Named segments make the files visible, so their removal can be watched.
     let alloc = MmapAllocator::builder()
+        .small_threshold(0)
         .dir(&dir)
         .descriptor_budget(0)
         .release_in_background(true)

@@ -23,7 +23,7 @@ use mmapvec::{
 #[test]
 fn push_pop_index_and_slices() {
     let dir = TestDir::new("push-pop");
-    let mut v: MmapVec<u64> = MmapVec::new_in(dir.allocator());
+    let mut v: MmapVec<u64> = MmapVec::new_in(dir.allocator_segments_only());
     assert!(v.is_empty());
     assert_eq!(v.pop(), None);
     for i in 0..10_000u64 {
@@ -64,7 +64,7 @@ fn push_pop_index_and_slices() {
 #[test]
 fn with_capacity_allocates_once() {
     let dir = TestDir::new("with-capacity");
-    let alloc = dir.allocator();
+    let alloc = dir.allocator_segments_only();
     let mut v: MmapVec<u32> = MmapVec::with_capacity_in(100_000, alloc.clone());
     assert!(v.capacity() >= 100_000);
     assert_eq!(alloc.stats().creates, 1);
@@ -90,7 +90,7 @@ fn with_capacity_allocates_once() {
 #[test]
 fn truncate_and_clear() {
     let dir = TestDir::new("truncate");
-    let alloc = dir.allocator();
+    let alloc = dir.allocator_segments_only();
     let mut v: MmapVec<u16> = MmapVec::new_in(alloc.clone());
     v.extend(0..5_000);
     let capacity = v.capacity();
@@ -129,7 +129,7 @@ fn drop_counts(drops: &[AtomicUsize], ids: std::ops::Range<usize>) -> Vec<usize>
 fn every_element_is_dropped_exactly_once() {
     const N: usize = 2_000;
     let dir = TestDir::new("drops");
-    let alloc = dir.allocator();
+    let alloc = dir.allocator_segments_only();
     let drops: Arc<Vec<AtomicUsize>> = Arc::new((0..N).map(|_| AtomicUsize::new(0)).collect());
     let tracked = |id| Tracked {
         id,
@@ -205,7 +205,7 @@ fn every_element_is_dropped_exactly_once() {
 #[test]
 fn zero_sized_elements_need_no_segment() {
     let dir = TestDir::new("zst");
-    let alloc = dir.allocator();
+    let alloc = dir.allocator_segments_only();
     let mut v: MmapVec<()> = MmapVec::new_in(alloc.clone());
     for _ in 0..10_000 {
         v.push(());
@@ -221,7 +221,7 @@ fn elements_larger_and_more_aligned_than_a_page() {
     struct Big([u8; 20_000]);
 
     let dir = TestDir::new("big-elements");
-    let mut v: MmapVec<Big> = MmapVec::new_in(dir.allocator());
+    let mut v: MmapVec<Big> = MmapVec::new_in(dir.allocator_segments_only());
     for i in 0..10u8 {
         v.push(Big([i; 20_000]));
     }
@@ -344,7 +344,7 @@ fn segment_names_are_unique() {
 #[test]
 fn stats_follow_the_vector() {
     let dir = TestDir::new("stats");
-    let alloc = dir.allocator();
+    let alloc = dir.allocator_segments_only();
     let page = page() as u64;
     let zero = alloc.stats();
     assert_eq!(
@@ -404,7 +404,7 @@ fn macro_forms() {
     assert!(empty.is_empty());
 
     let dir = TestDir::new("macro");
-    let alloc = dir.allocator();
+    let alloc = dir.allocator_segments_only();
     let b = mmap_vec![in alloc.clone(); 4u8, 5, 6];
     let c = mmap_vec![in alloc.clone(); 0xAAu8; 10_000];
     let d: MmapVec<u8> = mmap_vec![in alloc.clone()];
@@ -432,8 +432,9 @@ fn ext_constructors() {
     assert!(t.capacity() >= 50_000);
     assert!(MmapVec::<u64>::try_with_capacity_mmap(usize::MAX).is_err());
     assert!(MmapVec::<u8>::try_with_capacity_mmap(usize::MAX / 2).is_err());
-    // All of them live on the process-wide default allocator.
-    assert!(v.allocator().stats().live_segments >= 2);
+    // All of them live on the process-wide default allocator: 8 KB and 200 KB are blocks of
+    // its small-block tier.
+    assert!(v.allocator().stats().small.in_use_bytes >= 200_000);
 }
 
 /// The files a [`CountingCreator`] made, with whether the allocator asked them to keep their name.
@@ -486,7 +487,10 @@ fn counting_allocator(
         made: Arc::clone(&made),
         anonymous,
     };
-    let mut builder = MmapAllocator::builder().creator(creator).reuse_bytes(0);
+    let mut builder = MmapAllocator::builder()
+        .small_threshold(0)
+        .creator(creator)
+        .reuse_bytes(0);
     if let Some(budget) = budget {
         builder = builder.descriptor_budget(budget);
     }
@@ -598,6 +602,7 @@ unsafe impl SegmentCreator for BadCreator {
 fn creator_failures_are_reported() {
     let dir = TestDir::new("bad-creator");
     let failing = MmapAllocator::builder()
+        .small_threshold(0)
         .creator(BadCreator {
             dir: dir.path().to_path_buf(),
             not_empty: false,
@@ -617,10 +622,12 @@ fn creator_failures_are_reported() {
     );
 
     for budget in [None, Some(0)] {
-        let mut builder = MmapAllocator::builder().creator(BadCreator {
-            dir: dir.path().to_path_buf(),
-            not_empty: true,
-        });
+        let mut builder = MmapAllocator::builder()
+            .small_threshold(0)
+            .creator(BadCreator {
+                dir: dir.path().to_path_buf(),
+                not_empty: true,
+            });
         if let Some(b) = budget {
             builder = builder.descriptor_budget(b);
         }
@@ -655,6 +662,7 @@ fn zero_budget_keeps_named_files_in_the_session_folder_map_again() {
 fn named_files_in_the_session_folder(strategy: GrowStrategy) {
     let dir = TestDir::new("named");
     let alloc = MmapAllocator::builder()
+        .small_threshold(0)
         .dir(dir.path())
         .descriptor_budget(0)
         .grow_strategy(strategy)
@@ -716,6 +724,7 @@ fn named_files_in_the_session_folder(strategy: GrowStrategy) {
 fn removed_named_file_fails_the_grow_and_keeps_the_data() {
     let dir = TestDir::new("removed");
     let alloc = MmapAllocator::builder()
+        .small_threshold(0)
         .dir(dir.path())
         .descriptor_budget(0)
         .build()
@@ -750,6 +759,7 @@ fn removed_named_file_fails_the_grow_and_keeps_the_data() {
 fn replaced_named_file_is_not_resized_nor_removed() {
     let dir = TestDir::new("replaced");
     let alloc = MmapAllocator::builder()
+        .small_threshold(0)
         .dir(dir.path())
         .descriptor_budget(0)
         .build()
@@ -797,6 +807,7 @@ fn removed_named_file_shrink_does_not_abort() {
         return;
     };
     let alloc = MmapAllocator::builder()
+        .small_threshold(0)
         .dir(&dir)
         .descriptor_budget(0)
         .build()

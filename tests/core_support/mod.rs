@@ -57,12 +57,23 @@ impl TestDir {
             .expect("build allocator")
     }
 
-    /// An allocator in the directory that keeps no freed segment for reuse, for tests that
-    /// check what each free gives back at once.
+    /// An allocator in the directory that gives every allocation a segment of its own and
+    /// keeps no freed segment for reuse, for tests that check what each free gives back.
     pub fn allocator_without_reuse(&self) -> MmapAllocator {
         MmapAllocator::builder()
             .dir(&self.path)
+            .small_threshold(0)
             .reuse_bytes(0)
+            .build()
+            .expect("build allocator")
+    }
+
+    /// An allocator in the directory that gives every allocation a segment of its own (the
+    /// small-block tier off), for tests that look at segments one by one.
+    pub fn allocator_segments_only(&self) -> MmapAllocator {
+        MmapAllocator::builder()
+            .dir(&self.path)
+            .small_threshold(0)
             .build()
             .expect("build allocator")
     }

@@ -30,7 +30,11 @@ fn assert_names(err: &io::Error, kind: io::ErrorKind, path: &Path) {
 fn missing_dir_is_an_error_and_is_not_created() {
     let base = TestDir::new("missing");
     let missing = base.path().join("no-such-dir");
-    let err = MmapAllocator::builder().dir(&missing).build().unwrap_err();
+    let err = MmapAllocator::builder()
+        .small_threshold(0)
+        .dir(&missing)
+        .build()
+        .unwrap_err();
     assert_names(&err, io::ErrorKind::NotFound, &missing);
     assert!(!missing.exists(), "the missing directory was created");
 }
@@ -40,7 +44,11 @@ fn plain_file_as_dir_is_an_error() {
     let base = TestDir::new("plainfile");
     let file = base.path().join("a-file");
     fs::write(&file, b"not a directory").unwrap();
-    let err = MmapAllocator::builder().dir(&file).build().unwrap_err();
+    let err = MmapAllocator::builder()
+        .small_threshold(0)
+        .dir(&file)
+        .build()
+        .unwrap_err();
     assert_names(&err, io::ErrorKind::NotADirectory, &file);
     assert_eq!(fs::read(&file).unwrap(), b"not a directory");
 }
@@ -58,7 +66,11 @@ fn unwritable_dir_is_an_error() {
             assert_eq!(libc::setuid(65534), 0);
         }
         let dir = std::env::var(DIR_ENV).expect("dir from the parent");
-        let err = MmapAllocator::builder().dir(&dir).build().unwrap_err();
+        let err = MmapAllocator::builder()
+            .small_threshold(0)
+            .dir(&dir)
+            .build()
+            .unwrap_err();
         assert_names(&err, io::ErrorKind::PermissionDenied, Path::new(&dir));
         return;
     }
@@ -70,6 +82,7 @@ fn unwritable_dir_is_an_error() {
         )
         .unwrap();
         let err = MmapAllocator::builder()
+            .small_threshold(0)
             .dir(dir.path())
             .build()
             .unwrap_err();
@@ -110,7 +123,12 @@ fn unwritable_dir_is_an_error() {
                 std::ptr::null(),
             ) == 0
     };
-    let result = mounted.then(|| MmapAllocator::builder().dir(dir.path()).build());
+    let result = mounted.then(|| {
+        MmapAllocator::builder()
+            .small_threshold(0)
+            .dir(dir.path())
+            .build()
+    });
     // SAFETY: as above; detach so a busy mount cannot outlive the test.
     unsafe { libc::umount2(target.as_ptr(), libc::MNT_DETACH) };
     match result {
@@ -131,7 +149,10 @@ fn missing_tmpdir_is_an_error_naming_it() {
     if child_role().as_deref() == Some("tmpdir") {
         let tmp = std::env::temp_dir();
         assert!(!tmp.exists(), "TMPDIR {} exists", tmp.display());
-        let err = MmapAllocator::builder().build().unwrap_err();
+        let err = MmapAllocator::builder()
+            .small_threshold(0)
+            .build()
+            .unwrap_err();
         assert_names(&err, io::ErrorKind::NotFound, &tmp);
         // The process-wide default cannot fail up front: its allocations fail, with the reason.
         let alloc = MmapAllocator::default();
@@ -161,6 +182,7 @@ fn ram_backed_dir_is_refused_on_request_and_accepted_by_default() {
     }
     let dir = TestDir::new_in(shm, "ram");
     let err = MmapAllocator::builder()
+        .small_threshold(0)
         .dir(dir.path())
         .allow_ram_backed(false)
         .build()
@@ -169,6 +191,7 @@ fn ram_backed_dir_is_refused_on_request_and_accepted_by_default() {
     assert!(err.to_string().contains("RAM-backed"), "{err}");
 
     let alloc = MmapAllocator::builder()
+        .small_threshold(0)
         .dir(dir.path())
         .build()
         .expect("accepted by default");
@@ -210,6 +233,7 @@ fn ram_backed_dir_is_reported_with_a_warning() {
     let dir = TestDir::new_in(shm, "warn");
     let disk = TestDir::new("nowarn");
     MmapAllocator::builder()
+        .small_threshold(0)
         .dir(disk.path())
         .build()
         .expect("build on disk");
@@ -218,6 +242,7 @@ fn ram_backed_dir_is_reported_with_a_warning() {
         "a warning for a disk directory"
     );
     MmapAllocator::builder()
+        .small_threshold(0)
         .dir(dir.path())
         .build()
         .expect("build on tmpfs");
@@ -245,6 +270,7 @@ unsafe impl SegmentCreator for Failing {
 #[test]
 fn failing_creator_is_an_alloc_error_with_its_io_error_kept() {
     let alloc = MmapAllocator::builder()
+        .small_threshold(0)
         .creator(Failing(|| {
             io::Error::new(io::ErrorKind::PermissionDenied, "no segments today")
         }))
@@ -274,6 +300,7 @@ fn failing_creator_is_an_alloc_error_with_its_io_error_kept() {
 #[test]
 fn creator_out_of_space_counts_as_disk_full() {
     let alloc = MmapAllocator::builder()
+        .small_threshold(0)
         .creator(Failing(|| io::Error::from_raw_os_error(libc::ENOSPC)))
         .build()
         .expect("build");
@@ -324,6 +351,7 @@ fn creator_handing_out_a_bad_file_is_an_error() {
             next: AtomicUsize::new(0),
         };
         let alloc = MmapAllocator::builder()
+            .small_threshold(0)
             .creator(creator)
             .build()
             .expect("build");

@@ -25,6 +25,7 @@ fn full_tmpfs_is_an_alloc_error_and_reserved_bytes_stay_writable() {
         Err(why) => skip!("{why}"),
     };
     let alloc = MmapAllocator::builder()
+        .small_threshold(0)
         .dir(fs.path())
         .allow_ram_backed(true)
         .build()
@@ -69,6 +70,7 @@ fn full_tmpfs_is_an_alloc_error_and_reserved_bytes_stay_writable() {
 
     // A segment that would keep its name leaves no file behind when it cannot be made.
     let named = MmapAllocator::builder()
+        .small_threshold(0)
         .dir(fs.path())
         .allow_ram_backed(true)
         .descriptor_budget(0)
@@ -106,6 +108,7 @@ fn sparse_segments_on_a_full_tmpfs_die_of_sigbus() {
         no_core_dumps();
         let dir = std::env::var(DIR_ENV).expect("dir from the parent");
         let alloc = MmapAllocator::builder()
+            .small_threshold(0)
             .dir(dir)
             .allow_ram_backed(true)
             .reserve_disk(false)
@@ -155,6 +158,7 @@ fn rlimit_fsize_is_disk_full() {
 
     let dir = TestDir::new("fsize");
     let alloc = MmapAllocator::builder()
+        .small_threshold(0)
         .dir(dir.path())
         .build()
         .expect("build");

@@ -35,7 +35,10 @@ const BACKINGS: [(&str, Option<usize>); 2] = [("held", None), ("named", Some(0))
 /// these tests watch files, folders and mappings come and go with each allocation
 /// (`tests/reuse.rs` covers reuse across a fork).
 fn builder(dir: &Path, budget: Option<usize>) -> mmapvec::Builder {
-    let builder = MmapAllocator::builder().dir(dir).reuse_bytes(0);
+    let builder = MmapAllocator::builder()
+        .small_threshold(0)
+        .dir(dir)
+        .reuse_bytes(0);
     match budget {
         Some(budget) => builder.descriptor_budget(budget),
         None => builder,
@@ -195,6 +198,7 @@ fn dont_fork_child_finds_every_live_range_reserved() {
         .unwrap_or(3.0);
     let dir = TestDir::fast("registry");
     let alloc = MmapAllocator::builder()
+        .small_threshold(0)
         .dir(dir.path())
         .dont_fork(true)
         .build()
@@ -522,6 +526,7 @@ fn background_release_runs_in_a_fork_child() {
 
     let dir = TestDir::new("bg-held");
     let alloc = MmapAllocator::builder()
+        .small_threshold(0)
         .dir(dir.path())
         .release_in_background(true)
         .reuse_bytes(0)
@@ -559,6 +564,7 @@ fn background_release_runs_in_a_fork_child() {
     let dir = TestDir::new("bg-named");
     let folder = dir.segment_folder();
     let alloc = MmapAllocator::builder()
+        .small_threshold(0)
         .dir(dir.path())
         .release_in_background(true)
         .reuse_bytes(0)
@@ -571,7 +577,10 @@ fn background_release_runs_in_a_fork_child() {
         for i in 0..50u8 {
             drop(mmap_vec![in alloc.clone(); i; 100_000]);
         }
-        poll(Duration::from_secs(1), || files_under(&folder).is_empty());
+        // The files, and the session folder that goes with the last of them.
+        poll(Duration::from_secs(1), || {
+            files_under(&folder).is_empty() && sessions(&folder).is_empty()
+        });
         0
     });
     let status = wait(pid);
@@ -612,6 +621,7 @@ fn relative_dir_survives_chdir() {
     let second = TestDir::new("cwd-second");
     std::env::set_current_dir(first.path()).unwrap();
     let alloc = MmapAllocator::builder()
+        .small_threshold(0)
         .dir("work")
         .descriptor_budget(0)
         .build()
@@ -767,6 +777,7 @@ fn no_session_folder_left_after_background_release() {
     let dir = TestDir::new("bg-session");
     let folder = dir.segment_folder();
     let alloc = MmapAllocator::builder()
+        .small_threshold(0)
         .dir(dir.path())
         .release_in_background(true)
         .reuse_bytes(0)
@@ -817,7 +828,9 @@ fn non_empty_file_from_a_creator_is_refused_and_left_alone() {
     for (label, budget) in BACKINGS {
         let path = dir.path().join(format!("existing-{label}"));
         fs::write(&path, CONTENT).unwrap();
-        let mut builder = MmapAllocator::builder().creator(HandsOutExisting { path: path.clone() });
+        let mut builder = MmapAllocator::builder()
+            .small_threshold(0)
+            .creator(HandsOutExisting { path: path.clone() });
         if let Some(budget) = budget {
             builder = builder.descriptor_budget(budget);
         }

@@ -44,6 +44,7 @@ fn check_patterned(vectors: &[MmapVec<u8>], seed: u8) {
 /// The live child: named segments, then waits for the parent's word on stdin.
 fn live_child(dir: &Path) {
     let alloc = MmapAllocator::builder()
+        .small_threshold(0)
         .dir(dir)
         .descriptor_budget(0)
         .build()
@@ -70,10 +71,12 @@ fn live_child(dir: &Path) {
 /// The killed child: held (unlinked) and named segments, then `SIGKILL` from itself.
 fn killed_child(dir: &Path) -> ! {
     let held = MmapAllocator::builder()
+        .small_threshold(0)
         .dir(dir)
         .build()
         .expect("build (held)");
     let named = MmapAllocator::builder()
+        .small_threshold(0)
         .dir(dir)
         .descriptor_budget(0)
         .build()
@@ -148,6 +151,7 @@ fn sigkill_leaves_nothing_behind_and_live_files_are_kept() {
 
     // The next allocator in this directory removes the dead session, not the live one.
     let next = MmapAllocator::builder()
+        .small_threshold(0)
         .dir(dir.path())
         .reuse_bytes(0)
         .build()
@@ -183,6 +187,7 @@ fn old_loose_files_are_removed_and_fresh_ones_kept() {
     let dir = TestDir::new("loose");
     drop(
         MmapAllocator::builder()
+            .small_threshold(0)
             .dir(dir.path())
             .reuse_bytes(0)
             .build()
@@ -205,6 +210,7 @@ fn old_loose_files_are_removed_and_fresh_ones_kept() {
         }
     }
     let _next = MmapAllocator::builder()
+        .small_threshold(0)
         .dir(dir.path())
         .reuse_bytes(0)
         .build()
@@ -294,23 +300,27 @@ fn ten_thousand_cycles_on_four_threads_leak_nothing() {
     let before = count();
     let allocators = [
         MmapAllocator::builder()
+            .small_threshold(0)
             .dir(dir.path())
             .reuse_bytes(0)
             .build()
             .unwrap(),
         MmapAllocator::builder()
+            .small_threshold(0)
             .dir(dir.path())
             .reuse_bytes(0)
             .descriptor_budget(0)
             .build()
             .unwrap(),
         MmapAllocator::builder()
+            .small_threshold(0)
             .dir(dir.path())
             .reuse_bytes(0)
             .grow_strategy(GrowStrategy::MapAgain)
             .build()
             .unwrap(),
         MmapAllocator::builder()
+            .small_threshold(0)
             .dir(dir.path())
             .reuse_bytes(0)
             .heap_threshold(16 << 10)

@@ -30,11 +30,16 @@ fn assert_names(err: &io::Error, path: &Path) {
 fn segment_files_are_0600_and_folders_0700() {
     let dir = TestDir::new("modes");
     let named = MmapAllocator::builder()
+        .small_threshold(0)
         .dir(dir.path())
         .descriptor_budget(0)
         .build()
         .unwrap();
-    let held = MmapAllocator::builder().dir(dir.path()).build().unwrap();
+    let held = MmapAllocator::builder()
+        .small_threshold(0)
+        .dir(dir.path())
+        .build()
+        .unwrap();
     let v = mmap_vec![in named.clone(); 1u8; 5000];
     let w = mmap_vec![in held.clone(); 2u8; 5000];
 
@@ -82,6 +87,7 @@ fn segment_files_are_0600_and_folders_0700() {
 fn segment_names_are_distinct_uuid_v4() {
     let dir = TestDir::new("names");
     let alloc = MmapAllocator::builder()
+        .small_threshold(0)
         .dir(dir.path())
         .descriptor_budget(0)
         .build()
@@ -111,12 +117,14 @@ fn symlink_where_the_crate_folder_goes_is_refused() {
         symlink(&target, &folder).unwrap();
 
         let err = MmapAllocator::builder()
+            .small_threshold(0)
             .dir(base.path())
             .build()
             .unwrap_err();
         assert_names(&err, &folder);
         // The lazily prepared default path refuses too, at the first allocation.
         let lazy = MmapAllocator::builder()
+            .small_threshold(0)
             .creator(mmapvec::DirCreator::new(base.path()))
             .build();
         let lazy = lazy.unwrap();
@@ -146,6 +154,7 @@ fn crate_folder_open_to_others_is_refused() {
         fs::create_dir(&folder).unwrap();
         fs::set_permissions(&folder, fs::Permissions::from_mode(mode)).unwrap();
         let err = MmapAllocator::builder()
+            .small_threshold(0)
             .dir(base.path())
             .build()
             .unwrap_err();
@@ -170,6 +179,7 @@ fn crate_folder_of_another_user_is_refused() {
     fs::set_permissions(&folder, fs::Permissions::from_mode(0o700)).unwrap();
     std::os::unix::fs::chown(&folder, Some(65534), Some(65534)).unwrap();
     let err = MmapAllocator::builder()
+        .small_threshold(0)
         .dir(base.path())
         .build()
         .unwrap_err();
@@ -182,6 +192,7 @@ fn crate_folder_of_another_user_is_refused() {
 fn a_replaced_segment_file_is_never_resized_nor_removed() {
     let dir = TestDir::new("replaced");
     let alloc = MmapAllocator::builder()
+        .small_threshold(0)
         .dir(dir.path())
         .descriptor_budget(0)
         .build()
@@ -303,11 +314,16 @@ fn child_sees_mapping(addr: usize, write: Option<u8>) -> bool {
 fn dont_fork_keeps_segments_out_of_children() {
     let dir = TestDir::new("dontfork");
     let private = MmapAllocator::builder()
+        .small_threshold(0)
         .dir(dir.path())
         .dont_fork(true)
         .build()
         .unwrap();
-    let shared = MmapAllocator::builder().dir(dir.path()).build().unwrap();
+    let shared = MmapAllocator::builder()
+        .small_threshold(0)
+        .dir(dir.path())
+        .build()
+        .unwrap();
     let mut p = mmap_vec![in private.clone(); 5u8; 10_000];
     let s = mmap_vec![in shared.clone(); 6u8; 10_000];
     // Growing keeps the promise (the new range is advised again).
@@ -326,7 +342,11 @@ fn dont_fork_keeps_segments_out_of_children() {
 #[test]
 fn without_dont_fork_the_child_writes_into_the_parents_vector() {
     let dir = TestDir::new("fork");
-    let alloc = MmapAllocator::builder().dir(dir.path()).build().unwrap();
+    let alloc = MmapAllocator::builder()
+        .small_threshold(0)
+        .dir(dir.path())
+        .build()
+        .unwrap();
     let v = mmap_vec![in alloc.clone(); 0u8; 10_000];
     assert!(child_sees_mapping(v.as_ptr().addr(), Some(42)));
     assert_eq!(v[0], 42, "the child's write is the parent's");
@@ -384,6 +404,7 @@ fn dont_fork_child_may_allocate_and_drop_inherited_vectors() {
     let dir = TestDir::new("dontfork-user");
     for dont_fork in [false, true] {
         let alloc = MmapAllocator::builder()
+            .small_threshold(0)
             .dir(dir.path())
             .dont_fork(dont_fork)
             .build()

@@ -20,6 +20,7 @@ fn five_thousand_vectors_under_1024_descriptors() {
     let dir = TestDir::fast("nofile");
     let descriptors_at_start = open_descriptors();
     let alloc = MmapAllocator::builder()
+        .small_threshold(0)
         .dir(dir.path())
         .reuse_bytes(0)
         .build()
@@ -78,6 +79,7 @@ fn descriptor_budget_above_the_limit_fails_with_too_many_files() {
     let dir = TestDir::fast("emfile");
     // A budget the process cannot afford: every segment holds its descriptor until EMFILE.
     let alloc = MmapAllocator::builder()
+        .small_threshold(0)
         .dir(dir.path())
         .reuse_bytes(0)
         .descriptor_budget(usize::MAX)
@@ -136,6 +138,7 @@ fn past_max_map_count_is_an_error_and_leaks_nothing() {
     // Sparse one-page segments: the directory may be a small tmpfs, and blocks are not what
     // this test is about.
     let alloc = MmapAllocator::builder()
+        .small_threshold(0)
         .dir(dir.path())
         .reuse_bytes(0)
         .reserve_disk(false)

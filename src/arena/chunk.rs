@@ -1,0 +1,347 @@
+//! One chunk: a [`CHUNK`]-byte file mapped `MAP_SHARED` at a fixed, chunk-aligned address of the
+//! tier's region, and the private (heap) metadata that says which of its blocks are in use.
+//!
+//! The file's descriptor is closed as soon as the file is mapped: the mapping alone keeps the
+//! unlinked file alive, so a chunk costs no descriptor. Releasing a chunk maps an inaccessible
+//! reservation over its view, which drops the last reference to the file and frees its blocks.
+
+use std::io;
+use std::ptr::NonNull;
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+
+use crate::creator::{SegmentCreator, SegmentRequest};
+use crate::fork;
+use crate::sys;
+
+use super::CHUNK;
+use super::class;
+
+/// What every thread may read about a chunk without a lock. One per chunk index, made at the
+/// index's first use and kept (and reused) until the tier drops.
+///
+/// `class`, `epoch` and `shard` change only while the chunk has no live block and is held by one
+/// thread out of every list (see `SmallTier`), so whoever holds a block of the chunk reads
+/// values that stay put until that block is freed.
+#[derive(Debug)]
+pub(super) struct ChunkMeta {
+    /// The size class whose blocks the chunk serves now.
+    class: AtomicUsize,
+    /// The fork epoch in which the chunk was made or last assigned a class.
+    epoch: AtomicU64,
+    /// The shard that hands out (and takes back) the chunk's blocks.
+    shard: AtomicUsize,
+    /// Blocks handed out and not yet freed, as counted by this process (the metadata is private
+    /// memory: after a fork each process counts its own).
+    live: AtomicUsize,
+    /// Whether the chunk's view is mapped now (so it must be released, and unregistered from
+    /// the fork guard, once).
+    mapped: AtomicBool,
+}
+
+impl ChunkMeta {
+    pub(super) fn new() -> Self {
+        ChunkMeta {
+            class: AtomicUsize::new(0),
+            epoch: AtomicU64::new(0),
+            shard: AtomicUsize::new(0),
+            live: AtomicUsize::new(0),
+            mapped: AtomicBool::new(false),
+        }
+    }
+
+    /// Gives the chunk a class, epoch and shard. Only for a chunk with no live block that the
+    /// caller holds out of every list.
+    pub(super) fn assign(&self, class: usize, epoch: u64, shard: usize) {
+        debug_assert_eq!(self.live(), 0);
+        self.class.store(class, Ordering::Relaxed);
+        self.epoch.store(epoch, Ordering::Relaxed);
+        self.shard.store(shard, Ordering::Relaxed);
+    }
+
+    pub(super) fn class(&self) -> usize {
+        self.class.load(Ordering::Relaxed)
+    }
+
+    pub(super) fn block_size(&self) -> usize {
+        class::block_size(self.class())
+    }
+
+    pub(super) fn epoch(&self) -> u64 {
+        self.epoch.load(Ordering::Relaxed)
+    }
+
+    pub(super) fn shard(&self) -> usize {
+        self.shard.load(Ordering::Relaxed)
+    }
+
+    pub(super) fn live(&self) -> usize {
+        self.live.load(Ordering::Acquire)
+    }
+
+    pub(super) fn add_live(&self) {
+        self.live.fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// Counts one block freed; `true` when it was the last live one. AcqRel: whoever sees zero
+    /// releases the view after every other block's last use.
+    pub(super) fn sub_live(&self) -> bool {
+        let before = self.live.fetch_sub(1, Ordering::AcqRel);
+        debug_assert!(before > 0, "more frees than allocations in a chunk");
+        before == 1
+    }
+
+    pub(super) fn is_mapped(&self) -> bool {
+        self.mapped.load(Ordering::Acquire)
+    }
+
+    /// Maps a new chunk file at `at` (a `CHUNK`-aligned, `CHUNK`-long part of the tier's
+    /// reservation) and marks this chunk mapped. On error no file is left behind (except a
+    /// non-empty file from a custom creator, which is never removed) and `[at, at + CHUNK)` is a
+    /// reservation again, unless [`MapFailure::range_kept`] says otherwise.
+    ///
+    /// # Safety
+    /// `[at, at + CHUNK)` must be a reservation of the caller's that nothing refers to.
+    pub(super) unsafe fn map(
+        &self,
+        at: NonNull<u8>,
+        creator: &dyn SegmentCreator,
+        reserve_disk: bool,
+        dont_fork: bool,
+    ) -> Result<(), MapFailure> {
+        debug_assert!(!self.is_mapped());
+        // Checked empty before its name goes: a custom creator's file with data in it is the
+        // user's, never ours to delete.
+        let file = creator
+            .create(&SegmentRequest::new(CHUNK, false))?
+            .into_unnamed()?;
+        if reserve_disk {
+            sys::allocate_blocks(&file, 0, CHUNK as u64)?;
+        } else {
+            file.set_len(CHUNK as u64)?;
+        }
+        // For a `dont_fork` chunk the view, its advice and the fork record change together
+        // under the fork lock: a child never sees the view without its record (see `fork`).
+        let mut no_fork = keeps_out_of_children(dont_fork).then(fork::hold);
+        // A failed MAP_FIXED may have unmapped the target range already (Linux does so before
+        // it can fail): the range is no longer known to be ours.
+        // SAFETY: the caller gives us the reservation `[at, at + CHUNK)`, which nothing refers
+        // to; the file is CHUNK bytes long, so every mapped page has a backing.
+        unsafe { sys::map_file_fixed(at, &file, CHUNK) }.map_err(MapFailure::range_lost)?;
+        // The mapping holds the file from now on; `file` (its descriptor) drops at the end of
+        // this function.
+        if let Some(views) = no_fork.as_mut() {
+            if let Err(error) = keep_from_children(at) {
+                // SAFETY: the view was just mapped by us and nothing refers to it yet.
+                let range_kept = unsafe { sys::reserve_fixed(at, CHUNK) }.is_ok();
+                return Err(MapFailure { error, range_kept });
+            }
+            views.add(at.as_ptr().addr(), CHUNK);
+        }
+        drop(no_fork);
+        self.mapped.store(true, Ordering::Release);
+        Ok(())
+    }
+
+    /// Replaces the chunk's view at `at` with an inaccessible reservation: the file loses its
+    /// last reference and its blocks go back to the file system. The chunk is unmapped after
+    /// this, even if the system call failed (the view then stays, unused, until the tier drops).
+    ///
+    /// # Safety
+    /// `at` must be this chunk's address, and no block of the chunk may be used again.
+    pub(super) unsafe fn release(&self, at: NonNull<u8>, dont_fork: bool) -> io::Result<()> {
+        debug_assert!(self.is_mapped());
+        self.mapped.store(false, Ordering::Release);
+        let mut no_fork = keeps_out_of_children(dont_fork).then(fork::hold);
+        if let Some(views) = no_fork.as_mut() {
+            views.remove(at.as_ptr().addr());
+        }
+        // SAFETY: the view is ours and, as the caller guarantees, unused from now on.
+        unsafe { sys::reserve_fixed(at, CHUNK) }
+    }
+}
+
+/// Whether chunks of a `dont_fork` tier are kept out of children here (Linux only: elsewhere
+/// the setting is accepted and has no effect, as for segments).
+pub(super) fn keeps_out_of_children(dont_fork: bool) -> bool {
+    cfg!(target_os = "linux") && dont_fork
+}
+
+/// `MADV_DONTFORK` on a chunk view just mapped at `at`.
+#[cfg(target_os = "linux")]
+fn keep_from_children(at: NonNull<u8>) -> io::Result<()> {
+    // SAFETY: `[at, at + CHUNK)` is the view just mapped; DONTFORK leaves its contents alone.
+    unsafe { sys::advise(at, CHUNK, sys::Advice::DontFork) }
+}
+
+#[cfg(not(target_os = "linux"))]
+fn keep_from_children(_at: NonNull<u8>) -> io::Result<()> {
+    Ok(())
+}
+
+/// Why [`ChunkMeta::map`] failed, and whether the chunk's range is still our reservation.
+#[derive(Debug)]
+pub(super) struct MapFailure {
+    pub(super) error: io::Error,
+    /// `[at, at + CHUNK)` is still a reservation of ours and may be mapped again.
+    pub(super) range_kept: bool,
+}
+
+impl From<io::Error> for MapFailure {
+    /// A failure before the range was touched.
+    fn from(error: io::Error) -> Self {
+        MapFailure {
+            error,
+            range_kept: true,
+        }
+    }
+}
+
+impl MapFailure {
+    fn range_lost(error: io::Error) -> Self {
+        MapFailure {
+            error,
+            range_kept: false,
+        }
+    }
+}
+
+/// Which blocks of a chunk are in use: private memory of the shard that owns the chunk, only
+/// touched under that shard's lock. Never stored in the chunk's own pages, so freed memory is
+/// never written and a fork child never writes metadata into pages it shares with its parent.
+#[derive(Debug)]
+pub(super) struct Blocks {
+    class: usize,
+    /// How many blocks fit in the chunk.
+    count: usize,
+    /// One bit per block below `bump`, set while the block is in use.
+    used: Vec<u64>,
+    /// Blocks at and above this index were never handed out since the chunk got its class.
+    bump: usize,
+    /// Clear bits below `bump`: blocks freed and not handed out again.
+    freed: usize,
+    /// The word where the last freed block was found, to start the next search there.
+    hint: usize,
+    /// The chunk's file is new: blocks above `bump` read as zeros.
+    fresh: bool,
+    /// The chunk is in its class's list of chunks with free blocks (or about to be): set when
+    /// pushed, so that a chunk is pushed once per time it becomes non-full.
+    pub(super) listed: bool,
+}
+
+/// A block handed out by [`Blocks::take`].
+#[derive(Clone, Copy, Debug)]
+pub(super) struct Taken {
+    pub(super) index: usize,
+    /// The block reads as zeros already (never used since the chunk's file was made).
+    pub(super) zero: bool,
+}
+
+impl Blocks {
+    pub(super) fn new(class: usize, fresh: bool) -> Self {
+        let count = CHUNK / class::block_size(class);
+        Blocks {
+            class,
+            count,
+            used: vec![0; count.div_ceil(64)],
+            bump: 0,
+            freed: 0,
+            hint: 0,
+            fresh,
+            listed: false,
+        }
+    }
+
+    pub(super) fn class(&self) -> usize {
+        self.class
+    }
+
+    #[cfg(test)]
+    pub(super) fn has_free(&self) -> bool {
+        self.freed > 0 || self.bump < self.count
+    }
+
+    /// Hands out a free block: a freed one first (its memory is warm), else the next never-used
+    /// one.
+    pub(super) fn take(&mut self) -> Option<Taken> {
+        if self.freed > 0 {
+            let words = self.used.len();
+            for step in 0..words {
+                let word = (self.hint + step) % words;
+                let bits = self.used[word];
+                if bits != u64::MAX {
+                    let index = word * 64 + bits.trailing_ones() as usize;
+                    // Bits at and above `bump` are clear too but are not freed blocks.
+                    if index < self.bump {
+                        self.used[word] |= 1 << (index % 64);
+                        self.freed -= 1;
+                        self.hint = word;
+                        return Some(Taken { index, zero: false });
+                    }
+                }
+            }
+            debug_assert!(false, "freed count says a block is free, bitmap disagrees");
+        }
+        if self.bump < self.count {
+            let index = self.bump;
+            self.bump += 1;
+            self.used[index / 64] |= 1 << (index % 64);
+            return Some(Taken {
+                index,
+                zero: self.fresh,
+            });
+        }
+        None
+    }
+
+    /// Takes back block `index`. Returns `false` (and changes nothing) if the block is not in
+    /// use, which only a double free or a stray pointer can cause.
+    pub(super) fn put(&mut self, index: usize) -> bool {
+        let (word, bit) = (index / 64, 1u64 << (index % 64));
+        if index >= self.bump || self.used[word] & bit == 0 {
+            return false;
+        }
+        self.used[word] &= !bit;
+        self.freed += 1;
+        if self.freed == 1 || word < self.hint {
+            self.hint = word;
+        }
+        true
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn blocks_bump_then_reuse_freed_ones() {
+        let class = class::class_for(allocator_api2::alloc::Layout::new::<[u8; 64 << 10]>());
+        let mut blocks = Blocks::new(class.unwrap(), true);
+        assert_eq!(blocks.count, CHUNK / (64 << 10));
+        let taken: Vec<_> = std::iter::from_fn(|| blocks.take()).collect();
+        assert_eq!(taken.len(), blocks.count);
+        assert!(taken.iter().all(|t| t.zero));
+        assert!(!blocks.has_free());
+        assert!(blocks.put(5));
+        assert!(!blocks.put(5), "a double free is refused");
+        assert!(blocks.put(63));
+        let again = blocks.take().unwrap();
+        assert_eq!(again.index, 5);
+        assert!(!again.zero, "a reused block is dirty");
+        assert_eq!(blocks.take().unwrap().index, 63);
+        assert!(blocks.take().is_none());
+    }
+
+    #[test]
+    fn blocks_search_wraps_around_from_the_hint() {
+        let mut blocks = Blocks::new(0, false);
+        for _ in 0..1000 {
+            blocks.take().unwrap();
+        }
+        assert!(blocks.put(900));
+        assert!(blocks.put(3));
+        assert_eq!(blocks.take().unwrap().index, 3);
+        assert_eq!(blocks.take().unwrap().index, 900);
+        assert_eq!(blocks.take().unwrap().index, 1000, "then the bump");
+    }
+}

@@ -1,0 +1,592 @@
+//! The small-block tier: blocks of up to [`MAX_SMALL`] bytes carved out of shared chunk files.
+//!
+//! A segment (one file, one mapping per block) is slow for small blocks and runs into the
+//! process's limits on mappings (`vm.max_map_count`, about 65k) and descriptors. This tier maps
+//! [`CHUNK`]-byte files instead and hands out their blocks by size class.
+//!
+//! # Design
+//! * **Region.** At the first allocation the tier reserves [`REGION`] bytes of address space
+//!   (`PROT_NONE`, `MAP_NORESERVE`: it costs nothing), aligned to `CHUNK`. Chunk `i` lives at
+//!   `base + i * CHUNK`, mapped `MAP_FIXED` over the reservation. So whether a pointer is ours is
+//!   one comparison ([`SmallTier::contains`]), and its chunk is one division.
+//! * **Chunk table.** A heap array from chunk index to the chunk's metadata ([`ChunkMeta`]):
+//!   freeing finds the chunk without a lock or a search.
+//! * **Size classes** ([`class`]): 16-byte steps to 128, then four per power of two. One chunk
+//!   serves one class at a time; a chunk that empties can serve another class later.
+//! * **Shards.** [`SHARDS`] mutexes; a thread sticks to one (picked round-robin at its first
+//!   allocation), which holds per class the chunk being filled and the chunks with free blocks.
+//!   A free goes to the shard owning the block's chunk.
+//! * **No descriptors.** A chunk's file is unlinked and its descriptor closed once mapped: the
+//!   mapping keeps the file alive. A million small blocks need a few hundred mappings and no
+//!   descriptor at all.
+//!
+//! # Why classes of our own, not dlmalloc, rlsf or talc
+//! Those manage a region handed to them, but are single-threaded (or one lock) and keep their
+//! metadata *in band*, in headers and free lists inside the memory they manage. Here every bit
+//! of metadata is private heap memory, out of band:
+//! 1. freed memory, and memory whose file blocks were given back, is never written by the
+//!    allocator (a free-list link would fault pages back in, or refill a punched hole);
+//! 2. after `fork`, chunk pages are shared with the child (`MAP_SHARED`): in-band metadata
+//!    would be one heap written by two processes. Private metadata is copied by `fork` like
+//!    the rest of the heap, so each process only ever writes its own;
+//! 3. finding a block's owner is O(1) from its address (the chunk table), with no header.
+//!
+//! # Fork
+//! Every allocation and free takes the caller's fork *epoch*, a counter bumped in parent and
+//! child at every fork. A chunk records the epoch in which it got its class. After a fork both
+//! processes see the pre-fork chunks' pages, so neither may hand out space from them: a shard
+//! locked in a newer epoch forgets its lists, and those chunks are *closed*. A block of a closed
+//! chunk is freed by counting it (no bitmap, no shard lock); the last one releases the chunk's
+//! view. The chunk table and counts are private memory copied by `fork`: each process counts
+//! (and releases) its own live blocks. Empty chunks kept from an older epoch are released, not
+//! reused.
+//!
+//! The fork handlers should call [`SmallTier::observe_epoch`] with the new epoch while they
+//! hold the tier's mutexes: every shard locked afterwards then sees it, even for a caller that
+//! read the epoch just before the fork.
+
+mod chunk;
+mod class;
+mod shard;
+
+use std::fmt;
+use std::io;
+use std::ptr::NonNull;
+use std::sync::atomic::{AtomicPtr, AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Mutex, MutexGuard, OnceLock};
+
+use allocator_api2::alloc::Layout;
+
+use crate::creator::SegmentCreator;
+use crate::fork;
+use crate::segment;
+use crate::sys;
+
+use chunk::{ChunkMeta, Taken};
+use shard::Shard;
+
+/// The size and alignment of a chunk.
+pub(crate) const CHUNK: usize = 4 << 20;
+/// The largest block the tier serves.
+pub(crate) const MAX_SMALL: usize = 512 << 10;
+/// The address space reserved for chunks.
+#[cfg(target_pointer_width = "64")]
+pub(crate) const REGION: usize = 64 << 30;
+/// 32-bit targets: a region that fits.
+#[cfg(not(target_pointer_width = "64"))]
+pub(crate) const REGION: usize = 256 << 20;
+/// How many chunks the region holds.
+const CHUNKS: usize = REGION / CHUNK;
+/// Mutexes that threads spread over.
+const SHARDS: usize = 8;
+
+const _: () = assert!(CHUNKS <= u32::MAX as usize);
+
+/// The settings the router gives the tier.
+#[derive(Clone, Copy, Debug)]
+pub(crate) struct TierConfig {
+    /// The largest size served (at most [`MAX_SMALL`]); larger blocks go to segments.
+    pub(crate) threshold: usize,
+    /// Give chunk files their disk blocks up front (`fallocate`), as for segments.
+    pub(crate) reserve_disk: bool,
+    /// Keep chunks out of fork children (`MADV_DONTFORK`), as for segments.
+    pub(crate) dont_fork: bool,
+    /// Empty chunks kept for reuse rather than released (per tier).
+    pub(crate) retain_empty: usize,
+}
+
+impl Default for TierConfig {
+    fn default() -> Self {
+        TierConfig {
+            threshold: MAX_SMALL,
+            reserve_disk: true,
+            dont_fork: false,
+            retain_empty: 2,
+        }
+    }
+}
+
+/// A snapshot of the tier's counters. Bytes are counted by this process (see the module docs
+/// on fork).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub(crate) struct TierStats {
+    /// Bytes of chunk files mapped now.
+    pub(crate) arena_bytes: u64,
+    /// Bytes of live blocks, each counted at its class's size.
+    pub(crate) in_use_bytes: u64,
+    /// `arena_bytes - in_use_bytes`: free blocks, empty kept chunks, and chunk tails too small
+    /// for a block.
+    pub(crate) free_bytes: u64,
+    /// Bytes of chunk views released (their files' blocks given back), since the tier was made.
+    pub(crate) returned_bytes: u64,
+    /// Chunk files created since the tier was made.
+    pub(crate) chunks_created: u64,
+    /// Chunk views released since the tier was made.
+    pub(crate) chunks_released: u64,
+}
+
+#[derive(Debug, Default)]
+struct Counters {
+    arena_bytes: AtomicU64,
+    in_use_bytes: AtomicU64,
+    returned_bytes: AtomicU64,
+    chunks_created: AtomicU64,
+    chunks_released: AtomicU64,
+}
+
+/// The small-block tier of one allocator (and its clones).
+///
+/// Its mutexes, which the fork handlers must hold around `fork`, are exactly `shards` and
+/// `spare`; they are always taken in that order (a shard, then `spare`), never the other way.
+pub(crate) struct SmallTier {
+    config: TierConfig,
+    /// The start of the region, null until the first chunk. Set once, under `spare`.
+    base: AtomicPtr<u8>,
+    /// Chunk index -> metadata, null until the index is first used. Made with the region.
+    table: OnceLock<Box<[AtomicPtr<ChunkMeta>]>>,
+    shards: Box<[Mutex<Shard>]>,
+    /// Chunk indices to reuse and empty chunks kept, shared by all shards.
+    spare: Mutex<Spare>,
+    /// The newest fork epoch seen (see [`SmallTier::observe_epoch`]).
+    epoch: AtomicU64,
+    counters: Counters,
+}
+
+/// What the shards share: where new chunks go, and empty chunks to reuse.
+#[derive(Debug, Default)]
+struct Spare {
+    /// Indices from here on were never used.
+    next: u32,
+    /// Indices whose chunk was released: no view, a meta to reuse.
+    free: Vec<u32>,
+    /// Chunks with no live block, still mapped (at most `retain_empty`).
+    empty: Vec<u32>,
+}
+
+impl SmallTier {
+    /// A tier with nothing reserved yet: the region is made at the first allocation.
+    pub(crate) fn new(config: TierConfig) -> SmallTier {
+        debug_assert!(config.threshold <= MAX_SMALL);
+        SmallTier {
+            config,
+            base: AtomicPtr::new(std::ptr::null_mut()),
+            table: OnceLock::new(),
+            shards: (0..SHARDS).map(|_| Mutex::new(Shard::new())).collect(),
+            spare: Mutex::new(Spare::default()),
+            epoch: AtomicU64::new(0),
+            counters: Counters::default(),
+        }
+    }
+
+    /// Whether the tier takes `layout`: not empty, at most the threshold, aligned to at most a
+    /// page.
+    pub(crate) fn serves(&self, layout: Layout) -> bool {
+        layout.size() > 0
+            && layout.size() <= self.config.threshold
+            && layout.align() <= class::MAX_ALIGN
+    }
+
+    /// Records that fork epoch `epoch` has begun (if newer than any seen). The fork handlers
+    /// call it while holding every tier mutex, so that no shard is used in the old epoch
+    /// afterwards; allocation and free call it with the epoch they are given.
+    pub(crate) fn observe_epoch(&self, epoch: u64) -> u64 {
+        let seen = self.epoch.load(Ordering::Acquire);
+        if epoch > seen {
+            self.epoch.fetch_max(epoch, Ordering::AcqRel).max(epoch)
+        } else {
+            seen
+        }
+    }
+
+    /// A block for `layout` (which [`serves`](Self::serves) must accept, threshold aside), of
+    /// its class's size, aligned to `layout.align()`, zeroed if asked. `epoch` is the current
+    /// fork epoch. Fails when no chunk can be made (creator, disk, or the region is full).
+    pub(crate) fn allocate(
+        &self,
+        layout: Layout,
+        zeroed: bool,
+        epoch: u64,
+        creator: &dyn SegmentCreator,
+    ) -> io::Result<NonNull<[u8]>> {
+        let class = class::class_for(layout).ok_or_else(|| {
+            io::Error::new(
+                io::ErrorKind::InvalidInput,
+                "layout not served by the small-block tier",
+            )
+        })?;
+        self.observe_epoch(epoch);
+        let home = home_shard();
+        loop {
+            let mut shard = self.lock_shard(home);
+            if let Some((index, taken)) = shard.take(class) {
+                // Counted under the lock: a free of the chunk's other blocks must not see it
+                // empty (and release it) while this block is on its way out.
+                self.meta(index).add_live();
+                drop(shard);
+                return Ok(self.hand_out(index, taken, zeroed));
+            }
+            if let Some(index) = self.take_retained(shard.epoch) {
+                self.meta(index).assign(class, shard.epoch, home);
+                let taken = shard.install(index, class, false);
+                self.meta(index).add_live();
+                drop(shard);
+                return Ok(self.hand_out(index, taken, zeroed));
+            }
+            // Make the file outside the shard lock: it is slow, and the creator is user code.
+            let epoch = shard.epoch;
+            drop(shard);
+            let index = self.new_chunk(creator)?;
+            let mut shard = self.lock_shard(home);
+            if shard.epoch != epoch {
+                // A fork came in between: the chunk may be shared with a child. Drop it.
+                drop(shard);
+                self.release_to_spare(index);
+                continue;
+            }
+            self.meta(index).assign(class, epoch, home);
+            let taken = shard.install(index, class, true);
+            self.meta(index).add_live();
+            drop(shard);
+            return Ok(self.hand_out(index, taken, zeroed));
+        }
+    }
+
+    /// Whether the block at `ptr` may be resized in place: its chunk got its class in the
+    /// current fork epoch `epoch` (pre-fork chunks are shared with a child: see the module doc).
+    ///
+    /// # Safety
+    /// As for [`block_len`](Self::block_len).
+    pub(crate) unsafe fn is_current(&self, ptr: NonNull<u8>, epoch: u64) -> bool {
+        self.meta(self.index_of(ptr)).epoch() == self.observe_epoch(epoch)
+    }
+
+    /// The block size `layout` would get (if the tier serves it).
+    pub(crate) fn class_len(&self, layout: Layout) -> Option<usize> {
+        class::class_for(layout).map(class::block_size)
+    }
+
+    /// Locks every mutex of the tier for a `fork` (shards in order, then `spare`: the order of
+    /// their use) and notes the epoch the fork begins, so no shard is used in the old one.
+    pub(crate) fn lock_for_fork(&'static self, held: &mut Vec<Box<dyn std::any::Any>>, epoch: u64) {
+        for shard in self.shards.iter() {
+            held.push(Box::new(shard.lock().unwrap_or_else(|e| e.into_inner())));
+        }
+        held.push(Box::new(self.lock_spare()));
+        self.observe_epoch(epoch);
+    }
+
+    /// Whether `ptr` lies in the tier's region (and so came from [`allocate`](Self::allocate),
+    /// if it was allocated at all).
+    pub(crate) fn contains(&self, ptr: NonNull<u8>) -> bool {
+        let base = self.base.load(Ordering::Acquire);
+        !base.is_null() && ptr.as_ptr().addr().wrapping_sub(base.addr()) < REGION
+    }
+
+    /// The length of the block at `ptr`, as returned by `allocate`.
+    ///
+    /// # Safety
+    /// `ptr` must have been returned by [`allocate`](Self::allocate) of this tier and be
+    /// currently allocated.
+    pub(crate) unsafe fn block_len(&self, ptr: NonNull<u8>) -> usize {
+        self.meta(self.index_of(ptr)).block_size()
+    }
+
+    /// Frees the block at `ptr`. `epoch` is the current fork epoch.
+    ///
+    /// # Safety
+    /// `ptr` must have been returned by [`allocate`](Self::allocate) of this tier and be
+    /// currently allocated; it is not used again.
+    pub(crate) unsafe fn deallocate(&self, ptr: NonNull<u8>, epoch: u64) {
+        let index = self.index_of(ptr);
+        let meta = self.meta(index);
+        let block_size = meta.block_size();
+        let offset = ptr.as_ptr().addr() - self.chunk_at(index).as_ptr().addr();
+        debug_assert!(offset.is_multiple_of(block_size), "not a block start");
+        self.counters
+            .in_use_bytes
+            .fetch_sub(block_size as u64, Ordering::Relaxed);
+        let epoch = self.observe_epoch(epoch);
+        if meta.epoch() == epoch {
+            let mut guard = self.lock_shard(meta.shard());
+            let shard = &mut *guard;
+            if shard.epoch == meta.epoch()
+                && let Some(blocks) = shard.chunks.get_mut(&index)
+            {
+                let known = blocks.put(offset / block_size);
+                debug_assert!(known, "double free of a small block");
+                if !known {
+                    // Release builds: leave the count alone rather than corrupt it.
+                    return;
+                }
+                let lists = &mut shard.classes[meta.class()];
+                if meta.sub_live() {
+                    shard.chunks.remove(&index);
+                    if lists.current == Some(index) {
+                        lists.current = None;
+                    }
+                    drop(guard);
+                    self.retire(index, epoch);
+                } else if !blocks.listed && lists.current != Some(index) {
+                    blocks.listed = true;
+                    lists.partial.push(index);
+                }
+                return;
+            }
+        }
+        // A closed chunk (older epoch): count only.
+        if meta.sub_live() {
+            self.release_to_spare(index);
+        }
+    }
+
+    /// The counters now.
+    pub(crate) fn stats(&self) -> TierStats {
+        let c = &self.counters;
+        let arena_bytes = c.arena_bytes.load(Ordering::Relaxed);
+        let in_use_bytes = c.in_use_bytes.load(Ordering::Relaxed);
+        TierStats {
+            arena_bytes,
+            in_use_bytes,
+            free_bytes: arena_bytes.saturating_sub(in_use_bytes),
+            returned_bytes: c.returned_bytes.load(Ordering::Relaxed),
+            chunks_created: c.chunks_created.load(Ordering::Relaxed),
+            chunks_released: c.chunks_released.load(Ordering::Relaxed),
+        }
+    }
+
+    /// Locks shard `index` and brings it to the newest epoch seen. Reading the epoch under the
+    /// lock is what makes [`observe_epoch`](Self::observe_epoch) in the fork handlers effective.
+    fn lock_shard(&self, index: usize) -> MutexGuard<'_, Shard> {
+        // Every change under the lock leaves the shard consistent (a panic can only come from a
+        // failed debug assertion or allocation), so a poisoned lock is still usable.
+        let mut shard = self.shards[index].lock().unwrap_or_else(|e| e.into_inner());
+        shard.enter(self.epoch.load(Ordering::Acquire));
+        shard
+    }
+
+    fn lock_spare(&self) -> MutexGuard<'_, Spare> {
+        // Pushes and pops only: a poisoned lock is consistent.
+        self.spare.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// The block `taken` of chunk `index` (already counted live under the shard lock), zeroed
+    /// if asked.
+    fn hand_out(&self, index: u32, taken: Taken, zeroed: bool) -> NonNull<[u8]> {
+        let block_size = self.meta(index).block_size();
+        self.counters
+            .in_use_bytes
+            .fetch_add(block_size as u64, Ordering::Relaxed);
+        let chunk = self.chunk_at(index);
+        // SAFETY: `taken.index < CHUNK / block_size` (`Blocks` hands out no other), so the block
+        // lies inside the chunk's CHUNK bytes.
+        let ptr = unsafe { chunk.add(taken.index * block_size) };
+        if zeroed && !taken.zero {
+            // SAFETY: the block is mapped read/write (its chunk is mapped while it has live
+            // blocks) and was just handed to us alone.
+            unsafe { ptr.write_bytes(0, block_size) };
+        }
+        NonNull::slice_from_raw_parts(ptr, block_size)
+    }
+
+    /// An empty chunk kept for reuse, if one of `epoch` is there. Kept chunks of an older epoch
+    /// are released on the way.
+    fn take_retained(&self, epoch: u64) -> Option<u32> {
+        let mut spare = self.lock_spare();
+        while let Some(index) = spare.empty.pop() {
+            if self.meta(index).epoch() == epoch {
+                return Some(index);
+            }
+            self.release(&mut spare, index);
+        }
+        None
+    }
+
+    /// Chunk `index` has just lost its last block (in epoch `epoch`): keep it for reuse, or
+    /// release it if enough are kept.
+    fn retire(&self, index: u32, epoch: u64) {
+        let mut spare = self.lock_spare();
+        if spare.empty.len() < self.config.retain_empty && self.meta(index).epoch() == epoch {
+            spare.empty.push(index);
+        } else {
+            self.release(&mut spare, index);
+        }
+    }
+
+    fn release_to_spare(&self, index: u32) {
+        let mut spare = self.lock_spare();
+        self.release(&mut spare, index);
+    }
+
+    /// Releases chunk `index` (no live block, held by the caller out of every list) and
+    /// makes its index reusable.
+    fn release(&self, spare: &mut Spare, index: u32) {
+        // SAFETY: the chunk's view is at `chunk_at(index)`, and it has no live block, so
+        // nothing uses its memory again.
+        if let Err(e) = unsafe {
+            self.meta(index)
+                .release(self.chunk_at(index), self.config.dont_fork)
+        } {
+            // MAP_FIXED over our own range fails only without memory for page tables. The view
+            // stays mapped and the index is not reused; the tier's drop unmaps it.
+            log::warn!("mmapvec: releasing a small-block chunk failed: {e}");
+            return;
+        }
+        let c = &self.counters;
+        c.arena_bytes.fetch_sub(CHUNK as u64, Ordering::Relaxed);
+        c.returned_bytes.fetch_add(CHUNK as u64, Ordering::Relaxed);
+        c.chunks_released.fetch_add(1, Ordering::Relaxed);
+        spare.free.push(index);
+    }
+
+    /// Maps a new chunk file at a free index (reserving the region first if needed).
+    fn new_chunk(&self, creator: &dyn SegmentCreator) -> io::Result<u32> {
+        let index = {
+            let mut spare = self.lock_spare();
+            self.reserve_region()?;
+            match spare.free.pop() {
+                Some(index) => index,
+                None if (spare.next as usize) < CHUNKS => {
+                    spare.next += 1;
+                    spare.next - 1
+                }
+                None => {
+                    return Err(io::Error::new(
+                        io::ErrorKind::OutOfMemory,
+                        "the small-block region is full",
+                    ));
+                }
+            }
+        };
+        let meta = self.meta_or_new(index);
+        let cfg = &self.config;
+        // SAFETY: the index was free: its range is part of our reservation (never mapped, or
+        // put back by `release`) and nothing refers to it.
+        let mapped = unsafe {
+            meta.map(
+                self.chunk_at(index),
+                creator,
+                cfg.reserve_disk,
+                cfg.dont_fork,
+            )
+        };
+        if let Err(failure) = mapped {
+            // An index whose reservation may be gone is never used again: MAP_FIXED there
+            // could replace someone else's mapping.
+            if failure.range_kept {
+                self.lock_spare().free.push(index);
+            }
+            return Err(failure.error);
+        }
+        self.counters
+            .arena_bytes
+            .fetch_add(CHUNK as u64, Ordering::Relaxed);
+        self.counters.chunks_created.fetch_add(1, Ordering::Relaxed);
+        Ok(index)
+    }
+
+    /// Reserves the region and makes the chunk table, once. Called under `spare`, which
+    /// serializes it.
+    fn reserve_region(&self) -> io::Result<()> {
+        if !self.base.load(Ordering::Acquire).is_null() {
+            return Ok(());
+        }
+        let base = segment::reserve_aligned(REGION, CHUNK)?;
+        let table = (0..CHUNKS)
+            .map(|_| AtomicPtr::new(std::ptr::null_mut()))
+            .collect();
+        // Under `spare` nobody else sets it; the table first, so a non-null base implies it.
+        let _ = self.table.set(table);
+        self.base.store(base.as_ptr(), Ordering::Release);
+        Ok(())
+    }
+
+    fn table(&self) -> &[AtomicPtr<ChunkMeta>] {
+        self.table.get().map_or(&[], |t| t)
+    }
+
+    /// The start of chunk `index`. Only called once the region exists.
+    fn chunk_at(&self, index: u32) -> NonNull<u8> {
+        let base = NonNull::new(self.base.load(Ordering::Acquire)).expect("region reserved");
+        // SAFETY: index < CHUNKS, so the offset lies inside the region's REGION bytes.
+        unsafe { base.add(index as usize * CHUNK) }
+    }
+
+    /// The chunk index of `ptr`, which lies in the region.
+    fn index_of(&self, ptr: NonNull<u8>) -> u32 {
+        debug_assert!(self.contains(ptr));
+        let offset = ptr.as_ptr().addr() - self.base.load(Ordering::Acquire).addr();
+        (offset / CHUNK) as u32
+    }
+
+    /// The metadata of chunk `index`, which has been used at least once.
+    fn meta(&self, index: u32) -> &ChunkMeta {
+        let ptr = self.table()[index as usize].load(Ordering::Acquire);
+        // SAFETY: a non-null entry points to a `Box<ChunkMeta>` leaked by `meta_or_new`, freed
+        // only when the tier drops (`&self` outlives no such drop).
+        unsafe { ptr.as_ref() }.expect("chunk index in use has metadata")
+    }
+
+    /// The metadata of chunk `index`, made now if the index was never used. Only for an index
+    /// the caller holds (fresh out of `spare`).
+    fn meta_or_new(&self, index: u32) -> &ChunkMeta {
+        let slot = &self.table()[index as usize];
+        if slot.load(Ordering::Acquire).is_null() {
+            slot.store(Box::into_raw(Box::new(ChunkMeta::new())), Ordering::Release);
+        }
+        self.meta(index)
+    }
+}
+
+impl fmt::Debug for SmallTier {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("SmallTier")
+            .field("config", &self.config)
+            .field("base", &self.base.load(Ordering::Relaxed))
+            .field("stats", &self.stats())
+            .finish_non_exhaustive()
+    }
+}
+
+impl Drop for SmallTier {
+    fn drop(&mut self) {
+        let Some(base) = NonNull::new(*self.base.get_mut()) else {
+            return;
+        };
+        // `dont_fork` views leave the fork record together with the unmapping (see `fork`).
+        let mut no_fork = chunk::keeps_out_of_children(self.config.dont_fork).then(fork::hold);
+        for (index, slot) in self.table().iter().enumerate() {
+            let ptr = slot.load(Ordering::Acquire);
+            if ptr.is_null() {
+                continue;
+            }
+            // SAFETY: a non-null entry is a leaked `Box<ChunkMeta>` (see `meta_or_new`),
+            // taken back once here: the tier is going away.
+            let meta = unsafe { Box::from_raw(ptr) };
+            if let Some(views) = no_fork.as_mut()
+                && meta.is_mapped()
+            {
+                views.remove(self.chunk_at(index as u32).as_ptr().addr());
+            }
+        }
+        // SAFETY: the region is ours, and no block is live: every block is owned by a value
+        // holding a clone of the allocator, whose last clone is being dropped.
+        if let Err(e) = unsafe { sys::unmap(base, REGION) } {
+            // Drop must not panic; a failed munmap of our own range means a broken invariant.
+            log::error!("mmapvec: munmap of the small-block region failed: {e}");
+        }
+        drop(no_fork);
+    }
+}
+
+/// The shard this thread uses, picked round-robin at its first allocation.
+fn home_shard() -> usize {
+    static NEXT: AtomicUsize = AtomicUsize::new(0);
+    thread_local! {
+        static HOME: usize = NEXT.fetch_add(1, Ordering::Relaxed) % SHARDS;
+    }
+    // During thread teardown the thread-local may be gone: any shard will do.
+    HOME.try_with(|home| *home).unwrap_or(0)
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,110 @@
+//! One shard of the small-block tier: the chunks it hands blocks out of, by class.
+
+use std::collections::HashMap;
+
+use super::chunk::{Blocks, Taken};
+use super::class;
+
+/// The chunks one shard hands blocks out of. Private memory, only touched under its mutex.
+#[derive(Debug)]
+pub(super) struct Shard {
+    /// The epoch the lists belong to; a newer one empties them (see the module docs).
+    pub(super) epoch: u64,
+    /// Per class: the chunk being filled, and chunks with free blocks (may hold stale entries,
+    /// checked against `chunks` when popped).
+    pub(super) classes: Vec<ClassLists>,
+    /// Block bitmaps of the open chunks this shard owns.
+    pub(super) chunks: HashMap<u32, Blocks>,
+}
+
+#[derive(Debug, Default, Clone)]
+pub(super) struct ClassLists {
+    pub(super) current: Option<u32>,
+    pub(super) partial: Vec<u32>,
+}
+
+impl Shard {
+    pub(super) fn new() -> Self {
+        Shard {
+            epoch: 0,
+            classes: vec![ClassLists::default(); class::COUNT],
+            chunks: HashMap::new(),
+        }
+    }
+
+    /// Moves to a newer epoch: every chunk of the old one is closed (freed by count only).
+    pub(super) fn enter(&mut self, epoch: u64) {
+        if epoch > self.epoch {
+            self.epoch = epoch;
+            self.chunks.clear();
+            self.classes
+                .iter_mut()
+                .for_each(|c| *c = ClassLists::default());
+        }
+    }
+
+    /// A block of class `class` from the chunks already here.
+    pub(super) fn take(&mut self, class: usize) -> Option<(u32, Taken)> {
+        let lists = &mut self.classes[class];
+        if let Some(index) = lists.current
+            && let Some(blocks) = self.chunks.get_mut(&index)
+            && let Some(taken) = blocks.take()
+        {
+            return Some((index, taken));
+        }
+        while let Some(index) = lists.partial.pop() {
+            let Some(blocks) = self.chunks.get_mut(&index) else {
+                continue; // emptied and gone since it was listed
+            };
+            if blocks.class() != class || !blocks.listed {
+                continue; // a stale entry: the index has been reused since
+            }
+            blocks.listed = false;
+            if let Some(taken) = blocks.take() {
+                lists.current = Some(index);
+                return Some((index, taken));
+            }
+        }
+        None
+    }
+
+    /// Makes chunk `index` (no live block, held by the caller) this shard's current chunk for
+    /// `class`, and takes its first block.
+    pub(super) fn install(&mut self, index: u32, class: usize, fresh: bool) -> Taken {
+        let mut blocks = Blocks::new(class, fresh);
+        let taken = blocks.take().expect("a new chunk has a free block");
+        self.chunks.insert(index, blocks);
+        // The previous current chunk is full (or we would not be here); it is listed again
+        // when one of its blocks is freed.
+        self.classes[class].current = Some(index);
+        taken
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_newer_epoch_forgets_every_chunk() {
+        let mut shard = Shard::new();
+        shard.install(3, 2, true);
+        assert_eq!(shard.take(2).map(|(index, _)| index), Some(3));
+        shard.enter(0);
+        assert!(shard.take(2).is_some(), "same epoch: lists kept");
+        shard.enter(1);
+        assert!(shard.take(2).is_none(), "newer epoch: chunk 3 is closed");
+        assert!(shard.chunks.is_empty());
+    }
+
+    #[test]
+    fn stale_partial_entries_are_skipped() {
+        let mut shard = Shard::new();
+        // An index listed, then emptied and gone; another reused for a different class.
+        shard.classes[0].partial.push(9);
+        shard.install(4, 1, true);
+        shard.classes[0].partial.push(4);
+        assert!(shard.take(0).is_none());
+        assert!(shard.classes[0].partial.is_empty());
+    }
+}

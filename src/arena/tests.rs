@@ -1,0 +1,524 @@
+//! Unit tests of the small-block tier.
+
+use std::collections::HashSet;
+use std::fs::{self, OpenOptions};
+use std::io::Write;
+use std::sync::Mutex;
+
+use super::*;
+use crate::creator::{DirCreator, SegmentFile, SegmentRequest};
+
+fn creator() -> DirCreator {
+    DirCreator::new(std::env::temp_dir())
+}
+
+fn tier(retain_empty: usize) -> SmallTier {
+    SmallTier::new(TierConfig {
+        retain_empty,
+        ..TierConfig::default()
+    })
+}
+
+fn layout(size: usize, align: usize) -> Layout {
+    Layout::from_size_align(size, align).unwrap()
+}
+
+/// A small deterministic generator (xorshift64*), so failures reproduce.
+struct Rng(u64);
+
+impl Rng {
+    fn next(&mut self) -> u64 {
+        self.0 ^= self.0 >> 12;
+        self.0 ^= self.0 << 25;
+        self.0 ^= self.0 >> 27;
+        self.0.wrapping_mul(0x2545_f491_4f6c_dd1d)
+    }
+
+    fn below(&mut self, n: usize) -> usize {
+        (self.next() % n as u64) as usize
+    }
+
+    /// Mostly small sizes, sometimes up to `MAX_SMALL`.
+    fn size(&mut self) -> usize {
+        match self.below(10) {
+            0 => 1 + self.below(MAX_SMALL),
+            1..=3 => 1 + self.below(4096),
+            _ => 1 + self.below(256),
+        }
+    }
+
+    fn align(&mut self) -> usize {
+        if self.below(4) == 0 {
+            1 << self.below(13)
+        } else {
+            1 << self.below(4)
+        }
+    }
+}
+
+/// A live block and the byte it was filled with.
+struct Live {
+    ptr: NonNull<[u8]>,
+    fill: u8,
+}
+
+// SAFETY: a `Live` is the only handle to its block (a test's own allocation); blocks may be
+// used and freed from any thread.
+unsafe impl Send for Live {}
+
+fn fill(block: NonNull<[u8]>, byte: u8) {
+    // SAFETY: the block was just allocated by the tier, `block.len()` bytes, used by no one else.
+    unsafe { block.cast::<u8>().write_bytes(byte, block.len()) };
+}
+
+fn check(live: &Live) {
+    // SAFETY: the block is currently allocated and was filled over its whole length.
+    let bytes = unsafe { live.ptr.as_ref() };
+    assert!(
+        bytes.iter().all(|&b| b == live.fill),
+        "block at {:p} ({} bytes) lost its contents",
+        live.ptr,
+        bytes.len()
+    );
+}
+
+fn check_disjoint(blocks: &[Live]) {
+    let mut ranges: Vec<(usize, usize)> = blocks
+        .iter()
+        .map(|b| (b.ptr.cast::<u8>().as_ptr().addr(), b.ptr.len()))
+        .collect();
+    ranges.sort_unstable();
+    for pair in ranges.windows(2) {
+        assert!(
+            pair[0].0 + pair[0].1 <= pair[1].0,
+            "blocks overlap: {pair:?}"
+        );
+    }
+}
+
+fn chunk_of(tier: &SmallTier, ptr: NonNull<[u8]>) -> u32 {
+    tier.index_of(ptr.cast())
+}
+
+/// A random program of allocations and frees; returns the live blocks.
+fn run_program(tier: &SmallTier, creator: &DirCreator, seed: u64, steps: usize) -> Vec<Live> {
+    let mut rng = Rng(seed);
+    let mut live: Vec<Live> = Vec::new();
+    for step in 0..steps {
+        if !live.is_empty() && rng.below(5) < 2 {
+            let victim = live.swap_remove(rng.below(live.len()));
+            check(&victim);
+            // SAFETY: allocated by this tier, freed once.
+            unsafe { tier.deallocate(victim.ptr.cast(), 0) };
+        } else {
+            let (size, align) = (rng.size(), rng.align());
+            let ptr = tier
+                .allocate(layout(size, align), false, 0, creator)
+                .unwrap();
+            assert!(ptr.len() >= size);
+            assert!(ptr.cast::<u8>().as_ptr().addr().is_multiple_of(align));
+            // SAFETY: just allocated.
+            assert_eq!(unsafe { tier.block_len(ptr.cast()) }, ptr.len());
+            assert!(tier.contains(ptr.cast()));
+            let fill = (step % 251) as u8 + 1;
+            self::fill(ptr, fill);
+            live.push(Live { ptr, fill });
+        }
+        if step % 500 == 0 {
+            live.iter().for_each(check);
+            check_disjoint(&live);
+        }
+    }
+    live.iter().for_each(check);
+    check_disjoint(&live);
+    live
+}
+
+fn free_all(tier: &SmallTier, live: Vec<Live>, epoch: u64) {
+    for block in live {
+        check(&block);
+        // SAFETY: allocated by this tier, freed once.
+        unsafe { tier.deallocate(block.ptr.cast(), epoch) };
+    }
+}
+
+#[test]
+fn random_blocks_are_aligned_disjoint_and_keep_their_contents() {
+    let (tier, creator) = (tier(2), creator());
+    let live = run_program(&tier, &creator, 0x9e37_79b9_7f4a_7c15, 4000);
+    let stats = tier.stats();
+    let in_use: u64 = live.iter().map(|b| b.ptr.len() as u64).sum();
+    assert_eq!(stats.in_use_bytes, in_use);
+    assert_eq!(
+        stats.arena_bytes,
+        (stats.chunks_created - stats.chunks_released) * CHUNK as u64
+    );
+    free_all(&tier, live, 0);
+    let stats = tier.stats();
+    assert_eq!(stats.in_use_bytes, 0);
+    assert!(stats.arena_bytes <= 2 * CHUNK as u64, "{stats:?}");
+}
+
+#[test]
+fn freed_space_is_reused_across_cycles() {
+    let (tier, creator) = (tier(usize::MAX), creator());
+    let mut created = Vec::new();
+    for _ in 0..3 {
+        let live = run_program(&tier, &creator, 42, 2000);
+        free_all(&tier, live, 0);
+        created.push(tier.stats().chunks_created);
+    }
+    // The same program needs the same chunks: every later cycle reuses the first one's.
+    assert_eq!(created[0], created[2], "{created:?}");
+    assert_eq!(tier.stats().chunks_released, 0);
+}
+
+fn open_descriptors() -> usize {
+    fs::read_dir("/proc/self/fd").map_or(0, |d| d.count())
+}
+
+#[test]
+fn hundred_thousand_small_blocks_share_few_chunks_and_hold_no_descriptor() {
+    let (tier, creator) = (tier(2), creator());
+    let before = open_descriptors();
+    let blocks: Vec<NonNull<[u8]>> = (0..100_000u32)
+        .map(|i| {
+            let block = tier.allocate(layout(32, 8), false, 0, &creator).unwrap();
+            // SAFETY: a fresh 32-byte block, aligned to 16.
+            unsafe { block.cast::<u32>().write(i) };
+            block
+        })
+        .collect();
+    let needed = (100_000 * 32usize).div_ceil(CHUNK) as u64;
+    let stats = tier.stats();
+    assert!(stats.chunks_created <= needed + 1, "{stats:?}");
+    assert_eq!(stats.in_use_bytes, 100_000 * 32);
+    for (i, block) in blocks.iter().enumerate() {
+        // SAFETY: still allocated, written above.
+        assert_eq!(unsafe { block.cast::<u32>().read() }, i as u32);
+    }
+
+    // Many chunks (sparse files, never touched): still no descriptor per chunk.
+    let sparse = SmallTier::new(TierConfig {
+        reserve_disk: false,
+        ..TierConfig::default()
+    });
+    let big: Vec<_> = (0..1000)
+        .map(|_| {
+            sparse
+                .allocate(layout(256 << 10, 8), false, 0, &creator)
+                .unwrap()
+        })
+        .collect();
+    assert!(sparse.stats().chunks_created >= 60);
+    let after = open_descriptors();
+    // Other tests run in parallel and may hold a descriptor or two for a moment.
+    assert!(
+        after < before + 16,
+        "{before} descriptors before, {after} after"
+    );
+    for block in big {
+        // SAFETY: allocated above, freed once.
+        unsafe { sparse.deallocate(block.cast(), 0) };
+    }
+    for block in blocks {
+        // SAFETY: allocated above, freed once.
+        unsafe { tier.deallocate(block.cast(), 0) };
+    }
+}
+
+fn all_zero(block: NonNull<[u8]>) -> bool {
+    // SAFETY: a block just allocated by the tier, `len` bytes.
+    unsafe { block.as_ref() }.iter().all(|&b| b == 0)
+}
+
+#[test]
+fn zeroed_blocks_are_zero_even_in_dirty_memory() {
+    let (tier, creator) = (tier(2), creator());
+    // Fresh chunk: bump blocks are zero without writing.
+    let first = tier.allocate(layout(100, 4), true, 0, &creator).unwrap();
+    assert!(all_zero(first));
+    fill(first, 0xff);
+    let dirty: Vec<_> = (0..1000)
+        .map(|_| {
+            let b = tier.allocate(layout(100, 4), false, 0, &creator).unwrap();
+            fill(b, 0xee);
+            b
+        })
+        .collect();
+    // Freed blocks of the same class, reused.
+    for &b in &dirty[..500] {
+        // SAFETY: allocated above, freed once.
+        unsafe { tier.deallocate(b.cast(), 0) };
+    }
+    for _ in 0..500 {
+        let b = tier.allocate(layout(100, 4), true, 0, &creator).unwrap();
+        assert!(all_zero(b));
+        fill(b, 0xdd);
+    }
+    // A dirty chunk, emptied and kept, then given another class.
+    let created = tier.stats().chunks_created;
+    let whole: Vec<_> = (0..CHUNK / MAX_SMALL)
+        .map(|_| {
+            let b = tier
+                .allocate(layout(MAX_SMALL, 8), false, 0, &creator)
+                .unwrap();
+            fill(b, 0xcc);
+            b
+        })
+        .collect();
+    for b in whole {
+        // SAFETY: allocated above, freed once.
+        unsafe { tier.deallocate(b.cast(), 0) };
+    }
+    let created = created + 1;
+    assert_eq!(tier.stats().chunks_created, created);
+    for _ in 0..(CHUNK / (384 << 10)) {
+        let b = tier
+            .allocate(layout(384 << 10, 8), true, 0, &creator)
+            .unwrap();
+        assert!(all_zero(b));
+    }
+    assert_eq!(
+        tier.stats().chunks_created,
+        created,
+        "the kept chunk was reused"
+    );
+}
+
+#[test]
+fn empty_chunks_beyond_retain_are_released_and_their_indices_reused() {
+    let (tier, creator) = (tier(2), creator());
+    let per_chunk = CHUNK / MAX_SMALL;
+    let big = layout(MAX_SMALL, 8);
+    let blocks: Vec<_> = (0..5 * per_chunk)
+        .map(|_| tier.allocate(big, false, 0, &creator).unwrap())
+        .collect();
+    let indices: HashSet<u32> = blocks.iter().map(|&b| chunk_of(&tier, b)).collect();
+    assert_eq!(indices.len(), 5);
+    assert_eq!(tier.stats().chunks_created, 5);
+    for b in blocks {
+        // SAFETY: allocated above, freed once.
+        unsafe { tier.deallocate(b.cast(), 0) };
+    }
+    let stats = tier.stats();
+    assert_eq!(stats.chunks_released, 3, "{stats:?}");
+    assert_eq!(stats.returned_bytes, 3 * CHUNK as u64);
+    assert_eq!(stats.arena_bytes, 2 * CHUNK as u64);
+    assert_eq!(stats.free_bytes, 2 * CHUNK as u64);
+
+    let again: Vec<_> = (0..5 * per_chunk)
+        .map(|_| tier.allocate(big, false, 0, &creator).unwrap())
+        .collect();
+    let reused: HashSet<u32> = again.iter().map(|&b| chunk_of(&tier, b)).collect();
+    assert_eq!(reused, indices, "released indices are reused");
+    assert_eq!(
+        tier.stats().chunks_created,
+        8,
+        "two kept chunks reused, three made"
+    );
+    for b in again {
+        // SAFETY: allocated above, freed once.
+        unsafe { tier.deallocate(b.cast(), 0) };
+    }
+}
+
+#[test]
+fn a_new_epoch_never_hands_out_space_from_older_chunks() {
+    let (tier, creator) = (tier(2), creator());
+    let per_chunk = CHUNK / MAX_SMALL;
+    let big = layout(MAX_SMALL, 8);
+    let small = layout(48, 8);
+    let mut old: Vec<_> = (0..3 * per_chunk)
+        .map(|_| tier.allocate(big, false, 0, &creator).unwrap())
+        .collect();
+    old.extend((0..100).map(|_| tier.allocate(small, false, 0, &creator).unwrap()));
+    // Empty the last big chunk in epoch 0: it is kept for reuse...
+    let kept = chunk_of(&tier, old[3 * per_chunk - 1]);
+    old.retain(|&b| {
+        let in_kept = chunk_of(&tier, b) == kept;
+        if in_kept {
+            // SAFETY: allocated above, freed once.
+            unsafe { tier.deallocate(b.cast(), 0) };
+        }
+        !in_kept
+    });
+    assert_eq!(tier.stats().chunks_released, 0);
+    let old_chunks: HashSet<u32> = old.iter().map(|&b| chunk_of(&tier, b)).collect();
+    assert_eq!(old_chunks.len(), 3, "two big chunks and a small one");
+
+    // ...and after the fork, free space in old chunks (by count only) must not be used.
+    // Every other block: each old chunk keeps live blocks, so none is released (and none of
+    // their indices can be reused legitimately).
+    let mut position = 0;
+    old.retain(|&b| {
+        position += 1;
+        if position % 2 == 0 {
+            // SAFETY: allocated above, freed once.
+            unsafe { tier.deallocate(b.cast(), 1) };
+        }
+        position % 2 == 1
+    });
+    assert_eq!(tier.stats().chunks_released, 0);
+    let new: Vec<_> = (0..2 * per_chunk)
+        .map(|_| tier.allocate(big, false, 1, &creator).unwrap())
+        .chain((0..200).map(|_| tier.allocate(small, false, 1, &creator).unwrap()))
+        .collect();
+    for &b in &new {
+        assert!(
+            !old_chunks.contains(&chunk_of(&tier, b)),
+            "epoch-0 chunk reused"
+        );
+    }
+    let stats = tier.stats();
+    assert_eq!(
+        stats.chunks_released, 1,
+        "the kept epoch-0 chunk: {stats:?}"
+    );
+
+    for b in old {
+        // SAFETY: allocated above, freed once.
+        unsafe { tier.deallocate(b.cast(), 1) };
+    }
+    let stats = tier.stats();
+    assert_eq!(stats.chunks_released, 4, "every epoch-0 chunk: {stats:?}");
+    assert_eq!(stats.arena_bytes, 3 * CHUNK as u64, "{stats:?}");
+    for b in new {
+        // SAFETY: allocated above, freed once.
+        unsafe { tier.deallocate(b.cast(), 1) };
+    }
+}
+
+#[test]
+fn threads_allocate_and_free_each_others_blocks() {
+    let (tier, creator) = (tier(2), creator());
+    let exchange: Mutex<Vec<Live>> = Mutex::new(Vec::new());
+    std::thread::scope(|s| {
+        for t in 0..2u64 {
+            let (tier, creator, exchange) = (&tier, &creator, &exchange);
+            s.spawn(move || {
+                let mut rng = Rng(0x1234_5678 + t);
+                let mut mine: Vec<Live> = Vec::new();
+                for step in 0..20_000 {
+                    match rng.below(6) {
+                        0 | 1 if !mine.is_empty() => {
+                            let victim = mine.swap_remove(rng.below(mine.len()));
+                            check(&victim);
+                            // SAFETY: allocated by this tier, freed once.
+                            unsafe { tier.deallocate(victim.ptr.cast(), 0) };
+                        }
+                        2 if !mine.is_empty() => {
+                            let given = mine.swap_remove(rng.below(mine.len()));
+                            exchange.lock().unwrap().push(given);
+                        }
+                        3 => {
+                            let taken = exchange.lock().unwrap().pop();
+                            if let Some(block) = taken {
+                                check(&block);
+                                // SAFETY: allocated by this tier (maybe in the other thread),
+                                // freed once.
+                                unsafe { tier.deallocate(block.ptr.cast(), 0) };
+                            }
+                        }
+                        _ => {
+                            let size = 1 + rng.below(2048);
+                            let ptr = tier.allocate(layout(size, 8), false, 0, creator).unwrap();
+                            let fill = (step % 253) as u8 + 1 + t as u8;
+                            self::fill(ptr, fill);
+                            mine.push(Live { ptr, fill });
+                        }
+                    }
+                }
+                mine.iter().for_each(check);
+                exchange.lock().unwrap().extend(mine);
+            });
+        }
+    });
+    let all = exchange.into_inner().unwrap();
+    check_disjoint(&all);
+    free_all(&tier, all, 0);
+    assert_eq!(tier.stats().in_use_bytes, 0);
+}
+
+#[test]
+fn contains_only_the_region() {
+    let (tier, creator) = (tier(2), creator());
+    let heap = Box::new(7u64);
+    let stack = 7u64;
+    assert!(!tier.contains(NonNull::from(&*heap).cast()));
+    let block = tier.allocate(layout(64, 8), false, 0, &creator).unwrap();
+    assert!(tier.contains(block.cast()));
+    assert!(!tier.contains(NonNull::from(&*heap).cast()));
+    assert!(!tier.contains(NonNull::from(&stack).cast()));
+    // SAFETY: allocated above, freed once.
+    unsafe { tier.deallocate(block.cast(), 0) };
+}
+
+#[test]
+fn serves_small_page_aligned_layouts_only() {
+    let tier = SmallTier::new(TierConfig {
+        threshold: 1024,
+        ..TierConfig::default()
+    });
+    assert!(tier.serves(layout(1, 1)));
+    assert!(tier.serves(layout(1024, 4096)));
+    assert!(!tier.serves(layout(0, 1)));
+    assert!(!tier.serves(layout(1025, 1)));
+    assert!(!tier.serves(layout(8, 8192)));
+}
+
+#[test]
+fn dont_fork_chunks_are_made_and_released() {
+    let creator = creator();
+    let tier = SmallTier::new(TierConfig {
+        dont_fork: true,
+        retain_empty: 0,
+        ..TierConfig::default()
+    });
+    let block = tier.allocate(layout(4000, 64), true, 0, &creator).unwrap();
+    assert!(all_zero(block));
+    fill(block, 1);
+    // SAFETY: allocated above, freed once.
+    unsafe { tier.deallocate(block.cast(), 0) };
+    let stats = tier.stats();
+    assert_eq!((stats.chunks_created, stats.chunks_released), (1, 1));
+}
+
+/// Hands out a file that already holds data, as a buggy creator might.
+#[derive(Debug)]
+struct NonEmpty(std::path::PathBuf);
+
+// SAFETY: a new file under a fresh name, handed out once; the path is the file's own.
+unsafe impl SegmentCreator for NonEmpty {
+    fn create(&self, _request: &SegmentRequest) -> io::Result<SegmentFile> {
+        let mut file = OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create_new(true)
+            .open(&self.0)?;
+        file.write_all(b"user data")?;
+        Ok(SegmentFile::named(file, &self.0))
+    }
+}
+
+#[test]
+fn a_non_empty_file_is_refused_and_kept() {
+    let path = std::env::temp_dir().join(format!("mmapvec-arena-nonempty-{}", std::process::id()));
+    let _ = fs::remove_file(&path);
+    let tier = tier(2);
+    let err = tier
+        .allocate(layout(64, 8), false, 0, &NonEmpty(path.clone()))
+        .unwrap_err();
+    assert_eq!(err.kind(), io::ErrorKind::InvalidInput);
+    assert_eq!(
+        fs::read(&path).unwrap(),
+        b"user data",
+        "the user's file is left alone"
+    );
+    fs::remove_file(&path).unwrap();
+    // The index went back: the next good chunk takes it.
+    let block = tier.allocate(layout(64, 8), false, 0, &creator()).unwrap();
+    assert_eq!(chunk_of(&tier, block), 0);
+    // SAFETY: allocated above, freed once.
+    unsafe { tier.deallocate(block.cast(), 0) };
+}

@@ -17,6 +17,8 @@
 
 #[path = "core_support/mod.rs"]
 mod core_support;
+#[path = "faults/process.rs"]
+mod process;
 #[path = "faults/support.rs"]
 mod support;
 
@@ -32,3 +34,5 @@ mod left_behind;
 mod no_one_let_in;
 #[path = "faults/os_limits.rs"]
 mod os_limits;
+#[path = "faults/small_blocks.rs"]
+mod small_blocks;

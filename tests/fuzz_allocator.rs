@@ -6,7 +6,9 @@
 //! model, and regions that must read as zeros (a zeroed allocation, the new part of a zeroed
 //! grow) are checked before they are filled. Each program also writes into the slack that a
 //! block has past its requested size, which a later `grow_zeroed` must clear. Both grow
-//! strategies run, with and without a heap threshold.
+//! strategies run with both tiers (small blocks from shared chunk files, large ones a segment
+//! each), with segments only, with a low small threshold (so blocks cross between the tiers
+//! both ways), and with a heap threshold.
 //!
 //! Quick by default; `MMAPVEC_FUZZ_CASES=N` runs `N` programs per configuration.
 //! `MMAPVEC_FUZZ_REMAP_MAX_ALIGN=B` caps the alignments asked of the `Remap` strategy at `B`
@@ -26,6 +28,8 @@ const QUICK_CASES: u32 = 24;
 const MAX_SIZE: usize = 4 << 20;
 const MAX_ALIGN_SHIFT: u8 = 22;
 const HEAP_THRESHOLD: usize = 64 << 10;
+/// The default `small_threshold`: blocks up to it come from the small-block tier.
+const SMALL_DEFAULT: usize = 256 << 10;
 
 #[derive(Clone, Debug)]
 enum Op {
@@ -356,7 +360,7 @@ fn cases() -> u32 {
 
 /// Runs random programs, each on a fresh allocator with these settings, in a directory of
 /// its own; then checks that no file is left.
-fn fuzz(label: &str, strategy: GrowStrategy, heap_threshold: usize) {
+fn fuzz(label: &str, strategy: GrowStrategy, heap_threshold: usize, small_threshold: usize) {
     let base = std::env::temp_dir().join(format!("mmapvec-fuzz-{}-{label}", std::process::id()));
     std::fs::create_dir(&base).expect("create the fuzz directory");
     let config = Config {
@@ -371,6 +375,7 @@ fn fuzz(label: &str, strategy: GrowStrategy, heap_threshold: usize) {
             .dir(&base)
             .grow_strategy(strategy)
             .heap_threshold(heap_threshold)
+            .small_threshold(small_threshold)
             .build()
             .expect("build");
         run(&alloc, &program)
@@ -392,21 +397,42 @@ fn euid() -> u32 {
 }
 
 #[test]
+fn remap_both_tiers() {
+    fuzz("remap", GrowStrategy::Remap, 0, SMALL_DEFAULT);
+}
+
+#[test]
 fn remap_segments_only() {
-    fuzz("remap", GrowStrategy::Remap, 0);
+    fuzz("remap-segments", GrowStrategy::Remap, 0, 0);
+}
+
+#[test]
+fn remap_low_small_threshold() {
+    // Most programs cross the tiers' boundary, both ways.
+    fuzz("remap-small-4k", GrowStrategy::Remap, 0, 4096);
 }
 
 #[test]
 fn remap_with_heap_threshold() {
-    fuzz("remap-heap", GrowStrategy::Remap, HEAP_THRESHOLD);
+    fuzz(
+        "remap-heap",
+        GrowStrategy::Remap,
+        HEAP_THRESHOLD,
+        SMALL_DEFAULT,
+    );
+}
+
+#[test]
+fn map_again_both_tiers() {
+    fuzz("mapagain", GrowStrategy::MapAgain, 0, SMALL_DEFAULT);
 }
 
 #[test]
 fn map_again_segments_only() {
-    fuzz("mapagain", GrowStrategy::MapAgain, 0);
+    fuzz("mapagain-segments", GrowStrategy::MapAgain, 0, 0);
 }
 
 #[test]
 fn map_again_with_heap_threshold() {
-    fuzz("mapagain-heap", GrowStrategy::MapAgain, HEAP_THRESHOLD);
+    fuzz("mapagain-heap", GrowStrategy::MapAgain, HEAP_THRESHOLD, 0);
 }

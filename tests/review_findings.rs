@@ -1,0 +1,251 @@
+//! Review of issue 8's fix: reproductions of what still breaks. Each test asserts the behaviour
+//! the crate promises and FAILS on branch `review` when the finding is real.
+//!
+//! Every test that forks runs its body in a test process of its own (`support::in_child`), so
+//! no other test's thread holds a lock or has touched process-wide state (the default
+//! allocator, the release queue) there. Hangs are observed with a time limit on a `fork`ed
+//! grandchild, crashes through its wait status.
+
+#![cfg(target_os = "linux")]
+
+#[path = "core_support/mod.rs"]
+mod core_support;
+#[path = "faults/support.rs"]
+mod support;
+
+use std::ffi::CString;
+use std::fs::{self, File};
+use std::io;
+use std::os::unix::ffi::OsStrExt;
+use std::os::unix::fs::{DirBuilderExt, PermissionsExt, symlink};
+use std::path::Path;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::{Duration, Instant};
+
+use mmapvec::{DirCreator, MmapAllocator, MmapVec, SegmentCreator, SegmentFile, SegmentRequest};
+
+use support::{TestDir, euid, in_child};
+
+/// Forks; the child runs `body` and `_exit`s with its return value (101 on panic).
+fn fork_with(body: impl FnOnce() -> i32) -> libc::pid_t {
+    // SAFETY: fork has no memory preconditions; the child ends with `_exit`.
+    let pid = unsafe { libc::fork() };
+    assert!(pid >= 0, "fork: {}", io::Error::last_os_error());
+    if pid == 0 {
+        let code = std::panic::catch_unwind(std::panic::AssertUnwindSafe(body)).unwrap_or(101);
+        // SAFETY: ends the child at once.
+        unsafe { libc::_exit(code) };
+    }
+    pid
+}
+
+/// Waits up to `limit` for a child; kills it (SIGKILL) and returns `None` if it is still running.
+fn wait_for(pid: libc::pid_t, limit: Duration) -> Option<i32> {
+    let start = Instant::now();
+    loop {
+        let mut status = 0;
+        // SAFETY: our own child, a valid status pointer.
+        let ret = unsafe { libc::waitpid(pid, &mut status, libc::WNOHANG) };
+        if ret == pid {
+            return Some(status);
+        }
+        assert!(ret >= 0 || io::Error::last_os_error().kind() == io::ErrorKind::Interrupted);
+        if start.elapsed() > limit {
+            // SAFETY: signals our own child; then reaps it.
+            unsafe {
+                libc::kill(pid, libc::SIGKILL);
+                libc::waitpid(pid, &mut status, 0);
+            }
+            return None;
+        }
+        std::thread::sleep(Duration::from_millis(5));
+    }
+}
+
+fn describe(status: Option<i32>) -> String {
+    match status {
+        None => "HUNG (killed after the time limit)".into(),
+        Some(s) if libc::WIFEXITED(s) => format!("exited {}", libc::WEXITSTATUS(s)),
+        Some(s) if libc::WIFSIGNALED(s) => format!("killed by signal {}", libc::WTERMSIG(s)),
+        Some(s) => format!("status {s:#x}"),
+    }
+}
+
+fn exited_ok(status: Option<i32>) -> bool {
+    status.is_some_and(|s| libc::WIFEXITED(s) && libc::WEXITSTATUS(s) == 0)
+}
+
+/// A creator of anonymous files (memfd): no file system work, so thousands of allocators
+/// are cheap to build.
+#[derive(Debug)]
+struct Memfd;
+
+// SAFETY: every call makes a new memfd, hands it out once and keeps nothing.
+unsafe impl SegmentCreator for Memfd {
+    fn create(&self, _request: &SegmentRequest) -> io::Result<SegmentFile> {
+        // SAFETY: a valid C string, no flags that need more.
+        let fd = unsafe { libc::memfd_create(c"review".as_ptr(), libc::MFD_CLOEXEC) };
+        if fd < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        // SAFETY: just opened, owned by nothing else.
+        Ok(SegmentFile::anonymous(unsafe {
+            <File as std::os::fd::FromRawFd>::from_raw_fd(fd)
+        }))
+    }
+}
+
+/// Registers `n` allocators so that the `pthread_atfork` prepare handler (which locks 18
+/// mutexes of each) takes a measurable time; returns them and that time.
+fn slow_prepare(n: usize) -> (Vec<MmapAllocator>, Duration) {
+    let allocators: Vec<MmapAllocator> = (0..n)
+        .map(|_| {
+            MmapAllocator::builder()
+                .creator(Memfd)
+                .build()
+                .expect("build")
+        })
+        .collect();
+    let start = Instant::now();
+    let pid = fork_with(|| 0);
+    let took = start.elapsed();
+    assert!(exited_ok(wait_for(pid, Duration::from_secs(10))));
+    (allocators, took)
+}
+
+/// Runs `trials` times: in a fresh process `T` (forked from this one, which has not used what
+/// the race initialises), `setup` runs, then a thread runs what it returned while `T` itself
+/// forks a grandchild during the prepare handler (the thread starts a fraction of the measured
+/// prepare time in, a different fraction each trial); the grandchild then calls
+/// `in_grandchild`, which must return within 3 s. Returns the outcomes seen.
+fn race_first_use_with_fork(
+    trials: usize,
+    prepare_time: Duration,
+    setup: fn() -> Box<dyn FnOnce() + Send>,
+    in_grandchild: fn(),
+) -> Vec<String> {
+    let mut outcomes = Vec::new();
+    for trial in 0..trials {
+        let delay = prepare_time * (1 + trial as u32 % 3) / 24;
+        let pid = fork_with(|| {
+            let first_use = setup();
+            let go = Arc::new(AtomicBool::new(false));
+            let thread = {
+                let go = go.clone();
+                std::thread::spawn(move || {
+                    while !go.load(Ordering::Acquire) {
+                        std::hint::spin_loop();
+                    }
+                    std::thread::sleep(delay);
+                    first_use();
+                })
+            };
+            go.store(true, Ordering::Release);
+            let grandchild = fork_with(move || {
+                in_grandchild();
+                0
+            });
+            let status = wait_for(grandchild, Duration::from_secs(3));
+            thread.join().unwrap();
+            match status {
+                None => 2,
+                s if exited_ok(s) => 0,
+                _ => 3,
+            }
+        });
+        let status = wait_for(pid, Duration::from_secs(30));
+        let outcome = match status {
+            Some(s) if libc::WIFEXITED(s) && libc::WEXITSTATUS(s) == 2 => {
+                "grandchild HUNG".to_owned()
+            }
+            other => describe(other),
+        };
+        outcomes.push(format!("trial {trial} (thread starts {delay:?} in): {outcome}"));
+    }
+    outcomes
+}
+
+/// Finding 1a: `MmapAllocator::default()` hangs forever in a fork child when the fork came
+/// while another thread was initialising it.
+///
+/// `DEFAULT.get_or_init(|| MmapAllocator::new(..))` (allocator.rs) runs `fork::register`
+/// inside the `OnceLock`'s initialiser; `register` waits for the registry lock, which the
+/// prepare handler holds for the whole fork. The child is made while the `OnceLock` is
+/// RUNNING; no thread of the child will ever finish it, so the child's first
+/// `MmapAllocator::default()` waits forever. The prepare handler widens a window that would
+/// otherwise be nanoseconds into the whole prepare time.
+#[test]
+fn default_allocator_hangs_in_child_forked_during_its_init() {
+    const NAME: &str = "default_allocator_hangs_in_child_forked_during_its_init";
+    if !in_child(NAME, "body") {
+        return;
+    }
+    let (_allocators, took) = slow_prepare(20_000);
+    eprintln!("prepare with 20000 allocators: {took:?}");
+    // Control: the same race with an allocator that is not behind a `OnceLock` on the other
+    // thread (its `register` waits for the registry just the same): the grandchild's
+    // `default()` returns. So the hang below is the `OnceLock` left RUNNING.
+    let control = race_first_use_with_fork(
+        2,
+        took,
+        || Box::new(|| drop(MmapAllocator::builder().creator(Memfd).build().unwrap())),
+        || drop(MmapAllocator::default()),
+    );
+    eprintln!("control: {control:#?}");
+    assert!(control.iter().all(|o| o.ends_with("exited 0")), "{control:#?}");
+    let outcomes = race_first_use_with_fork(
+        3,
+        took,
+        || Box::new(|| drop(MmapAllocator::default())),
+        || drop(MmapAllocator::default()),
+    );
+    eprintln!("{outcomes:#?}");
+    assert!(
+        outcomes.iter().all(|o| o.ends_with("exited 0")),
+        "{outcomes:#?}"
+    );
+}
+
+/// Finding 1b: the same with the release queue's one-time registration
+/// (`release::release_in_background`, `REGISTER.call_once(|| fork::register(..))`): a child
+/// forked while another thread makes the process's first background release hangs forever at
+/// its own first background release.
+#[test]
+fn background_release_hangs_in_child_forked_during_first_release() {
+    const NAME: &str = "background_release_hangs_in_child_forked_during_first_release";
+    if !in_child(NAME, "body") {
+        return;
+    }
+    let (_allocators, took) = slow_prepare(20_000);
+    eprintln!("prepare with 20000 allocators: {took:?}");
+    fn background() -> MmapAllocator {
+        MmapAllocator::builder()
+            .creator(Memfd)
+            .release_in_background(true)
+            .reuse_bytes(0)
+            .build()
+            .expect("build")
+    }
+    fn release_one(alloc: MmapAllocator) {
+        let mut v = MmapVec::<u8>::new_in(alloc);
+        v.resize(10_000, 1);
+        drop(v);
+    }
+    // The allocator is built before the race (building one waits for the prepare handler
+    // outside any `Once`); only the first background release races with the fork.
+    let outcomes = race_first_use_with_fork(
+        3,
+        took,
+        || {
+            let alloc = background();
+            Box::new(move || release_one(alloc))
+        },
+        || release_one(background()),
+    );
+    eprintln!("{outcomes:#?}");
+    assert!(
+        outcomes.iter().all(|o| o.ends_with("exited 0")),
+        "{outcomes:#?}"
+    );
+}

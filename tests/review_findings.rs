@@ -249,3 +249,86 @@ fn background_release_hangs_in_child_forked_during_first_release() {
         "{outcomes:#?}"
     );
 }
+
+/// Fills `base/mmapvec-<uid>` (made `0700`) with `n` fresh, empty, UUID-named files: every
+/// preparation of that folder (`remove_stale`, under the creator's state lock) reads them all
+/// and keeps them (they are young), so it takes a while.
+fn crowded_segment_folder(base: &Path, n: usize) {
+    let folder = base.join(format!("mmapvec-{}", euid()));
+    fs::DirBuilder::new().mode(0o700).create(&folder).unwrap();
+    for i in 0..n {
+        let name = format!("{:08x}-0000-4000-8000-{:012x}", i, i);
+        File::create(folder.join(name)).unwrap();
+    }
+}
+
+/// In a fresh process: a thread makes the first allocation of `alloc` (its creator prepares
+/// the crowded folder, `scan` long), and a quarter of the way in this thread forks; the
+/// grandchild allocates with `alloc` and must be done within 3 s.
+fn fork_during_first_preparation(alloc: MmapAllocator, scan: Duration) -> Option<i32> {
+    let first = alloc.clone();
+    let thread = std::thread::spawn(move || {
+        let mut v = MmapVec::<u8>::new_in(first);
+        v.resize(10_000, 1);
+    });
+    std::thread::sleep(scan / 4);
+    let grandchild = fork_with(move || {
+        let mut v = MmapVec::<u8>::new_in(alloc);
+        v.resize(10_000, 2);
+        0
+    });
+    let status = wait_for(grandchild, Duration::from_secs(3));
+    thread.join().unwrap();
+    status
+}
+
+/// Finding 2: a `DirCreator` given with `Builder::creator` is not fork-safe.
+///
+/// The fork handlers take the `DirCreator`'s state lock only when the allocator made the
+/// creator itself (`Inner::dir_creator`, set in `MmapAllocator::new` for `Err(DirCreator)`).
+/// `DirCreator` is public, implements `SegmentCreator`, and `builder().creator(DirCreator::new(
+/// dir))` is the way to get a lazily prepared folder; its `State` mutex is then held across
+/// the whole folder preparation (`DirCreator::prepared` -> `prepare` -> `remove_stale`) with no
+/// fork handler waiting for it. A child forked meanwhile inherits the mutex locked by a thread
+/// it does not have: its first allocation waits forever.
+///
+/// Control: the default allocator (lazily prepared too, with `TMPDIR` at the same kind of
+/// crowded folder) makes the fork wait for the preparation, and its child allocates.
+#[test]
+fn dir_creator_given_to_builder_deadlocks_fork_child() {
+    const NAME: &str = "dir_creator_given_to_builder_deadlocks_fork_child";
+    if !in_child(NAME, "body") {
+        return;
+    }
+    const FILES: usize = 30_000;
+    let timing = TestDir::fast("crowded-timing");
+    crowded_segment_folder(timing.path(), FILES);
+    let start = Instant::now();
+    DirCreator::open(timing.path()).unwrap();
+    let scan = start.elapsed();
+    eprintln!("preparing a folder of {FILES} files: {scan:?}");
+
+    // Control: the crate's own creator (the default allocator, prepared at first use).
+    let control = TestDir::fast("crowded-default");
+    crowded_segment_folder(control.path(), FILES);
+    // SAFETY: no other thread runs in this process yet (`in_child`, before any spawn).
+    unsafe { std::env::set_var("TMPDIR", control.path()) };
+    let status = fork_during_first_preparation(MmapAllocator::default(), scan);
+    eprintln!("default allocator's child: {}", describe(status));
+    assert!(exited_ok(status), "control: {}", describe(status));
+
+    let crowded = TestDir::fast("crowded-given");
+    crowded_segment_folder(crowded.path(), FILES);
+    let alloc = MmapAllocator::builder()
+        .creator(DirCreator::new(crowded.path()))
+        .reuse_bytes(0)
+        .build()
+        .unwrap();
+    let status = fork_during_first_preparation(alloc, scan);
+    eprintln!("DirCreator given to the builder, child: {}", describe(status));
+    assert!(
+        exited_ok(status),
+        "the child of a fork made while a given DirCreator prepared its folder: {}",
+        describe(status)
+    );
+}

@@ -332,3 +332,94 @@ fn dir_creator_given_to_builder_deadlocks_fork_child() {
         describe(status)
     );
 }
+
+/// Finding 3: the start-up clean-up (`creator.rs`, `remove_stale`, run by every preparation of
+/// the folder, including the re-preparation after a removal) works through paths, not through
+/// the handle just checked: `fs::read_dir(folder)`, `symlink_metadata`, `open_private_dir` of
+/// `session-*` and `fs::remove_file(folder/name)` each resolve `base/mmapvec-<uid>` again. If
+/// that name is swapped for a symlink after `open_private_dir` checked it, the clean-up reads
+/// and deletes in the link's target: every UUID-named file older than 60 s, and the content of
+/// every unlocked `session-*` folder.
+///
+/// Here a thread swaps the checked folder with a symlink to a victim folder
+/// (`renameat2(RENAME_EXCHANGE)`), while this thread prepares a creator on the base again and
+/// again (`DirCreator::open`, as `build()` and the re-preparation after a removal do). Each
+/// preparation that succeeded checked the real folder (a link is refused), so whatever it
+/// removed in the victim folder went through a re-resolved path.
+#[test]
+fn stale_file_cleanup_follows_a_swapped_folder_path() {
+    let base = TestDir::new("swap-base");
+    let victim = TestDir::new("swap-victim");
+    let folder = base.path().join(format!("mmapvec-{}", euid()));
+    fs::DirBuilder::new().mode(0o700).create(&folder).unwrap();
+    let link = base.path().join("swap");
+    symlink(victim.path(), &link).unwrap();
+    // The victim's files: UUID-named, two minutes old (what a clean-up takes for stale).
+    let old = std::time::SystemTime::now() - Duration::from_secs(120);
+    let victims: Vec<_> = (0..50)
+        .map(|i| {
+            let path = victim
+                .path()
+                .join(format!("{:08x}-1111-4111-8111-{:012x}", i, i));
+            let file = File::create(&path).unwrap();
+            file.set_modified(old).unwrap();
+            path
+        })
+        .collect();
+
+    let stop = Arc::new(AtomicBool::new(false));
+    let swapper = {
+        let stop = stop.clone();
+        let base = CString::new(base.path().as_os_str().as_bytes()).unwrap();
+        let a = CString::new(format!("mmapvec-{}", euid())).unwrap();
+        std::thread::spawn(move || {
+            // SAFETY: `base` is a valid path; the descriptor is closed below.
+            let dirfd = unsafe { libc::open(base.as_ptr(), libc::O_RDONLY | libc::O_DIRECTORY) };
+            assert!(dirfd >= 0);
+            let mut swaps = 0u64;
+            while !stop.load(Ordering::Relaxed) {
+                // SAFETY: valid descriptor and C strings.
+                let ret = unsafe {
+                    libc::renameat2(
+                        dirfd,
+                        a.as_ptr(),
+                        dirfd,
+                        c"swap".as_ptr(),
+                        libc::RENAME_EXCHANGE,
+                    )
+                };
+                assert_eq!(ret, 0, "renameat2: {}", io::Error::last_os_error());
+                swaps += 1;
+            }
+            // Leave the real folder at its name.
+            if swaps % 2 == 1 {
+                // SAFETY: as above.
+                unsafe {
+                    libc::renameat2(dirfd, a.as_ptr(), dirfd, c"swap".as_ptr(), libc::RENAME_EXCHANGE)
+                };
+            }
+            // SAFETY: ours.
+            unsafe { libc::close(dirfd) };
+        })
+    };
+    let start = Instant::now();
+    let (mut prepared, mut refused) = (0, 0);
+    while start.elapsed() < Duration::from_secs(10) && victims.iter().all(|p| p.exists()) {
+        match DirCreator::open(base.path()) {
+            Ok(_) => prepared += 1,
+            Err(_) => refused += 1,
+        }
+    }
+    stop.store(true, Ordering::Relaxed);
+    swapper.join().unwrap();
+    let removed = victims.iter().filter(|p| !p.exists()).count();
+    eprintln!(
+        "{prepared} preparations passed the checks, {refused} refused the link, in {:?}; \
+         victim files removed: {removed}",
+        start.elapsed()
+    );
+    assert_eq!(
+        removed, 0,
+        "the clean-up removed files in the symlink's target (a folder it never checked)"
+    );
+}

@@ -423,3 +423,45 @@ fn stale_file_cleanup_follows_a_swapped_folder_path() {
         "the clean-up removed files in the symlink's target (a folder it never checked)"
     );
 }
+
+/// Finding 4: `fork` from a thread-local destructor aborts the process.
+///
+/// The prepare handler keeps what it locked in a `thread_local!` (`fork::HELD`), which has a
+/// destructor. Once that destructor has run on a thread (thread exit), `HELD.with` panics, and
+/// the panic cannot unwind out of the `extern "C"` handler: the process aborts, with every
+/// allocator lock taken. A thread-local whose destructor forks (for instance to hand a
+/// finished job to a helper process) and that was touched before the thread's first fork is
+/// destroyed after `HELD` (destructors run newest first), so its fork aborts.
+#[test]
+fn fork_from_a_thread_local_destructor_aborts() {
+    const NAME: &str = "fork_from_a_thread_local_destructor_aborts";
+    if !in_child(NAME, "body") {
+        return;
+    }
+    struct ForkOnDrop;
+    impl Drop for ForkOnDrop {
+        fn drop(&mut self) {
+            let pid = fork_with(|| 0);
+            assert!(exited_ok(wait_for(pid, Duration::from_secs(5))));
+            eprintln!("fork from the thread-local destructor: fine");
+        }
+    }
+    thread_local! {
+        static FORK_ON_DROP: std::cell::RefCell<Option<ForkOnDrop>> =
+            const { std::cell::RefCell::new(None) };
+    }
+    let _alloc = MmapAllocator::builder().creator(Memfd).build().unwrap();
+    let pid = fork_with(|| {
+        std::thread::spawn(|| {
+            FORK_ON_DROP.with(|f| *f.borrow_mut() = Some(ForkOnDrop));
+            // This thread's first fork: the handler's thread-local is made now, after ours.
+            let pid = fork_with(|| 0);
+            assert!(exited_ok(wait_for(pid, Duration::from_secs(5))));
+        })
+        .join()
+        .unwrap();
+        0
+    });
+    let status = wait_for(pid, Duration::from_secs(10));
+    assert!(exited_ok(status), "the process that forked from a thread-local destructor: {}", describe(status));
+}

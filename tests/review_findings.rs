@@ -465,3 +465,85 @@ fn fork_from_a_thread_local_destructor_aborts() {
     let status = wait_for(pid, Duration::from_secs(10));
     assert!(exited_ok(status), "the process that forked from a thread-local destructor: {}", describe(status));
 }
+
+/// Finding 5: with `dont_fork(true)`, a child that *shrinks* an inherited vector dies of
+/// `SIGSEGV`.
+///
+/// The fix for hole 3 makes every shrink of an inherited block copy into a new segment
+/// (`Inner::shrink` -> `move_inherited`), so the child now reads the inherited view, which under
+/// `dont_fork` is an inaccessible reservation. Before the fix an aligned shrink kept the block
+/// and the child lived. RELIABILITY.md ("What a forked child sees") tells `dont_fork` users the
+/// child may drop inherited vectors and that *growing* one crashes; a shrink (`shrink_to_fit`,
+/// `into_boxed_slice`, a `HashMap` shrinking on its own) is not mentioned, and the copy reads
+/// the kept elements from the hole.
+#[test]
+fn dont_fork_child_shrink_of_inherited_vector_crashes() {
+    const NAME: &str = "dont_fork_child_shrink_of_inherited_vector_crashes";
+    if !in_child(NAME, "body") {
+        return;
+    }
+    support::no_core_dumps();
+    let dir = TestDir::new("dont-fork-shrink");
+    let alloc = MmapAllocator::builder()
+        .dir(dir.path())
+        .dont_fork(true)
+        .build()
+        .unwrap();
+    let mut v = MmapVec::<u64>::new_in(alloc.clone());
+    v.extend(0..100_000);
+    let pid = fork_with(move || {
+        v.truncate(10);
+        v.shrink_to_fit();
+        // Never reads the inherited elements: only the allocator does, to copy them.
+        v.push(1);
+        0
+    });
+    let status = wait_for(pid, Duration::from_secs(10));
+    assert!(
+        exited_ok(status),
+        "a dont_fork child that shrank an inherited vector: {}",
+        describe(status)
+    );
+}
+
+/// Finding 6: a fork child keeps every segment its parent had kept for reuse (and every one
+/// waiting in the parent's release queue) mapped, with its descriptor open, for its whole life.
+///
+/// `ReuseCache::state` (reuse.rs) `mem::forget`s the inherited kept segments instead of
+/// dropping them (the module doc says the child *drops* them). Dropping would be safe (an
+/// inherited segment never removes or resizes the parent's file); forgetting leaks up to 32
+/// descriptors and 256 MiB of mappings of the parent's files per allocator in every child, counts
+/// the descriptors against the child's descriptor budget (`HELD_DESCRIPTORS`) forever, and
+/// keeps the parent's later data (written into those reused files) visible in the child's
+/// address space.
+#[test]
+fn fork_child_leaks_the_parents_kept_segments() {
+    const NAME: &str = "fork_child_leaks_the_parents_kept_segments";
+    if !in_child(NAME, "body") {
+        return;
+    }
+    let dir = TestDir::new("kept-leak");
+    let folder = dir.path().join(format!("mmapvec-{}", euid()));
+    let alloc = MmapAllocator::builder().dir(dir.path()).build().unwrap();
+    let vectors: Vec<MmapVec<u8>> = (0..10)
+        .map(|i| {
+            let mut v = MmapVec::<u8>::new_in(alloc.clone());
+            v.resize((i + 1) * 100_000, 1);
+            v
+        })
+        .collect();
+    drop(vectors);
+    assert_eq!(alloc.stats().kept_segments, 10);
+    let pid = fork_with(move || {
+        // The child's first use of the cache lets go of the inherited kept segments.
+        let kept = alloc.stats().kept_segments;
+        let (fds, maps) = (
+            support::descriptors_under(&folder),
+            support::mappings_under(&folder),
+        );
+        eprintln!("child: kept {kept}, descriptors {fds}, mappings {maps} of the parent's files");
+        if kept == 0 && fds == 0 && maps == 0 { 0 } else { 1 }
+    });
+    let status = wait_for(pid, Duration::from_secs(10));
+    assert!(exited_ok(status), "child still holds the parent's kept segments: {}", describe(status));
+}

@@ -547,3 +547,38 @@ fn fork_child_leaks_the_parents_kept_segments() {
     let status = wait_for(pid, Duration::from_secs(10));
     assert!(exited_ok(status), "child still holds the parent's kept segments: {}", describe(status));
 }
+
+/// Finding 7: an allocation from a `pthread_atfork` child (or parent) handler that was
+/// registered before mmapvec's deadlocks.
+///
+/// Parent and child handlers run in registration order, so a handler registered before the
+/// first allocator (mmapvec installs its handlers then, `fork::install`) runs while mmapvec's
+/// prepare handler still holds every allocator's locks on this very thread: its first
+/// allocation waits for a table shard it holds itself. Not documented; a handler that
+/// re-initialises a library's buffers after `fork` is the usual case.
+#[test]
+fn allocation_in_an_earlier_registered_fork_handler_deadlocks() {
+    const NAME: &str = "allocation_in_an_earlier_registered_fork_handler_deadlocks";
+    if !in_child(NAME, "body") {
+        return;
+    }
+    static ALLOC: std::sync::OnceLock<MmapAllocator> = std::sync::OnceLock::new();
+    extern "C" fn after_fork_in_child() {
+        if let Some(alloc) = ALLOC.get() {
+            let v = MmapVec::<u8>::with_capacity_in(10_000, alloc.clone());
+            drop(v);
+        }
+    }
+    // SAFETY: registers a plain function that lives for the whole program.
+    assert_eq!(unsafe { libc::pthread_atfork(None, None, Some(after_fork_in_child)) }, 0);
+    ALLOC
+        .set(MmapAllocator::builder().creator(Memfd).build().unwrap())
+        .unwrap();
+    let pid = fork_with(|| 0);
+    let status = wait_for(pid, Duration::from_secs(3));
+    assert!(
+        exited_ok(status),
+        "a child whose earlier-registered fork handler allocates: {}",
+        describe(status)
+    );
+}

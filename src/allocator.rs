@@ -7,7 +7,8 @@ use std::any::Any;
 use std::fmt;
 use std::io;
 use std::ptr::{self, NonNull};
-use std::sync::{Arc, Mutex, OnceLock};
+use std::sync::atomic::{AtomicPtr, Ordering};
+use std::sync::{Arc, Mutex};
 
 use allocator_api2::alloc::{AllocError, Allocator, Global, Layout};
 
@@ -54,7 +55,6 @@ struct Inner {
     table: SegmentTable,
     creator: Arc<dyn SegmentCreator>,
     /// The creator again when it is the crate's own, whose lock the fork handlers take too.
-    dir_creator: Option<Arc<DirCreator>>,
     settings: Settings,
     /// Freed segments kept for reuse.
     cache: ReuseCache,
@@ -117,15 +117,33 @@ impl Default for MmapAllocator {
     /// [`take_last_error`](MmapAllocator::take_last_error). Use [`MmapAllocator::builder`] to
     /// get such errors up front.
     fn default() -> Self {
-        static DEFAULT: OnceLock<MmapAllocator> = OnceLock::new();
-        DEFAULT
-            .get_or_init(|| {
-                MmapAllocator::new(
-                    Builder::new().settings(),
-                    Err(DirCreator::new(std::env::temp_dir())),
-                )
-            })
-            .clone()
+        // Published with a compare-and-swap, not built inside a `OnceLock`: making an
+        // allocator registers it with the fork handlers, which waits while a fork is being
+        // prepared, and a child forked then would inherit an initializer that never completes.
+        static DEFAULT: AtomicPtr<MmapAllocator> = AtomicPtr::new(ptr::null_mut());
+        let mut current = DEFAULT.load(Ordering::Acquire);
+        if current.is_null() {
+            let made = Box::into_raw(Box::new(MmapAllocator::new(
+                Builder::new().settings(),
+                Arc::new(DirCreator::new(std::env::temp_dir())),
+            )));
+            current = match DEFAULT.compare_exchange(
+                ptr::null_mut(),
+                made,
+                Ordering::AcqRel,
+                Ordering::Acquire,
+            ) {
+                Ok(_) => made,
+                Err(first) => {
+                    // SAFETY: `made` came from `Box::into_raw` just above and was not published.
+                    drop(unsafe { Box::from_raw(made) });
+                    first
+                }
+            };
+        }
+        // SAFETY: a published pointer is a leaked `Box` that is never freed: the process-wide
+        // allocator lives as long as the process.
+        unsafe { &*current }.clone()
     }
 }
 
@@ -141,24 +159,12 @@ impl fmt::Debug for MmapAllocator {
 }
 
 impl MmapAllocator {
-    /// The allocator for `settings`, with a creator of the user's (`Ok`) or the crate's own
-    /// (`Err`, whose lock the fork handlers take too).
-    pub(crate) fn new(
-        settings: Settings,
-        creator: Result<Arc<dyn SegmentCreator>, DirCreator>,
-    ) -> MmapAllocator {
+    /// The allocator for `settings`, making its files with `creator`.
+    pub(crate) fn new(settings: Settings, creator: Arc<dyn SegmentCreator>) -> MmapAllocator {
         fork::install();
-        let (creator, dir_creator) = match creator {
-            Ok(creator) => (creator, None),
-            Err(dir) => {
-                let dir = Arc::new(dir);
-                (Arc::clone(&dir) as Arc<dyn SegmentCreator>, Some(dir))
-            }
-        };
         let inner = Arc::new(Inner {
             table: SegmentTable::new(),
             creator,
-            dir_creator,
             cache: ReuseCache::new(settings.reuse_bytes),
             tier: SmallTier::new(TierConfig {
                 threshold: settings.small_threshold,
@@ -259,17 +265,13 @@ impl fork::ForkLocks for Inner {
     fn lock_for_fork(&'static self, held: &mut Vec<Box<dyn Any>>, epoch: u64) {
         // The order of the allocator's own use, where one lock is ever taken under another:
         // a tier shard, then the tier's spare chunks (both before `fork::hold`, which the fork
-        // handler takes last). The table shards, the reuse cache, the creator's state and the
-        // last error are each taken alone.
+        // handler takes last). The table shards, the reuse cache and the last error are each
+        // taken alone; the crate's own creator registers its lock itself.
         self.table.lock_for_fork(held);
         let tier: &'static SmallTier = &self.tier;
         tier.lock_for_fork(held, epoch);
         let cache: &'static ReuseCache = &self.cache;
         cache.lock_for_fork(held);
-        if let Some(creator) = &self.dir_creator {
-            let creator: &'static DirCreator = creator;
-            creator.lock_for_fork(held);
-        }
         held.push(Box::new(
             self.last_error.lock().unwrap_or_else(|e| e.into_inner()),
         ));
@@ -520,7 +522,10 @@ impl Inner {
         let fits = new.size() <= len
             && ptr.as_ptr().addr().is_multiple_of(new.align())
             && (new.size() >= old.size() || same_class());
-        if fits && current {
+        // With `dont_fork` no child maps the chunk, and in a child an inherited one is not
+        // mapped at all (copying out of it would fault): a shrink stays in place.
+        let unshared = current || (self.settings.opts.dont_fork && new.size() <= old.size());
+        if fits && unshared {
             if zeroed && old.size() < len {
                 // The block past the old size may hold bytes of an earlier, larger use.
                 // SAFETY: `[old.size(), len)` lies inside the block, which the caller owns.
@@ -655,12 +660,19 @@ impl Inner {
             // SAFETY: not a segment, so a heap block (contract); forwarded.
             return unsafe { Global.shrink(ptr, old, new) };
         };
+        let aligned = ptr.as_ptr().addr().is_multiple_of(new.align());
         if segment.is_inherited() {
+            if segment.is_dont_fork() && aligned {
+                // Not mapped in this child (an inaccessible reservation): nothing to copy, and
+                // nothing the child could write into. It stays as it was, as before the shrink.
+                let block = block(&segment);
+                self.table.insert(segment);
+                return Ok(block);
+            }
             // The child's vector gets a block of its own, as for a grow: keeping the shared
             // block would let the child's writes after the shrink land in the parent's data.
             return self.move_segment_or_keep(segment, new.size(), new, false);
         }
-        let aligned = ptr.as_ptr().addr().is_multiple_of(new.align());
         if self.tier.serves(new) || new.size() < self.settings.heap_threshold {
             // Small now: into the tier (or the heap), and the segment goes.
             match self.move_segment(segment, new.size(), new, false) {

@@ -317,7 +317,7 @@ impl Builder {
     /// assert!(err.to_string().contains("/no/such/dir"));
     /// ```
     pub fn build(mut self) -> io::Result<MmapAllocator> {
-        let creator = match (self.creator.take(), self.dir.take()) {
+        let creator: Arc<dyn SegmentCreator> = match (self.creator.take(), self.dir.take()) {
             (Some(_), Some(dir)) => {
                 return Err(io::Error::new(
                     io::ErrorKind::InvalidInput,
@@ -327,7 +327,7 @@ impl Builder {
                     ),
                 ));
             }
-            (Some(creator), None) => Ok(creator),
+            (Some(creator), None) => creator,
             (None, dir) => {
                 let creator = DirCreator::open(dir.unwrap_or_else(std::env::temp_dir))?;
                 if !self.allow_ram_backed && creator.is_ram_backed()? {
@@ -339,19 +339,14 @@ impl Builder {
                         ),
                     ));
                 }
-                Err(creator)
+                Arc::new(creator)
             }
         };
-        Ok(self.into_allocator(creator))
+        Ok(MmapAllocator::new(self.settings, creator))
     }
 
     /// The settings as they are now, for an allocator made without [`build`](Builder::build).
     pub(crate) fn settings(&self) -> Settings {
         self.settings
-    }
-
-    /// The allocator, with a creator of the user's (`Ok`) or the crate's own (`Err`).
-    fn into_allocator(self, creator: Result<Arc<dyn SegmentCreator>, DirCreator>) -> MmapAllocator {
-        MmapAllocator::new(self.settings, creator)
     }
 }

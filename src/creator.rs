@@ -294,7 +294,24 @@ const STALE_AFTER: Duration = Duration::from_secs(60);
 /// The folder is prepared on first use; [`DirCreator::open`] prepares it at once.
 pub struct DirCreator {
     base: PathBuf,
-    state: Mutex<State>,
+    /// Registered with the fork handlers for the creator's life (see `fork`): it is held while
+    /// a folder or session is prepared, and a child forked then must not inherit it locked.
+    state: Arc<StateLock>,
+}
+
+/// The creator's state behind its lock, at a fixed address for the fork handlers.
+struct StateLock(Mutex<State>);
+
+impl fork::ForkLocks for StateLock {
+    fn lock_for_fork(&'static self, held: &mut Vec<Box<dyn std::any::Any>>, _epoch: u64) {
+        held.push(Box::new(self.0.lock().unwrap_or_else(|e| e.into_inner())));
+    }
+}
+
+impl Drop for DirCreator {
+    fn drop(&mut self) {
+        fork::unregister(&*self.state);
+    }
 }
 
 /// The folder and session in use. Behind one lock, held briefly (and across the fork handlers,
@@ -333,7 +350,15 @@ impl DirCreator {
         let base = base.into();
         DirCreator {
             base: std::path::absolute(&base).unwrap_or(base),
-            state: Mutex::new(State::default()),
+            state: {
+                fork::install();
+                let state = Arc::new(StateLock(Mutex::new(State::default())));
+                // SAFETY: the `Arc`'s contents stay at their address until the last clone goes,
+                // and the creator holds one until its `Drop`, which unregisters first;
+                // `lock_for_fork` takes only the state's own lock.
+                unsafe { fork::register(&*state) };
+                state
+            },
         }
     }
 
@@ -375,12 +400,7 @@ impl DirCreator {
 
     fn state(&self) -> MutexGuard<'_, State> {
         // Every change is a single assignment: a poisoned lock is still consistent.
-        self.state.lock().unwrap_or_else(|e| e.into_inner())
-    }
-
-    /// Locks the state for a `fork` (see `fork::ForkLocks`).
-    pub(crate) fn lock_for_fork(&'static self, held: &mut Vec<Box<dyn std::any::Any>>) {
-        held.push(Box::new(self.state()));
+        self.state.0.lock().unwrap_or_else(|e| e.into_inner())
     }
 
     /// The checked folder, prepared now if this is the first use or it was found removed.
@@ -421,7 +441,7 @@ impl DirCreator {
         }
         let handle = open_private_dir(&path)?;
         let ram_backed = sys::is_ram_backed(&handle).unwrap_or(false);
-        remove_stale(&path);
+        remove_stale(&handle);
         Ok(Folder {
             dir: Arc::new(HeldDir {
                 handle,
@@ -579,51 +599,51 @@ fn new_session(folder: &Arc<HeldDir>) -> io::Result<HeldDir> {
     )))
 }
 
-/// Removes what dead processes left behind. Errors are ignored: this is tidying, and whatever
-/// stays is tried again at the next start.
-fn remove_stale(folder: &Path) {
-    let Ok(entries) = fs::read_dir(folder) else {
+/// Removes what dead processes left behind in the folder held open by `folder`. Everything is
+/// done relative to that handle, never through the folder's path, so a link swapped in at the
+/// path after the check cannot point the clean-up at another folder. Errors are ignored: this
+/// is tidying, and whatever stays is tried again at the next start.
+fn remove_stale(folder: &File) {
+    let Ok(names) = sys::names_in(folder) else {
         return;
     };
     let now = SystemTime::now();
-    for entry in entries.flatten() {
-        let path = entry.path();
-        let Ok(meta) = fs::symlink_metadata(&path) else {
+    for name in names {
+        let Ok(entry) = sys::entry_at(folder, &name) else {
             continue;
         };
-        let name = entry.file_name();
-        let name = name.to_string_lossy();
-        if meta.is_dir() && name.starts_with("session-") {
+        let text = name.to_string_lossy();
+        if entry.kind == sys::EntryKind::Dir && text.starts_with("session-") {
             // Holding the lock proves no live process owns the folder.
-            let Ok(lock) = open_private_dir(&path) else {
+            let Ok(session) = sys::open_dir_at(folder, &name) else {
                 continue;
             };
-            if sys::try_lock_exclusive(&lock).unwrap_or(false) {
-                remove_segment_files(&path);
-                let _ = fs::remove_dir(&path);
+            if check_private(&session, Path::new(&name)).is_ok()
+                && sys::try_lock_exclusive(&session).unwrap_or(false)
+            {
+                remove_segment_files(&session);
+                let _ = sys::remove_at(folder, &name, true);
             }
-        } else if meta.is_file() && uuid::Uuid::try_parse(&name).is_ok() {
+        } else if entry.kind == sys::EntryKind::File && uuid::Uuid::try_parse(&text).is_ok() {
             // A loose file is normally unlinked microseconds after creation; an old one was left
             // by a process killed in between.
-            let old = meta
-                .modified()
-                .ok()
-                .and_then(|m| now.duration_since(m).ok());
-            if old.is_some_and(|age| age > STALE_AFTER) {
-                let _ = fs::remove_file(&path);
+            let age = now.duration_since(entry.modified).ok();
+            if age.is_some_and(|age| age > STALE_AFTER) {
+                let _ = sys::remove_at(folder, &name, false);
             }
         }
     }
 }
 
-fn remove_segment_files(dir: &Path) {
-    let Ok(entries) = fs::read_dir(dir) else {
+/// Removes the segment files of a dead process's session folder, held open by `dir`.
+fn remove_segment_files(dir: &File) {
+    let Ok(names) = sys::names_in(dir) else {
         return;
     };
-    for entry in entries.flatten() {
-        let is_file = entry.file_type().is_ok_and(|t| t.is_file());
-        if is_file && uuid::Uuid::try_parse(&entry.file_name().to_string_lossy()).is_ok() {
-            let _ = fs::remove_file(entry.path());
+    for name in names {
+        let is_file = sys::entry_at(dir, &name).is_ok_and(|e| e.kind == sys::EntryKind::File);
+        if is_file && uuid::Uuid::try_parse(&name.to_string_lossy()).is_ok() {
+            let _ = sys::remove_at(dir, &name, false);
         }
     }
 }

@@ -25,10 +25,10 @@
 //!   the mappings.
 
 use std::any::Any;
-use std::cell::RefCell;
+use std::cell::UnsafeCell;
 use std::collections::BTreeMap;
-use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Mutex, MutexGuard, Once};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Mutex, MutexGuard};
 
 use crate::sys;
 
@@ -48,13 +48,19 @@ pub(crate) fn epoch() -> u64 {
 
 /// Installs the fork handlers once per process. Called whenever an allocator is made, before
 /// it can map anything.
+///
+/// Not a `Once`: glibc holds its fork-handler lock during a `fork`, so `pthread_atfork` may
+/// wait for a fork in progress, and a child made while a `Once` waits is left with a `Once`
+/// that never completes. A flag set first never makes anyone wait: a thread that sees it set
+/// while the first one is still registering goes on (a fork in that instant runs without our
+/// handlers, as any fork before the first allocator did).
 pub(crate) fn install() {
-    static INSTALL: Once = Once::new();
-    INSTALL.call_once(|| {
-        if let Err(e) = sys::at_fork(prepare, parent, child) {
-            log::error!("mmapvec: pthread_atfork failed, fork children are not protected: {e}");
-        }
-    });
+    static INSTALLED: AtomicBool = AtomicBool::new(false);
+    if !INSTALLED.swap(true, Ordering::AcqRel)
+        && let Err(e) = sys::at_fork(prepare, parent, child)
+    {
+        log::error!("mmapvec: pthread_atfork failed, fork children are not protected: {e}");
+    }
 }
 
 /// The `dont_fork` views mapped in this process: start address -> length.
@@ -104,7 +110,9 @@ fn registry() -> MutexGuard<'static, Vec<Registered>> {
     REGISTRY.lock().unwrap_or_else(|e| e.into_inner())
 }
 
-/// Adds `object` to what the prepare handler locks.
+/// Adds `object` to what the prepare handler locks. Waits while a fork is being prepared: never
+/// call it inside a `Once` or `OnceLock` initializer, or a child forked meanwhile would inherit
+/// an initializer that never completes.
 ///
 /// # Safety
 /// `object` must stay at its address and alive until [`unregister`] is called for it, and
@@ -123,15 +131,35 @@ pub(crate) fn unregister(object: &dyn ForkLocks) {
     registry().retain(|r| r.0.cast::<()>() != addr);
 }
 
-/// What the forking thread holds between `prepare` and `parent`/`child`.
+/// What the forking thread holds between `prepare` and `parent`/`child`. Fields drop in
+/// order: the views' lock, the objects' locks, and the registry last (the objects stay alive
+/// while the registry is held, see [`register`]).
 struct Held {
-    registry: MutexGuard<'static, Vec<Registered>>,
-    locks: Vec<Box<dyn Any>>,
     views: MutexGuard<'static, DontForkViews>,
+    _locks: Vec<Box<dyn Any>>,
+    _registry: MutexGuard<'static, Vec<Registered>>,
 }
 
-thread_local! {
-    static HELD: RefCell<Option<Held>> = const { RefCell::new(None) };
+/// Where `prepare` leaves [`Held`] for `parent` or `child`. Not a thread-local: a fork may
+/// come from a thread-local destructor, when thread-locals can no longer be reached.
+struct HeldSlot(UnsafeCell<Option<Held>>);
+
+// SAFETY: the slot is only touched by the fork handlers, and only by the thread that holds
+// `REGISTRY`'s lock: `prepare` fills it after taking the lock, `parent`/`child` empty it
+// before the lock (inside the slot's `Held`) is released. So one thread at a time; the guards
+// inside are made and dropped on that same thread.
+unsafe impl Sync for HeldSlot {}
+
+static HELD: HeldSlot = HeldSlot(UnsafeCell::new(None));
+
+/// Takes what `prepare` left.
+///
+/// # Safety
+/// Only from `parent` or `child`, which the forking thread runs after its `prepare`.
+unsafe fn take_held() -> Option<Held> {
+    // SAFETY: this thread holds the registry lock (taken in `prepare`, stored in the slot), so
+    // no other thread touches the slot (see `HeldSlot`).
+    unsafe { (*HELD.0.get()).take() }
 }
 
 extern "C" fn prepare() {
@@ -147,37 +175,29 @@ extern "C" fn prepare() {
         let object: &'static dyn ForkLocks = unsafe { &*r.0 };
         object.lock_for_fork(&mut locks, next);
     }
+    crate::release::lock_for_fork(&mut locks);
     let views = hold();
     EPOCH.store(next, Ordering::Release);
-    HELD.with(|held| {
-        *held.borrow_mut() = Some(Held {
-            registry,
-            locks,
+    // SAFETY: this thread holds the registry lock (`registry`), so it alone touches the slot
+    // (see `HeldSlot`), until `parent` or `child` takes it back.
+    unsafe {
+        *HELD.0.get() = Some(Held {
             views,
+            _locks: locks,
+            _registry: registry,
         })
-    });
-}
-
-fn release(held: Held) {
-    let Held {
-        registry,
-        locks,
-        views,
-    } = held;
-    drop(views);
-    drop(locks);
-    drop(registry);
+    };
 }
 
 extern "C" fn parent() {
-    if let Some(held) = HELD.with(|held| held.borrow_mut().take()) {
-        release(held);
-    }
+    // SAFETY: a fork handler, after this thread's `prepare`.
+    drop(unsafe { take_held() });
 }
 
 extern "C" fn child() {
     GENERATION.fetch_add(1, Ordering::AcqRel);
-    let Some(held) = HELD.with(|held| held.borrow_mut().take()) else {
+    // SAFETY: a fork handler, after this thread's `prepare` (the child is that thread).
+    let Some(held) = (unsafe { take_held() }) else {
         return;
     };
     #[cfg(target_os = "linux")]
@@ -190,7 +210,7 @@ extern "C" fn child() {
             let _ = unsafe { sys::reserve_fixed(ptr, len) };
         }
     }
-    release(held);
+    drop(held);
 }
 
 #[cfg(test)]

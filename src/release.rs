@@ -14,7 +14,7 @@
 
 use std::any::Any;
 use std::sync::mpsc::{self, SyncSender, TrySendError};
-use std::sync::{Mutex, MutexGuard, Once};
+use std::sync::{Mutex, MutexGuard};
 
 use crate::fork;
 use crate::segment::Segment;
@@ -36,16 +36,11 @@ fn queue() -> MutexGuard<'static, Option<Queue>> {
     QUEUE.lock().unwrap_or_else(|e| e.into_inner())
 }
 
-/// The queue's lock, for the fork handlers: no thread may hold it at the moment of a fork.
-struct QueueLock;
-
-impl fork::ForkLocks for QueueLock {
-    fn lock_for_fork(&'static self, held: &mut Vec<Box<dyn Any>>, _epoch: u64) {
-        held.push(Box::new(queue()));
-    }
+/// Takes the queue's lock for the fork handlers (no thread may hold it at the moment of a
+/// fork); `fork` calls it directly, a static needs no registration.
+pub(crate) fn lock_for_fork(held: &mut Vec<Box<dyn Any>>) {
+    held.push(Box::new(queue()));
 }
-
-static QUEUE_LOCK: QueueLock = QueueLock;
 
 fn start() -> Queue {
     let (sender, receiver) = mpsc::sync_channel::<Segment>(MAX_PENDING);
@@ -61,9 +56,6 @@ fn start() -> Queue {
 /// Unmaps and closes `segment` on the release thread, or right here when the queue is full or
 /// the thread could not be started.
 pub(crate) fn release_in_background(segment: Segment) {
-    static REGISTER: Once = Once::new();
-    // SAFETY: a static lives at a fixed address forever; `lock_for_fork` takes only `QUEUE`.
-    REGISTER.call_once(|| unsafe { fork::register(&QUEUE_LOCK) });
     let sender = {
         let mut queue = queue();
         match queue.as_ref() {

@@ -79,11 +79,12 @@ impl ReuseCache {
         // segment drops, which could unwind, happen outside the lock): a poisoned lock is fine.
         let mut state = self.state.lock().unwrap_or_else(|e| e.into_inner());
         if state.generation != fork::generation() {
-            // Inherited through fork: the parent's to reuse, not ours. Forgotten, not dropped:
-            // dropping only unmaps our views, but is not worth the time in a fresh child.
+            // Inherited through fork: the parent's to reuse, not ours. Dropped: an inherited
+            // segment's drop only unmaps this process's view and closes its descriptor, it
+            // never resizes or removes the parent's file.
             state.generation = fork::generation();
             state.bytes = 0;
-            std::mem::forget(std::mem::take(&mut state.kept));
+            drop(std::mem::take(&mut state.kept));
         }
         state
     }

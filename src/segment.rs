@@ -279,6 +279,11 @@ impl Segment {
         self.epoch = fork::epoch();
     }
 
+    /// Whether the segment is kept out of fork children (`MADV_DONTFORK`).
+    pub(crate) fn is_dont_fork(&self) -> bool {
+        self.dont_fork
+    }
+
     /// Whether the segment holds its file's descriptor (else the file keeps its name).
     pub(crate) fn holds_descriptor(&self) -> bool {
         matches!(self.backing, Backing::Held(_))

@@ -361,8 +361,25 @@ pub(crate) fn remove_at(dir: &File, name: &OsStr, folder: bool) -> io::Result<()
     check_zero(unsafe { libc::unlinkat(dir.as_raw_fd(), name.as_ptr(), flags) })
 }
 
-/// Device and inode of the entry `name` of `dir` itself (a link is not followed).
-pub(crate) fn identity_at(dir: &File, name: &OsStr) -> io::Result<(u64, u64)> {
+/// What kind of entry [`entry_at`] found.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum EntryKind {
+    File,
+    Dir,
+    Other,
+}
+
+/// What [`entry_at`] tells of a folder entry.
+#[derive(Clone, Copy, Debug)]
+pub(crate) struct Entry {
+    pub(crate) dev: u64,
+    pub(crate) ino: u64,
+    pub(crate) kind: EntryKind,
+    pub(crate) modified: std::time::SystemTime,
+}
+
+/// The entry `name` of `dir` itself (a link is not followed).
+pub(crate) fn entry_at(dir: &File, name: &OsStr) -> io::Result<Entry> {
     let name = c_name(name)?;
     let mut buf = std::mem::MaybeUninit::<libc::stat>::uninit();
     // SAFETY: `name` is a valid C string, `buf` is writable and large enough for a `stat`.
@@ -376,8 +393,62 @@ pub(crate) fn identity_at(dir: &File, name: &OsStr) -> io::Result<(u64, u64)> {
     })?;
     // SAFETY: fstatat succeeded, so it filled `buf`.
     let stat = unsafe { buf.assume_init() };
+    let kind = match stat.st_mode & libc::S_IFMT {
+        libc::S_IFREG => EntryKind::File,
+        libc::S_IFDIR => EntryKind::Dir,
+        _ => EntryKind::Other,
+    };
+    let secs = u64::try_from(stat.st_mtime).unwrap_or(0);
     #[allow(clippy::unnecessary_cast)] // the field types differ between targets.
-    Ok((stat.st_dev as u64, stat.st_ino as u64))
+    Ok(Entry {
+        dev: stat.st_dev as u64,
+        ino: stat.st_ino as u64,
+        kind,
+        modified: std::time::UNIX_EPOCH + std::time::Duration::from_secs(secs),
+    })
+}
+
+/// Device and inode of the entry `name` of `dir` itself (a link is not followed).
+pub(crate) fn identity_at(dir: &File, name: &OsStr) -> io::Result<(u64, u64)> {
+    entry_at(dir, name).map(|e| (e.dev, e.ino))
+}
+
+/// The names in the folder `dir` (without `.` and `..`), read through the handle.
+pub(crate) fn names_in(dir: &File) -> io::Result<Vec<std::ffi::OsString>> {
+    // SAFETY: dup of a valid descriptor borrowed from `dir`; the copy is owned below.
+    let fd = unsafe { libc::fcntl(dir.as_raw_fd(), libc::F_DUPFD_CLOEXEC, 0) };
+    if fd < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: `fd` is ours; on success the stream owns it (closedir closes it).
+    let stream = unsafe { libc::fdopendir(fd) };
+    if stream.is_null() {
+        let err = io::Error::last_os_error();
+        // SAFETY: fdopendir failed, so `fd` is still ours to close.
+        unsafe { libc::close(fd) };
+        return Err(err);
+    }
+    // The copy shares the original's position: start from the beginning.
+    // SAFETY: `stream` is a valid directory stream.
+    unsafe { libc::rewinddir(stream) };
+    let mut names = Vec::new();
+    loop {
+        // SAFETY: `stream` is valid; readdir returns null at the end (or on error).
+        let entry = unsafe { libc::readdir(stream) };
+        if entry.is_null() {
+            break;
+        }
+        // SAFETY: a non-null entry's `d_name` is a NUL-terminated string valid until the next
+        // readdir on this stream; it is copied at once.
+        let name = unsafe { std::ffi::CStr::from_ptr((*entry).d_name.as_ptr()) };
+        let name = OsStr::from_bytes(name.to_bytes());
+        if name != "." && name != ".." {
+            names.push(name.to_owned());
+        }
+    }
+    // SAFETY: `stream` is valid and closed once; this also closes `fd`.
+    unsafe { libc::closedir(stream) };
+    Ok(names)
 }
 
 /// Flags added to every `open` of a segment file or folder.

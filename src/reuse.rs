@@ -25,10 +25,11 @@
 use std::any::Any;
 use std::collections::BTreeMap;
 use std::sync::{Mutex, MutexGuard};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use crate::fork;
 use crate::segment::Segment;
+use crate::sys;
 
 /// How long a freed segment is kept for reuse at most.
 pub(crate) const DECAY: Duration = Duration::from_secs(1);
@@ -53,12 +54,18 @@ struct State {
     /// By (length, arrival number): best fit is the first at or after the asked length.
     kept: BTreeMap<(usize, u64), Kept>,
     arrivals: u64,
+    /// When decayed segments were last looked for (`sys::coarse_millis`).
+    swept: u64,
 }
 
 struct Kept {
-    since: Instant,
+    /// When it was freed (`sys::coarse_millis`).
+    since: u64,
     segment: Segment,
 }
+
+/// How often, at most, the kept segments are checked for decay.
+const SWEEP_EVERY_MS: u64 = 100;
 
 impl ReuseCache {
     /// A cache holding at most `max_bytes` of freed segments (0: none).
@@ -70,6 +77,7 @@ impl ReuseCache {
                 bytes: 0,
                 kept: BTreeMap::new(),
                 arrivals: 0,
+                swept: 0,
             }),
         }
     }
@@ -124,7 +132,7 @@ impl ReuseCache {
             len.saturating_mul(4).max(len.saturating_add(SLACK))
         };
         let mut state = self.state();
-        state.expire(Instant::now(), expired);
+        state.expire(sys::coarse_millis(), expired);
         let key = state
             .kept
             .range((len, 0)..(longest.saturating_add(1), 0))
@@ -157,7 +165,7 @@ impl ReuseCache {
             return Some(segment);
         }
         let mut state = self.state();
-        let now = Instant::now();
+        let now = sys::coarse_millis();
         state.expire(now, expired);
         while state.bytes + len > self.max_bytes || state.kept.len() >= MAX_KEPT {
             let Some(oldest) = state.oldest() else { break };
@@ -192,14 +200,16 @@ impl ReuseCache {
 }
 
 impl State {
-    fn expire(&mut self, now: Instant, expired: &mut Vec<Segment>) {
-        if self.kept.is_empty() {
+    fn expire(&mut self, now: u64, expired: &mut Vec<Segment>) {
+        if self.kept.is_empty() || now.saturating_sub(self.swept) < SWEEP_EVERY_MS {
             return;
         }
+        self.swept = now;
+        let decay = DECAY.as_millis() as u64;
         let old: Vec<(usize, u64)> = self
             .kept
             .iter()
-            .filter(|(_, k)| now.duration_since(k.since) > DECAY)
+            .filter(|(_, k)| now.saturating_sub(k.since) > decay)
             .map(|(&key, _)| key)
             .collect();
         for key in old {

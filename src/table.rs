@@ -2,21 +2,48 @@
 
 use std::any::Any;
 use std::collections::HashMap;
+use std::hash::{BuildHasherDefault, Hasher};
 use std::sync::Mutex;
 
 use crate::segment::Segment;
 
 /// Live segments by start address, split in shards so threads rarely wait on each other.
 pub(crate) struct SegmentTable {
-    shards: [Mutex<HashMap<usize, Segment>>; SHARDS],
+    shards: [Mutex<Shard>; SHARDS],
 }
 
 const SHARDS: usize = 16;
 
+/// One shard: live segments by start address.
+type Shard = HashMap<usize, Segment, BuildHasherDefault<AddrHasher>>;
+
+/// Hashes a mapping's address with one multiplication: the keys are addresses the kernel gave
+/// us (no one chooses them to collide), looked up on every grow, shrink and free.
+#[derive(Default)]
+pub(crate) struct AddrHasher(u64);
+
+impl Hasher for AddrHasher {
+    fn write(&mut self, bytes: &[u8]) {
+        for &b in bytes {
+            self.0 = (self.0 << 8 | u64::from(b)).wrapping_mul(0x9E37_79B9_7F4A_7C15);
+        }
+    }
+
+    fn write_usize(&mut self, i: usize) {
+        // Page offsets are zero: fold the high bits down after the multiplication.
+        let h = (i as u64).wrapping_mul(0x9E37_79B9_7F4A_7C15);
+        self.0 = h ^ (h >> 29);
+    }
+
+    fn finish(&self) -> u64 {
+        self.0
+    }
+}
+
 impl SegmentTable {
     pub(crate) fn new() -> Self {
         SegmentTable {
-            shards: std::array::from_fn(|_| Mutex::new(HashMap::new())),
+            shards: std::array::from_fn(|_| Mutex::new(HashMap::default())),
         }
     }
 
@@ -25,7 +52,7 @@ impl SegmentTable {
         ((addr >> 12) ^ (addr >> 18) ^ (addr >> 24)) % SHARDS
     }
 
-    fn shard(&self, addr: usize) -> std::sync::MutexGuard<'_, HashMap<usize, Segment>> {
+    fn shard(&self, addr: usize) -> std::sync::MutexGuard<'_, Shard> {
         let index = Self::shard_index(addr);
         // A panic while holding the lock cannot leave a map half-updated (single insert or
         // remove), so a poisoned lock is still consistent.

@@ -22,7 +22,10 @@ use super::class;
 /// `class`, `epoch` and `shard` change only while the chunk has no live block and is held by one
 /// thread out of every list (see `SmallTier`), so whoever holds a block of the chunk reads
 /// values that stay put until that block is freed.
+// Each on cache lines of its own: two threads filling two chunks update the two `live` counts
+// at the same time, which must not share a line.
 #[derive(Debug)]
+#[repr(align(128))]
 pub(super) struct ChunkMeta {
     /// The size class whose blocks the chunk serves now.
     class: AtomicUsize,
@@ -30,8 +33,9 @@ pub(super) struct ChunkMeta {
     epoch: AtomicU64,
     /// The shard that hands out (and takes back) the chunk's blocks.
     shard: AtomicUsize,
-    /// Blocks handed out and not yet freed, as counted by this process (the metadata is private
-    /// memory: after a fork each process counts its own).
+    /// For a *closed* chunk (of an older fork epoch): its blocks not yet freed, as counted by
+    /// this process (the metadata is private memory: after a fork each process counts its
+    /// own). Set when the chunk is closed; an open chunk's count is its bitmap's.
     live: AtomicUsize,
     /// Whether the chunk's view is mapped now (so it must be released, and unregistered from
     /// the fork guard, once).
@@ -78,12 +82,13 @@ impl ChunkMeta {
         self.live.load(Ordering::Acquire)
     }
 
-    pub(super) fn add_live(&self) {
-        self.live.fetch_add(1, Ordering::Relaxed);
+    /// Records the live blocks of a chunk being closed (see `live`).
+    pub(super) fn close(&self, live: usize) {
+        self.live.store(live, Ordering::Release);
     }
 
-    /// Counts one block freed; `true` when it was the last live one. AcqRel: whoever sees zero
-    /// releases the view after every other block's last use.
+    /// Counts one block of a closed chunk freed; `true` when it was the last live one. AcqRel:
+    /// whoever sees zero releases the view after every other block's last use.
     pub(super) fn sub_live(&self) -> bool {
         let before = self.live.fetch_sub(1, Ordering::AcqRel);
         debug_assert!(before > 0, "more frees than allocations in a chunk");
@@ -258,6 +263,11 @@ impl Blocks {
     #[cfg(test)]
     pub(super) fn has_free(&self) -> bool {
         self.freed > 0 || self.bump < self.count
+    }
+
+    /// Blocks handed out and not taken back.
+    pub(super) fn live(&self) -> usize {
+        self.bump - self.freed
     }
 
     /// Hands out a free block: a freed one first (its memory is warm), else the next never-used

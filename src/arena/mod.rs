@@ -128,7 +128,6 @@ pub(crate) struct TierStats {
 #[derive(Debug, Default)]
 struct Counters {
     arena_bytes: AtomicU64,
-    in_use_bytes: AtomicU64,
     returned_bytes: AtomicU64,
     chunks_created: AtomicU64,
     chunks_released: AtomicU64,
@@ -144,13 +143,19 @@ pub(crate) struct SmallTier {
     base: AtomicPtr<u8>,
     /// Chunk index -> metadata, null until the index is first used. Made with the region.
     table: OnceLock<Box<[AtomicPtr<ChunkMeta>]>>,
-    shards: Box<[Mutex<Shard>]>,
+    shards: Box<[PaddedShard]>,
     /// Chunk indices to reuse and empty chunks kept, shared by all shards.
     spare: Mutex<Spare>,
     /// The newest fork epoch seen (see [`SmallTier::observe_epoch`]).
     epoch: AtomicU64,
     counters: Counters,
 }
+
+/// A shard's mutex on cache lines of its own: two threads locking their two shards must not
+/// write one line.
+#[derive(Debug)]
+#[repr(align(128))]
+struct PaddedShard(Mutex<Shard>);
 
 /// What the shards share: where new chunks go, and empty chunks to reuse.
 #[derive(Debug, Default)]
@@ -171,7 +176,9 @@ impl SmallTier {
             config,
             base: AtomicPtr::new(std::ptr::null_mut()),
             table: OnceLock::new(),
-            shards: (0..SHARDS).map(|_| Mutex::new(Shard::new())).collect(),
+            shards: (0..SHARDS)
+                .map(|_| PaddedShard(Mutex::new(Shard::new())))
+                .collect(),
             spare: Mutex::new(Spare::default()),
             epoch: AtomicU64::new(0),
             counters: Counters::default(),
@@ -215,22 +222,24 @@ impl SmallTier {
             )
         })?;
         self.observe_epoch(epoch);
+        let block_size = class::block_size(class);
         let home = home_shard();
         loop {
             let mut shard = self.lock_shard(home);
+            // A block counts as live (in the bitmap, and in bytes) under the lock: a free of
+            // the chunk's other blocks must not see it empty while this block is on its way.
             if let Some((index, taken)) = shard.take(class) {
-                // Counted under the lock: a free of the chunk's other blocks must not see it
-                // empty (and release it) while this block is on its way out.
-                self.meta(index).add_live();
+                shard.in_use += block_size as u64;
                 drop(shard);
-                return Ok(self.hand_out(index, taken, zeroed));
+                return Ok(self.hand_out(index, block_size, taken, zeroed));
             }
-            if let Some(index) = self.take_retained(shard.epoch) {
+            let idle = shard.take_idle_current(class);
+            if let Some(index) = idle.or_else(|| self.take_retained(shard.epoch)) {
                 self.meta(index).assign(class, shard.epoch, home);
                 let taken = shard.install(index, class, false);
-                self.meta(index).add_live();
+                shard.in_use += block_size as u64;
                 drop(shard);
-                return Ok(self.hand_out(index, taken, zeroed));
+                return Ok(self.hand_out(index, block_size, taken, zeroed));
             }
             // Make the file outside the shard lock: it is slow, and the creator is user code.
             let epoch = shard.epoch;
@@ -245,9 +254,9 @@ impl SmallTier {
             }
             self.meta(index).assign(class, epoch, home);
             let taken = shard.install(index, class, true);
-            self.meta(index).add_live();
+            shard.in_use += block_size as u64;
             drop(shard);
-            return Ok(self.hand_out(index, taken, zeroed));
+            return Ok(self.hand_out(index, block_size, taken, zeroed));
         }
     }
 
@@ -268,7 +277,7 @@ impl SmallTier {
     /// Locks every mutex of the tier for a `fork` (shards in order, then `spare`: the order of
     /// their use) and notes the epoch the fork begins, so no shard is used in the old one.
     pub(crate) fn lock_for_fork(&'static self, held: &mut Vec<Box<dyn std::any::Any>>, epoch: u64) {
-        for shard in self.shards.iter() {
+        for PaddedShard(shard) in self.shards.iter() {
             held.push(Box::new(shard.lock().unwrap_or_else(|e| e.into_inner())));
         }
         held.push(Box::new(self.lock_spare()));
@@ -302,39 +311,44 @@ impl SmallTier {
         let block_size = meta.block_size();
         let offset = ptr.as_ptr().addr() - self.chunk_at(index).as_ptr().addr();
         debug_assert!(offset.is_multiple_of(block_size), "not a block start");
-        self.counters
-            .in_use_bytes
-            .fetch_sub(block_size as u64, Ordering::Relaxed);
         let epoch = self.observe_epoch(epoch);
-        if meta.epoch() == epoch {
-            let mut guard = self.lock_shard(meta.shard());
-            let shard = &mut *guard;
-            if shard.epoch == meta.epoch()
-                && let Some(blocks) = shard.chunks.get_mut(&index)
-            {
-                let known = blocks.put(offset / block_size);
-                debug_assert!(known, "double free of a small block");
-                if !known {
-                    // Release builds: leave the count alone rather than corrupt it.
-                    return;
-                }
-                let lists = &mut shard.classes[meta.class()];
-                if meta.sub_live() {
-                    shard.chunks.remove(&index);
-                    if lists.current == Some(index) {
-                        lists.current = None;
-                    }
-                    drop(guard);
-                    self.retire(index, epoch);
-                } else if !blocks.listed && lists.current != Some(index) {
-                    blocks.listed = true;
-                    lists.partial.push(index);
-                }
+        // The chunk's shard does not change while the chunk has a live block (this one). Its
+        // lock also brings it to the newest epoch, closing (and counting) older chunks.
+        let mut guard = self.lock_shard(meta.shard());
+        let shard = &mut *guard;
+        shard.in_use -= block_size as u64;
+        if meta.epoch() == epoch
+            && shard.epoch == meta.epoch()
+            && let Some(blocks) = shard.chunks.get_mut(&index)
+        {
+            let known = blocks.put(offset / block_size);
+            debug_assert!(known, "double free of a small block");
+            if !known {
+                // Release builds: leave the count alone rather than corrupt it.
                 return;
             }
+            let lists = &mut shard.classes[meta.class()];
+            if blocks.live() == 0 {
+                if lists.current == Some(index) {
+                    // The chunk being filled stays, empty: its blocks are handed out again
+                    // at once (an allocate / free loop must not retire and reinstall it
+                    // every time). Released when a fork closes it or the tier drops.
+                    return;
+                }
+                shard.chunks.remove(&index);
+                drop(guard);
+                self.retire(index, epoch);
+            } else if !blocks.listed && lists.current != Some(index) {
+                blocks.listed = true;
+                lists.partial.push(index);
+            }
+            return;
         }
-        // A closed chunk (older epoch): count only.
-        if meta.sub_live() {
+        // A closed chunk (older epoch): count only. Its count was recorded when it was
+        // closed, under this shard's lock, which we hold.
+        let last = meta.sub_live();
+        drop(guard);
+        if last {
             self.release_to_spare(index);
         }
     }
@@ -343,7 +357,11 @@ impl SmallTier {
     pub(crate) fn stats(&self) -> TierStats {
         let c = &self.counters;
         let arena_bytes = c.arena_bytes.load(Ordering::Relaxed);
-        let in_use_bytes = c.in_use_bytes.load(Ordering::Relaxed);
+        let in_use_bytes = self
+            .shards
+            .iter()
+            .map(|s| s.0.lock().unwrap_or_else(|e| e.into_inner()).in_use)
+            .sum();
         TierStats {
             arena_bytes,
             in_use_bytes,
@@ -359,8 +377,23 @@ impl SmallTier {
     fn lock_shard(&self, index: usize) -> MutexGuard<'_, Shard> {
         // Every change under the lock leaves the shard consistent (a panic can only come from a
         // failed debug assertion or allocation), so a poisoned lock is still usable.
-        let mut shard = self.shards[index].lock().unwrap_or_else(|e| e.into_inner());
-        shard.enter(self.epoch.load(Ordering::Acquire));
+        let mut shard = self.shards[index]
+            .0
+            .lock()
+            .unwrap_or_else(|e| e.into_inner());
+        let closed = shard.enter(self.epoch.load(Ordering::Acquire));
+        if !closed.is_empty() {
+            // From now on these chunks count their blocks in their metadata. Those with none (a
+            // class's current chunk, kept open while empty) have no free left to release
+            // them: release them now. Under the shard lock, then `spare`: the order.
+            let mut spare = self.lock_spare();
+            for (index, live) in closed {
+                self.meta(index).close(live);
+                if live == 0 {
+                    self.release(&mut spare, index);
+                }
+            }
+        }
         shard
     }
 
@@ -369,13 +402,9 @@ impl SmallTier {
         self.spare.lock().unwrap_or_else(|e| e.into_inner())
     }
 
-    /// The block `taken` of chunk `index` (already counted live under the shard lock), zeroed
-    /// if asked.
-    fn hand_out(&self, index: u32, taken: Taken, zeroed: bool) -> NonNull<[u8]> {
-        let block_size = self.meta(index).block_size();
-        self.counters
-            .in_use_bytes
-            .fetch_add(block_size as u64, Ordering::Relaxed);
+    /// The block `taken` of chunk `index`, of `block_size` bytes (already counted live under
+    /// the shard lock), zeroed if asked.
+    fn hand_out(&self, index: u32, block_size: usize, taken: Taken, zeroed: bool) -> NonNull<[u8]> {
         let chunk = self.chunk_at(index);
         // SAFETY: `taken.index < CHUNK / block_size` (`Blocks` hands out no other), so the block
         // lies inside the chunk's CHUNK bytes.

@@ -1,6 +1,7 @@
 //! One shard of the small-block tier: the chunks it hands blocks out of, by class.
 
 use std::collections::HashMap;
+use std::hash::{BuildHasherDefault, Hasher};
 
 use super::chunk::{Blocks, Taken};
 use super::class;
@@ -14,7 +15,32 @@ pub(super) struct Shard {
     /// checked against `chunks` when popped).
     pub(super) classes: Vec<ClassLists>,
     /// Block bitmaps of the open chunks this shard owns.
-    pub(super) chunks: HashMap<u32, Blocks>,
+    pub(super) chunks: HashMap<u32, Blocks, BuildHasherDefault<IndexHasher>>,
+    /// Bytes of live blocks in the chunks this shard owns (open or closed). Counted here, under
+    /// the shard's lock, rather than in a shared atomic: two threads on two shards write
+    /// nothing in common.
+    pub(super) in_use: u64,
+}
+
+/// Hashes a chunk index with one multiplication: the keys are small integers of our own (no
+/// one can choose them to collide), looked up on every free.
+#[derive(Default)]
+pub(super) struct IndexHasher(u64);
+
+impl Hasher for IndexHasher {
+    fn write(&mut self, bytes: &[u8]) {
+        for &b in bytes {
+            self.0 = (self.0 << 8 | u64::from(b)).wrapping_mul(0x9E37_79B9_7F4A_7C15);
+        }
+    }
+
+    fn write_u32(&mut self, i: u32) {
+        self.0 = u64::from(i).wrapping_mul(0x9E37_79B9_7F4A_7C15);
+    }
+
+    fn finish(&self) -> u64 {
+        self.0
+    }
 }
 
 #[derive(Debug, Default, Clone)]
@@ -28,19 +54,26 @@ impl Shard {
         Shard {
             epoch: 0,
             classes: vec![ClassLists::default(); class::COUNT],
-            chunks: HashMap::new(),
+            chunks: HashMap::default(),
+            in_use: 0,
         }
     }
 
     /// Moves to a newer epoch: every chunk of the old one is closed (freed by count only).
-    pub(super) fn enter(&mut self, epoch: u64) {
-        if epoch > self.epoch {
-            self.epoch = epoch;
-            self.chunks.clear();
-            self.classes
-                .iter_mut()
-                .for_each(|c| *c = ClassLists::default());
+    /// Returns the chunks closed with their live blocks; the caller records the counts and
+    /// releases those with none (an empty current chunk: no free is left to release it).
+    pub(super) fn enter(&mut self, epoch: u64) -> Vec<(u32, usize)> {
+        if epoch <= self.epoch {
+            return Vec::new();
         }
+        self.epoch = epoch;
+        self.classes
+            .iter_mut()
+            .for_each(|c| *c = ClassLists::default());
+        self.chunks
+            .drain()
+            .map(|(index, blocks)| (index, blocks.live()))
+            .collect()
     }
 
     /// A block of class `class` from the chunks already here.
@@ -66,6 +99,24 @@ impl Shard {
             }
         }
         None
+    }
+
+    /// Takes out an empty chunk that another class keeps as its current one (see
+    /// `SmallTier::deallocate`), for `class` to use: memory a class no longer uses goes to the
+    /// classes in use before any new chunk is made.
+    pub(super) fn take_idle_current(&mut self, class: usize) -> Option<u32> {
+        let (other, index) = self
+            .classes
+            .iter()
+            .enumerate()
+            .filter(|&(c, _)| c != class)
+            .find_map(|(c, lists)| {
+                let index = lists.current?;
+                (self.chunks.get(&index)?.live() == 0).then_some((c, index))
+            })?;
+        self.classes[other].current = None;
+        self.chunks.remove(&index);
+        Some(index)
     }
 
     /// Makes chunk `index` (no live block, held by the caller) this shard's current chunk for

@@ -451,5 +451,33 @@ pub(crate) fn names_in(dir: &File) -> io::Result<Vec<std::ffi::OsString>> {
     Ok(names)
 }
 
+/// Milliseconds of a monotonic clock that is cheap to read and coarse (a few ms on Linux,
+/// `CLOCK_MONOTONIC_COARSE`): for decays measured in seconds, read on every free.
+#[cfg(target_os = "linux")]
+pub(crate) fn coarse_millis() -> u64 {
+    let mut ts = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    // SAFETY: `ts` is a valid, writable timespec; the clock id is a constant Linux has.
+    let ret = unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC_COARSE, &mut ts) };
+    if ret != 0 {
+        return 0;
+    }
+    #[allow(clippy::unnecessary_cast)] // the field types differ between targets.
+    let millis = (ts.tv_sec as u64) * 1000 + (ts.tv_nsec as u64) / 1_000_000;
+    millis
+}
+
+/// Other systems: the ordinary monotonic clock.
+#[cfg(not(target_os = "linux"))]
+pub(crate) fn coarse_millis() -> u64 {
+    static START: std::sync::OnceLock<std::time::Instant> = std::sync::OnceLock::new();
+    START
+        .get_or_init(std::time::Instant::now)
+        .elapsed()
+        .as_millis() as u64
+}
+
 /// Flags added to every `open` of a segment file or folder.
 pub(crate) const OPEN_FLAGS: libc::c_int = libc::O_NOFOLLOW | libc::O_CLOEXEC;

@@ -30,7 +30,7 @@ pub struct Builder {
 }
 
 /// The default largest block of the small-block tier (measured: see `small_threshold`).
-const DEFAULT_SMALL_THRESHOLD: usize = 256 << 10;
+const DEFAULT_SMALL_THRESHOLD: usize = 64 << 10;
 
 /// The default bound on freed segments kept for reuse.
 const DEFAULT_REUSE_BYTES: usize = 256 << 20;
@@ -254,7 +254,17 @@ impl Builder {
     /// small-block tier: they are carved out of 4 MiB chunk files that thousands of blocks
     /// share, so they cost no file, mapping or descriptor of their own, and freed space is
     /// reused at once. Larger blocks get a segment (a file) each, grown by `mremap`. Default
-    /// 256 KiB. `0` turns the tier off: every allocation gets its own segment, as before 0.2.
+    /// 64 KiB. `0` turns the tier off: every allocation gets its own segment, as before.
+    ///
+    /// Why 64 KiB: below it, blocks are by far the most numerous (small vectors, small maps,
+    /// nested collections), and a file of their own would cost more than the data. Above it,
+    /// a segment costs little next to its data and grows without copying (`mremap`), while
+    /// the tier copies a block each time it outgrows its size class. Measured with a
+    /// create / push n `u64` / drop loop against `std::vec::Vec` (ratio of times, one run):
+    /// with 16 KiB, 64 KiB, 256 KiB and 512 KiB thresholds, n = 1e4 took 1.43, 1.51, 1.58 and
+    /// 1.65 times std, n = 1e5 1.17, 1.22, 1.37 and 1.54 times; hashbrown inserts were at or
+    /// below the heap's time with each. 64 KiB keeps four times more blocks out of
+    /// `vm.max_map_count` than 16 KiB for almost the same speed.
     ///
     /// Chunk files live in the same folder as segments, are unlinked at once (nothing is left
     /// after a crash) and have their blocks reserved (a full disk is an allocation error).

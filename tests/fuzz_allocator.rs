@@ -29,7 +29,7 @@ const MAX_SIZE: usize = 4 << 20;
 const MAX_ALIGN_SHIFT: u8 = 22;
 const HEAP_THRESHOLD: usize = 64 << 10;
 /// The default `small_threshold`: blocks up to it come from the small-block tier.
-const SMALL_DEFAULT: usize = 256 << 10;
+const SMALL_DEFAULT: usize = 64 << 10;
 
 #[derive(Clone, Debug)]
 enum Op {

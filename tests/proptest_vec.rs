@@ -159,7 +159,7 @@ fn apply(op: &Op, v: &mut MmapVec<u32>, model: &mut Vec<u32>) {
 }
 
 /// The small-block tier's largest block (the default `small_threshold`).
-const SMALL: usize = 256 << 10;
+const SMALL: usize = 64 << 10;
 
 /// Where the vector's buffer is: nowhere for no capacity; a block of the small-block tier up to
 /// `small` bytes (its size class: at most a quarter more); else one segment sized to the

@@ -165,8 +165,8 @@ fn vectors_move_between_threads() {
         to_worker.send(v).expect("worker is listening");
         let v = from_worker.recv().expect("worker answers");
         assert!(v.iter().copied().eq(0..n + 50_000));
-        // A segment past the small-block tier's 256 KiB, else a block of the tier.
-        let segments = u64::from(v.capacity() * 4 > 256 << 10);
+        // A segment past the small-block tier's 64 KiB, else a block of the tier.
+        let segments = u64::from(v.capacity() * 4 > 64 << 10);
         assert_eq!(alloc.stats().live_segments, segments);
         // Dropped here, on the main thread.
     }

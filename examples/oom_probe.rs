@@ -4,13 +4,17 @@
 //! oom_probe mmapvec-fill <size> [OPTIONS]   fill an MmapVec<u64> by push, then verify it
 //! oom_probe hashmap-fill <size> [OPTIONS]   fill a hashbrown map whose table is >= size, verify
 //! oom_probe std-fill <size>                 the same fill as mmapvec-fill with a std Vec<u64>
+//! oom_probe small-vectors <count>           <count> live MmapVec<u32> of 8 each, in an
+//!                                           MmapVec of them, then verify them all
+//! oom_probe std-small-vectors <count>       the same with Vec<Vec<u32>>
 //!
 //! OPTIONS: --dir <path>                     where segments go (default: the temp directory)
 //!          --access sequential|random|willneed   the allocator's access pattern hint
 //!          --random-lookups <n>             hashmap-fill: then time n random lookups
 //! ```
 //!
-//! Sizes are bytes with an optional `K`/`M`/`G` suffix (powers of 1024). Each run ends with one
+//! Sizes are bytes with an optional `K`/`M`/`G` suffix (powers of 1024); a count takes the same
+//! suffixes. Each run ends with one
 //! `RESULT key=value ...` line that the script parses; a failed check exits with status 1.
 //! Under a limit far below `<size>`, `std-fill` is expected to be killed by the OOM killer.
 
@@ -21,7 +25,8 @@ use std::time::Instant;
 
 use mmapvec::{AccessPattern, MmapAllocator, MmapVec};
 
-const USAGE: &str = "usage: oom_probe <mmapvec-fill|hashmap-fill|std-fill> <size> \
+const USAGE: &str = "usage: oom_probe <mmapvec-fill|hashmap-fill|std-fill|small-vectors|\
+                     std-small-vectors> <size or count> \
                      [--dir <path>] [--access sequential|random|willneed] [--random-lookups <n>]";
 
 fn main() -> ExitCode {
@@ -87,6 +92,8 @@ fn run() -> Result<(), String> {
         "mmapvec-fill" => mmapvec_fill(size, options.allocator()?),
         "hashmap-fill" => hashmap_fill(size, options.allocator()?, options.random_lookups),
         "std-fill" => std_fill(size),
+        "small-vectors" => small_vectors(size, options.allocator()?),
+        "std-small-vectors" => std_small_vectors(size),
         other => Err(format!("unknown command {other:?}\n{USAGE}")),
     }
 }
@@ -204,6 +211,74 @@ fn std_fill(size: usize) -> Result<(), String> {
         "RESULT kind=std-fill bytes={size} fill_mb_s={:.1}",
         mb_per_s(size, fill)
     );
+    Ok(())
+}
+
+/// The eight values of small vector `i`.
+fn small_values(i: usize) -> impl Iterator<Item = u32> {
+    let base = pattern(i as u64) as u32;
+    (0..8).map(move |j| base.wrapping_add(j))
+}
+
+/// `count` live `MmapVec<u32>` of 8 elements each (blocks of the small-block tier), held in an
+/// `MmapVec` of them (a segment), then all verified.
+fn small_vectors(count: usize, alloc: MmapAllocator) -> Result<(), String> {
+    let start = Instant::now();
+    let mut outer: MmapVec<MmapVec<u32>> = MmapVec::with_capacity_in(count, alloc.clone());
+    for i in 0..count {
+        let mut v = MmapVec::with_capacity_in(8, alloc.clone());
+        v.extend(small_values(i));
+        outer.push(v);
+    }
+    let build = start.elapsed().as_secs_f64();
+    let start = Instant::now();
+    let bad = outer
+        .iter()
+        .enumerate()
+        .filter(|(i, v)| !v.iter().copied().eq(small_values(*i)))
+        .count();
+    let verify = start.elapsed().as_secs_f64();
+    let stats = alloc.stats();
+    println!(
+        "small-vectors: {count} vectors built in {build:.2} s, verified in {verify:.2} s, {bad} \
+         wrong; {} MiB in {} chunk files, {} segment(s); VmHWM {} MiB, RssAnon {} MiB",
+        stats.small.arena_bytes >> 20,
+        stats.small.chunks_created - stats.small.chunks_released,
+        stats.live_segments,
+        status_bytes("VmHWM") >> 20,
+        status_bytes("RssAnon") >> 20,
+    );
+    println!(
+        "RESULT kind=small-vectors count={count} build_secs={build:.2} verify_secs={verify:.2} \
+         bad={bad}"
+    );
+    if bad > 0 {
+        return Err(format!("{bad} vectors read back wrong"));
+    }
+    Ok(())
+}
+
+/// The same as [`small_vectors`] with `Vec<Vec<u32>>`: under a limit below its size, it is
+/// expected to be killed by the OOM killer.
+fn std_small_vectors(count: usize) -> Result<(), String> {
+    let start = Instant::now();
+    let mut outer: Vec<Vec<u32>> = Vec::with_capacity(count);
+    for i in 0..count {
+        let mut v = Vec::with_capacity(8);
+        v.extend(small_values(i));
+        outer.push(v);
+    }
+    let build = start.elapsed().as_secs_f64();
+    let bad = outer
+        .iter()
+        .enumerate()
+        .filter(|(i, v)| !v.iter().copied().eq(small_values(*i)))
+        .count();
+    println!(
+        "std-small-vectors: {count} vectors built in {build:.2} s, {bad} wrong, VmHWM {} MiB",
+        status_bytes("VmHWM") >> 20
+    );
+    println!("RESULT kind=std-small-vectors count={count} build_secs={build:.2} bad={bad}");
     Ok(())
 }
 

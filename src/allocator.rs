@@ -59,7 +59,7 @@ struct Inner {
     /// Freed segments kept for reuse.
     cache: ReuseCache,
     /// Blocks up to the small threshold, carved out of shared chunk files.
-    tier: SmallTier,
+    tier: Arc<SmallTier>,
     counters: Counters,
     last_error: Mutex<Option<io::Error>>,
 }
@@ -166,12 +166,12 @@ impl MmapAllocator {
             table: SegmentTable::new(),
             creator,
             cache: ReuseCache::new(settings.reuse_bytes),
-            tier: SmallTier::new(TierConfig {
+            tier: Arc::new(SmallTier::new(TierConfig {
                 threshold: settings.small_threshold,
                 reserve_disk: settings.opts.reserve_disk,
                 dont_fork: settings.opts.dont_fork,
                 retain_empty: RETAIN_EMPTY_CHUNKS,
-            }),
+            })),
             settings,
             counters: Counters::default(),
             last_error: Mutex::new(None),

@@ -48,12 +48,13 @@
 mod chunk;
 mod class;
 mod shard;
+mod tcache;
 
 use std::fmt;
 use std::io;
 use std::ptr::NonNull;
 use std::sync::atomic::{AtomicPtr, AtomicU64, AtomicUsize, Ordering};
-use std::sync::{Mutex, MutexGuard, OnceLock};
+use std::sync::{Arc, Mutex, MutexGuard, OnceLock};
 
 use allocator_api2::alloc::Layout;
 
@@ -149,6 +150,10 @@ pub(crate) struct SmallTier {
     /// The newest fork epoch seen (see [`SmallTier::observe_epoch`]).
     epoch: AtomicU64,
     counters: Counters,
+    /// This tier's identity for the threads' caches (never reused, unlike an address).
+    id: u64,
+    /// The bytes each thread's cache of this tier holds (see `tcache`).
+    caches: Mutex<Vec<Arc<AtomicU64>>>,
 }
 
 /// A shard's mutex on cache lines of its own: two threads locking their two shards must not
@@ -182,7 +187,36 @@ impl SmallTier {
             spare: Mutex::new(Spare::default()),
             epoch: AtomicU64::new(0),
             counters: Counters::default(),
+            id: {
+                static NEXT_ID: AtomicU64 = AtomicU64::new(1);
+                NEXT_ID.fetch_add(1, Ordering::Relaxed)
+            },
+            caches: Mutex::new(Vec::new()),
         }
+    }
+
+    fn lock_caches(&self) -> MutexGuard<'_, Vec<Arc<AtomicU64>>> {
+        // Pushes and removals only: a poisoned lock is consistent.
+        self.caches.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Lists a thread's cache total, for [`stats`](Self::stats).
+    fn register_cache(&self, cached: &Arc<AtomicU64>) {
+        self.lock_caches().push(Arc::clone(cached));
+    }
+
+    fn unregister_cache(&self, cached: &Arc<AtomicU64>) {
+        self.lock_caches().retain(|c| !Arc::ptr_eq(c, cached));
+    }
+
+    /// Gives back a block of `class` that a thread's cache held (see `tcache`).
+    ///
+    /// # Safety
+    /// As for [`deallocate`](Self::deallocate); `class` is the block's class.
+    unsafe fn free_uncached(&self, ptr: NonNull<u8>, class: usize) {
+        debug_assert_eq!(self.meta(self.index_of(ptr)).class(), class);
+        // SAFETY: forwarded.
+        unsafe { self.free_to_shard(ptr, self.epoch.load(Ordering::Acquire)) };
     }
 
     /// Whether the tier takes `layout`: not empty, at most the threshold, aligned to at most a
@@ -221,8 +255,18 @@ impl SmallTier {
                 "layout not served by the small-block tier",
             )
         })?;
-        self.observe_epoch(epoch);
+        let epoch = self.observe_epoch(epoch);
         let block_size = class::block_size(class);
+        if class < tcache::CLASSES
+            && let Some(ptr) = tcache::pop(self, class, epoch)
+        {
+            if zeroed {
+                // SAFETY: a cached block is a whole block of its class, freed by its last
+                // user and handed to this caller alone.
+                unsafe { ptr.write_bytes(0, block_size) };
+            }
+            return Ok(NonNull::slice_from_raw_parts(ptr, block_size));
+        }
         let home = home_shard();
         loop {
             let mut shard = self.lock_shard(home);
@@ -281,6 +325,7 @@ impl SmallTier {
             held.push(Box::new(shard.lock().unwrap_or_else(|e| e.into_inner())));
         }
         held.push(Box::new(self.lock_spare()));
+        held.push(Box::new(self.lock_caches()));
         self.observe_epoch(epoch);
     }
 
@@ -305,7 +350,24 @@ impl SmallTier {
     /// # Safety
     /// `ptr` must have been returned by [`allocate`](Self::allocate) of this tier and be
     /// currently allocated; it is not used again.
-    pub(crate) unsafe fn deallocate(&self, ptr: NonNull<u8>, epoch: u64) {
+    pub(crate) unsafe fn deallocate(self: &Arc<Self>, ptr: NonNull<u8>, epoch: u64) {
+        let epoch = self.observe_epoch(epoch);
+        let meta = self.meta(self.index_of(ptr));
+        let class = meta.class();
+        // Into this thread's cache, if it is a small class of a chunk of the current epoch.
+        if class < tcache::CLASSES && meta.epoch() == epoch && tcache::push(self, class, epoch, ptr)
+        {
+            return;
+        }
+        // SAFETY: forwarded.
+        unsafe { self.free_to_shard(ptr, epoch) };
+    }
+
+    /// Frees the block at `ptr` to its chunk's shard. `epoch` is the current fork epoch.
+    ///
+    /// # Safety
+    /// As for [`deallocate`](Self::deallocate).
+    unsafe fn free_to_shard(&self, ptr: NonNull<u8>, epoch: u64) {
         let index = self.index_of(ptr);
         let meta = self.meta(index);
         let block_size = meta.block_size();
@@ -357,11 +419,18 @@ impl SmallTier {
     pub(crate) fn stats(&self) -> TierStats {
         let c = &self.counters;
         let arena_bytes = c.arena_bytes.load(Ordering::Relaxed);
-        let in_use_bytes = self
+        let counted: u64 = self
             .shards
             .iter()
             .map(|s| s.0.lock().unwrap_or_else(|e| e.into_inner()).in_use)
             .sum();
+        // Blocks in threads' caches count as live for their chunks, not as in use.
+        let cached: u64 = self
+            .lock_caches()
+            .iter()
+            .map(|c| c.load(Ordering::Relaxed))
+            .sum();
+        let in_use_bytes = counted.saturating_sub(cached);
         TierStats {
             arena_bytes,
             in_use_bytes,

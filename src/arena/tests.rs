@@ -7,16 +7,17 @@ use std::sync::Mutex;
 
 use super::*;
 use crate::creator::{DirCreator, SegmentFile, SegmentRequest};
+use std::sync::Arc;
 
 fn creator() -> DirCreator {
     DirCreator::new(std::env::temp_dir())
 }
 
-fn tier(retain_empty: usize) -> SmallTier {
-    SmallTier::new(TierConfig {
+fn tier(retain_empty: usize) -> Arc<SmallTier> {
+    Arc::new(SmallTier::new(TierConfig {
         retain_empty,
         ..TierConfig::default()
-    })
+    }))
 }
 
 fn layout(size: usize, align: usize) -> Layout {
@@ -101,7 +102,7 @@ fn chunk_of(tier: &SmallTier, ptr: NonNull<[u8]>) -> u32 {
 }
 
 /// A random program of allocations and frees; returns the live blocks.
-fn run_program(tier: &SmallTier, creator: &DirCreator, seed: u64, steps: usize) -> Vec<Live> {
+fn run_program(tier: &Arc<SmallTier>, creator: &DirCreator, seed: u64, steps: usize) -> Vec<Live> {
     let mut rng = Rng(seed);
     let mut live: Vec<Live> = Vec::new();
     for step in 0..steps {
@@ -134,7 +135,7 @@ fn run_program(tier: &SmallTier, creator: &DirCreator, seed: u64, steps: usize) 
     live
 }
 
-fn free_all(tier: &SmallTier, live: Vec<Live>, epoch: u64) {
+fn free_all(tier: &Arc<SmallTier>, live: Vec<Live>, epoch: u64) {
     for block in live {
         check(&block);
         // SAFETY: allocated by this tier, freed once.
@@ -205,10 +206,10 @@ fn hundred_thousand_small_blocks_share_few_chunks_and_hold_no_descriptor() {
     }
 
     // Many chunks (sparse files, never touched): still no descriptor per chunk.
-    let sparse = SmallTier::new(TierConfig {
+    let sparse = Arc::new(SmallTier::new(TierConfig {
         reserve_disk: false,
         ..TierConfig::default()
-    });
+    }));
     let big: Vec<_> = (0..1000)
         .map(|_| {
             sparse
@@ -466,10 +467,10 @@ fn contains_only_the_region() {
 
 #[test]
 fn serves_small_page_aligned_layouts_only() {
-    let tier = SmallTier::new(TierConfig {
+    let tier = Arc::new(SmallTier::new(TierConfig {
         threshold: 1024,
         ..TierConfig::default()
-    });
+    }));
     assert!(tier.serves(layout(1, 1)));
     assert!(tier.serves(layout(1024, 4096)));
     assert!(!tier.serves(layout(0, 1)));
@@ -480,11 +481,11 @@ fn serves_small_page_aligned_layouts_only() {
 #[test]
 fn dont_fork_chunks_are_made_and_released() {
     let creator = creator();
-    let tier = SmallTier::new(TierConfig {
+    let tier = Arc::new(SmallTier::new(TierConfig {
         dont_fork: true,
         retain_empty: 0,
         ..TierConfig::default()
-    });
+    }));
     let block = tier.allocate(layout(4000, 64), true, 0, &creator).unwrap();
     assert!(all_zero(block));
     fill(block, 1);
@@ -538,4 +539,65 @@ fn a_non_empty_file_is_refused_and_kept() {
     assert_eq!(chunk_of(&tier, block), 0);
     // SAFETY: allocated above, freed once.
     unsafe { tier.deallocate(block.cast(), 0) };
+}
+
+#[test]
+fn thread_caches_go_back_on_switch_at_thread_exit_and_after_their_tier() {
+    let creator = creator();
+    let (a, b, c) = (tier(2), tier(2), tier(2));
+    let small = layout(64, 8);
+    let caches = |t: &SmallTier| t.lock_caches().len();
+    // A thread joined with `join` (a scoped thread's end is signalled before its thread-locals
+    // are destroyed).
+    let (a2, b2) = (Arc::clone(&a), Arc::clone(&b));
+    std::thread::spawn(move || {
+        let (a, b, creator) = (a2, b2, self::creator());
+        {
+            let blocks: Vec<_> = (0..10)
+                .map(|_| a.allocate(small, false, 0, &creator).unwrap())
+                .collect();
+            for block in blocks {
+                // SAFETY: allocated above, freed once.
+                unsafe { a.deallocate(block.cast(), 0) };
+            }
+            // Cached on this thread: live for the chunk, not in use.
+            assert_eq!((caches(&a), a.stats().in_use_bytes), (1, 0));
+            // A block of another tier: `a`'s cache goes back to `a`.
+            let other = b.allocate(small, false, 0, &creator).unwrap();
+            // SAFETY: allocated above, freed once.
+            unsafe { b.deallocate(other.cast(), 0) };
+            assert_eq!((caches(&a), caches(&b)), (0, 1));
+            // Back in `a`'s bitmap: the next ten come from the same chunk, no new one.
+            let created = a.stats().chunks_created;
+            let again: Vec<_> = (0..10)
+                .map(|_| a.allocate(small, false, 0, &creator).unwrap())
+                .collect();
+            assert_eq!(a.stats().chunks_created, created);
+            for block in again {
+                // SAFETY: allocated above, freed once.
+                unsafe { a.deallocate(block.cast(), 0) };
+            }
+        }
+    })
+    .join()
+    .unwrap();
+    // The thread's exit gave its cache back.
+    assert_eq!((caches(&a), caches(&b)), (0, 0));
+    assert_eq!(a.stats().in_use_bytes, 0);
+
+    // A cache whose tier is gone forgets its blocks: the region is unmapped already.
+    let c_block = c.allocate(small, false, 0, &creator).unwrap();
+    // SAFETY: allocated above, freed once (into this thread's cache).
+    unsafe { c.deallocate(c_block.cast(), 0) };
+    assert_eq!(caches(&c), 1);
+    let weak = Arc::downgrade(&c);
+    drop(c);
+    assert!(weak.upgrade().is_none());
+    let blocks: Vec<_> = (0..3)
+        .map(|_| b.allocate(small, false, 0, &creator).unwrap())
+        .collect();
+    for block in blocks {
+        // SAFETY: allocated above, freed once.
+        unsafe { b.deallocate(block.cast(), 0) };
+    }
 }

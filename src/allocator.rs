@@ -413,7 +413,11 @@ impl Inner {
         let segment = self
             .new_segment(layout.size(), layout.align(), zeroed)
             .map_err(|f| self.record(f))?;
-        let block = block(&segment);
+        // A segment taken from the reuse cache may be longer than asked: report the length
+        // asked (page-rounded). hashbrown turns a longer block into more buckets, a table
+        // several times the size it chose, and slower lookups for it.
+        let asked = self.mapped_len(layout.size()).unwrap_or(segment.len());
+        let block = NonNull::slice_from_raw_parts(segment.ptr(), asked.min(segment.len()));
         self.table.insert(segment);
         Ok(block)
     }

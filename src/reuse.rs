@@ -23,7 +23,6 @@
 //!   using them (the parent may reuse them).
 
 use std::any::Any;
-use std::collections::BTreeMap;
 use std::sync::{Mutex, MutexGuard};
 use std::time::Duration;
 
@@ -52,8 +51,9 @@ struct State {
     generation: u64,
     bytes: usize,
     /// By (length, arrival number): best fit is the first at or after the asked length.
-    kept: BTreeMap<(usize, u64), Kept>,
-    arrivals: u64,
+    /// At most [`MAX_KEPT`], oldest first: a scan of a few dozen entries, and no allocation
+    /// on any operation (capacity reserved up front).
+    kept: Vec<Kept>,
     /// When decayed segments were last looked for (`sys::coarse_millis`).
     swept: u64,
 }
@@ -75,8 +75,7 @@ impl ReuseCache {
             state: Mutex::new(State {
                 generation: fork::generation(),
                 bytes: 0,
-                kept: BTreeMap::new(),
-                arrivals: 0,
+                kept: Vec::new(),
                 swept: 0,
             }),
         }
@@ -133,12 +132,19 @@ impl ReuseCache {
         };
         let mut state = self.state();
         state.expire(sys::coarse_millis(), expired);
-        let key = state
+        // The smallest that fits (the newest of equals: its pages are the warmest).
+        let (at, _) = state
             .kept
-            .range((len, 0)..(longest.saturating_add(1), 0))
-            .find(|(_, kept)| kept.segment.ptr().as_ptr().addr().is_multiple_of(align))
-            .map(|(&key, _)| key)?;
-        let kept = state.kept.remove(&key)?;
+            .iter()
+            .enumerate()
+            .filter(|(_, k)| {
+                let have = k.segment.len();
+                have >= len
+                    && have <= longest
+                    && k.segment.ptr().as_ptr().addr().is_multiple_of(align)
+            })
+            .min_by_key(|&(i, k)| (k.segment.len(), usize::MAX - i))?;
+        let kept = state.kept.remove(at);
         state.bytes -= kept.segment.len();
         drop(state);
         let mut segment = kept.segment;
@@ -167,23 +173,21 @@ impl ReuseCache {
         let mut state = self.state();
         let now = sys::coarse_millis();
         state.expire(now, expired);
-        while state.bytes + len > self.max_bytes || state.kept.len() >= MAX_KEPT {
-            let Some(oldest) = state.oldest() else { break };
-            if let Some(kept) = state.kept.remove(&oldest) {
-                state.bytes -= kept.segment.len();
-                expired.push(kept.segment);
-            }
+        while !state.kept.is_empty()
+            && (state.bytes + len > self.max_bytes || state.kept.len() >= MAX_KEPT)
+        {
+            let oldest = state.kept.remove(0);
+            state.bytes -= oldest.segment.len();
+            expired.push(oldest.segment);
         }
-        state.arrivals += 1;
-        let key = (len, state.arrivals);
+        if state.kept.capacity() == 0 {
+            state.kept.reserve_exact(MAX_KEPT);
+        }
         state.bytes += len;
-        state.kept.insert(
-            key,
-            Kept {
-                since: now,
-                segment,
-            },
-        );
+        state.kept.push(Kept {
+            since: now,
+            segment,
+        });
         None
     }
 
@@ -193,7 +197,7 @@ impl ReuseCache {
         state.bytes = 0;
         out.extend(
             std::mem::take(&mut state.kept)
-                .into_values()
+                .into_iter()
                 .map(|k| k.segment),
         );
     }
@@ -206,24 +210,15 @@ impl State {
         }
         self.swept = now;
         let decay = DECAY.as_millis() as u64;
-        let old: Vec<(usize, u64)> = self
+        // Oldest first: the decayed ones are a prefix.
+        let old = self
             .kept
             .iter()
-            .filter(|(_, k)| now.saturating_sub(k.since) > decay)
-            .map(|(&key, _)| key)
-            .collect();
-        for key in old {
-            if let Some(kept) = self.kept.remove(&key) {
-                self.bytes -= kept.segment.len();
-                expired.push(kept.segment);
-            }
+            .take_while(|k| now.saturating_sub(k.since) > decay)
+            .count();
+        for kept in self.kept.drain(..old) {
+            self.bytes -= kept.segment.len();
+            expired.push(kept.segment);
         }
-    }
-
-    fn oldest(&self) -> Option<(usize, u64)> {
-        self.kept
-            .iter()
-            .min_by_key(|(key, _)| key.1)
-            .map(|(&key, _)| key)
     }
 }

@@ -11,15 +11,16 @@
 
 use std::cell::OnceCell;
 use std::hint::black_box;
-use std::path::{Path, PathBuf};
-use std::sync::OnceLock;
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use criterion::measurement::WallTime;
 use criterion::{BenchmarkGroup, BenchmarkId, Criterion, SamplingMode, Throughput};
 use mmapvec::allocator_api2::alloc::{Allocator, Global, Layout};
 use mmapvec::{MmapAllocator, MmapVec};
+
+#[path = "common/old_crate.rs"]
+mod old_crate;
+use old_crate::{Cleanup, OldVec};
 
 const KIB: usize = 1 << 10;
 const MIB: usize = 1 << 20;
@@ -103,52 +104,11 @@ fn random_sum(data: &[u64], reads: usize) -> u64 {
     sum
 }
 
-/// The folder where mmap-vec 0.2 puts its files during the run: beside `MmapAllocator`'s folder
-/// in the temp directory, so both write to the same file system. Removed at the end.
-fn old_crate_dir() -> &'static Path {
-    static DIR: OnceLock<PathBuf> = OnceLock::new();
-    DIR.get_or_init(|| {
-        let dir = std::env::temp_dir().join(format!("mmapvec-bench-old-{}", std::process::id()));
-        std::fs::create_dir_all(&dir).expect("create the folder for mmap-vec 0.2 segments");
-        dir
-    })
-}
-
-/// mmap-vec 0.2's segment naming, pointed at [`old_crate_dir`] (its default is `~/.cache`).
-#[derive(Clone, Debug)]
-struct OldSegments(&'static Path);
-
-impl Default for OldSegments {
-    fn default() -> Self {
-        OldSegments(old_crate_dir())
-    }
-}
-
-impl mmap_vec::SegmentBuilder for OldSegments {
-    fn new_segment_path(&self) -> PathBuf {
-        static NEXT: AtomicU64 = AtomicU64::new(0);
-        self.0
-            .join(format!("{}.seg", NEXT.fetch_add(1, Ordering::Relaxed)))
-    }
-}
-
-type OldVec<T> = mmap_vec::MmapVec<T, OldSegments>;
-
 fn old_with_capacity(n: usize) -> OldVec<u64> {
     mmap_vec::MmapVecBuilder::new()
         .capacity(n)
         .try_build()
         .expect("mmap-vec 0.2 segment")
-}
-
-/// Removes [`old_crate_dir`] when `main` ends, panics included.
-struct Cleanup;
-
-impl Drop for Cleanup {
-    fn drop(&mut self) {
-        let dir = std::env::temp_dir().join(format!("mmapvec-bench-old-{}", std::process::id()));
-        let _ = std::fs::remove_dir_all(dir);
-    }
 }
 
 /// a. Create, fill and drop a vector of `n` u64: one `push` at a time, or one

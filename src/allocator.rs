@@ -422,6 +422,13 @@ impl Inner {
         Ok(block)
     }
 
+    /// Puts a segment (back) in the table and returns its whole mapping as the block.
+    fn keep(&self, segment: Segment) -> NonNull<[u8]> {
+        let block = block(&segment);
+        self.table.insert(segment);
+        block
+    }
+
     /// Resizes the segment at `ptr` to hold `new` (grow or shrink). On error the segment is put
     /// back untouched.
     fn resize(&self, mut segment: Segment, new: Layout) -> Result<(Segment, Resized), AllocError> {
@@ -600,9 +607,7 @@ impl Inner {
             Resized::MappedAgain => Counters::add(&c.grows_mapped_again, 1),
             Resized::Unchanged => {}
         }
-        let block = block(&segment);
-        self.table.insert(segment);
-        Ok(block)
+        Ok(self.keep(segment))
     }
 
     /// # Safety
@@ -669,9 +674,7 @@ impl Inner {
             if segment.is_dont_fork() && aligned {
                 // Not mapped in this child (an inaccessible reservation): nothing to copy, and
                 // nothing the child could write into. It stays as it was, as before the shrink.
-                let block = block(&segment);
-                self.table.insert(segment);
-                return Ok(block);
+                return Ok(self.keep(segment));
             }
             // The child's vector gets a block of its own, as for a grow: keeping the shared
             // block would let the child's writes after the shrink land in the parent's data.
@@ -684,9 +687,7 @@ impl Inner {
                 // The block as it is still fits: keeping it is a valid shrink, where an error
                 // would make `Vec::shrink_to_fit` abort the process.
                 Err((segment, _)) if aligned => {
-                    let block = block(&segment);
-                    self.table.insert(segment);
-                    return Ok(block);
+                    return Ok(self.keep(segment));
                 }
                 Err((segment, e)) => {
                     self.table.insert(segment);
@@ -698,9 +699,7 @@ impl Inner {
             // A child made since may map the whole file: it is never made shorter (the child
             // would die of SIGBUS). The block as it is fits the smaller layout if aligned.
             if aligned {
-                let block = block(&segment);
-                self.table.insert(segment);
-                return Ok(block);
+                return Ok(self.keep(segment));
             }
             return self.move_segment_or_keep(segment, new.size(), new, false);
         }
@@ -722,9 +721,7 @@ impl Inner {
             );
             Counters::add(&self.counters.shrinks, 1);
         }
-        let block = block(&segment);
-        self.table.insert(segment);
-        Ok(block)
+        Ok(self.keep(segment))
     }
 
     /// # Safety

@@ -193,7 +193,8 @@ impl Builder {
         self
     }
 
-    /// Serve allocations smaller than `bytes` from the heap ([`Global`]) instead of a segment.
+    /// Serve allocations smaller than `bytes` from the heap
+    /// ([`Global`](allocator_api2::alloc::Global)) instead of a file.
     /// A block that grows past the threshold moves into a segment (one copy). Default 0: every
     /// allocation is file-backed.
     ///

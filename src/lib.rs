@@ -14,6 +14,7 @@ mod arena;
 mod builder;
 mod creator;
 mod fork;
+mod hash;
 mod release;
 mod reuse;
 mod segment;

@@ -2,9 +2,9 @@
 
 use std::any::Any;
 use std::collections::HashMap;
-use std::hash::{BuildHasherDefault, Hasher};
 use std::sync::Mutex;
 
+use crate::hash::BuildIntHasher;
 use crate::segment::Segment;
 
 /// Live segments by start address, split in shards so threads rarely wait on each other.
@@ -15,30 +15,7 @@ pub(crate) struct SegmentTable {
 const SHARDS: usize = 16;
 
 /// One shard: live segments by start address.
-type Shard = HashMap<usize, Segment, BuildHasherDefault<AddrHasher>>;
-
-/// Hashes a mapping's address with one multiplication: the keys are addresses the kernel gave
-/// us (no one chooses them to collide), looked up on every grow, shrink and free.
-#[derive(Default)]
-pub(crate) struct AddrHasher(u64);
-
-impl Hasher for AddrHasher {
-    fn write(&mut self, bytes: &[u8]) {
-        for &b in bytes {
-            self.0 = (self.0 << 8 | u64::from(b)).wrapping_mul(0x9E37_79B9_7F4A_7C15);
-        }
-    }
-
-    fn write_usize(&mut self, i: usize) {
-        // Page offsets are zero: fold the high bits down after the multiplication.
-        let h = (i as u64).wrapping_mul(0x9E37_79B9_7F4A_7C15);
-        self.0 = h ^ (h >> 29);
-    }
-
-    fn finish(&self) -> u64 {
-        self.0
-    }
-}
+type Shard = HashMap<usize, Segment, BuildIntHasher>;
 
 impl SegmentTable {
     pub(crate) fn new() -> Self {

@@ -1,10 +1,10 @@
 //! One shard of the small-block tier: the chunks it hands blocks out of, by class.
 
 use std::collections::HashMap;
-use std::hash::{BuildHasherDefault, Hasher};
 
 use super::chunk::{Blocks, Taken};
 use super::class;
+use crate::hash::BuildIntHasher;
 
 /// The chunks one shard hands blocks out of. Private memory, only touched under its mutex.
 #[derive(Debug)]
@@ -15,37 +15,19 @@ pub(super) struct Shard {
     /// checked against `chunks` when popped).
     pub(super) classes: Vec<ClassLists>,
     /// Block bitmaps of the open chunks this shard owns.
-    pub(super) chunks: HashMap<u32, Blocks, BuildHasherDefault<IndexHasher>>,
+    pub(super) chunks: HashMap<u32, Blocks, BuildIntHasher>,
     /// Bytes of live blocks in the chunks this shard owns (open or closed). Counted here, under
     /// the shard's lock, rather than in a shared atomic: two threads on two shards write
     /// nothing in common.
     pub(super) in_use: u64,
 }
 
-/// Hashes a chunk index with one multiplication: the keys are small integers of our own (no
-/// one can choose them to collide), looked up on every free.
-#[derive(Default)]
-pub(super) struct IndexHasher(u64);
-
-impl Hasher for IndexHasher {
-    fn write(&mut self, bytes: &[u8]) {
-        for &b in bytes {
-            self.0 = (self.0 << 8 | u64::from(b)).wrapping_mul(0x9E37_79B9_7F4A_7C15);
-        }
-    }
-
-    fn write_u32(&mut self, i: u32) {
-        self.0 = u64::from(i).wrapping_mul(0x9E37_79B9_7F4A_7C15);
-    }
-
-    fn finish(&self) -> u64 {
-        self.0
-    }
-}
-
+/// One class's chunks in a shard.
 #[derive(Debug, Default, Clone)]
 pub(super) struct ClassLists {
+    /// The chunk being filled.
     pub(super) current: Option<u32>,
+    /// Chunks with free blocks.
     pub(super) partial: Vec<u32>,
 }
 

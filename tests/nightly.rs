@@ -10,9 +10,12 @@ use std::rc::Rc;
 
 use mmapvec::{MmapAllocator, MmapVec, mmap_vec};
 
-/// An allocator of its own per test, so that each test's counters are its own.
+/// An allocator of its own per test, so that each test's counters are its own; one segment
+/// per allocation (no small-block tier, no reuse), so the counters count each block.
 fn allocator() -> MmapAllocator {
     MmapAllocator::builder()
+        .small_threshold(0)
+        .reuse_bytes(0)
         .build()
         .expect("an allocator in the temp directory")
 }

@@ -76,8 +76,11 @@ pub(crate) const REGION: usize = 64 << 30;
 /// 32-bit targets: a region that fits.
 #[cfg(not(target_pointer_width = "64"))]
 pub(crate) const REGION: usize = 256 << 20;
-/// How many chunks the region holds.
+/// How many chunks the region holds at most.
 const CHUNKS: usize = REGION / CHUNK;
+/// The smallest region tried when [`REGION`] cannot be reserved (a process under a tight
+/// `RLIMIT_AS`, or valgrind, which refuses reservations of tens of GiB): 16 chunks.
+const MIN_REGION: usize = 16 * CHUNK;
 /// Mutexes that threads spread over.
 const SHARDS: usize = 8;
 
@@ -333,7 +336,8 @@ impl SmallTier {
     /// if it was allocated at all).
     pub(crate) fn contains(&self, ptr: NonNull<u8>) -> bool {
         let base = self.base.load(Ordering::Acquire);
-        !base.is_null() && ptr.as_ptr().addr().wrapping_sub(base.addr()) < REGION
+        !base.is_null()
+            && ptr.as_ptr().addr().wrapping_sub(base.addr()) < self.table().len() * CHUNK
     }
 
     /// The length of the block at `ptr`, as returned by `allocate`.
@@ -543,7 +547,7 @@ impl SmallTier {
             self.reserve_region()?;
             match spare.free.pop() {
                 Some(index) => index,
-                None if (spare.next as usize) < CHUNKS => {
+                None if (spare.next as usize) < self.table().len() => {
                     spare.next += 1;
                     spare.next - 1
                 }
@@ -588,8 +592,17 @@ impl SmallTier {
         if !self.base.load(Ordering::Acquire).is_null() {
             return Ok(());
         }
-        let base = segment::reserve_aligned(REGION, CHUNK)?;
-        let table = (0..CHUNKS)
+        // The largest region that can be had, halving from REGION: reserving is free, but some
+        // environments cap the address space.
+        let mut len = REGION;
+        let base = loop {
+            match segment::reserve_aligned(len, CHUNK) {
+                Ok(base) => break base,
+                Err(_) if len > MIN_REGION => len /= 2,
+                Err(e) => return Err(e),
+            }
+        };
+        let table = (0..len / CHUNK)
             .map(|_| AtomicPtr::new(std::ptr::null_mut()))
             .collect();
         // Under `spare` nobody else sets it; the table first, so a non-null base implies it.
@@ -605,7 +618,7 @@ impl SmallTier {
     /// The start of chunk `index`. Only called once the region exists.
     fn chunk_at(&self, index: u32) -> NonNull<u8> {
         let base = NonNull::new(self.base.load(Ordering::Acquire)).expect("region reserved");
-        // SAFETY: index < CHUNKS, so the offset lies inside the region's REGION bytes.
+        // SAFETY: index < the table's length, so the offset lies inside the region.
         unsafe { base.add(index as usize * CHUNK) }
     }
 
@@ -668,7 +681,7 @@ impl Drop for SmallTier {
         }
         // SAFETY: the region is ours, and no block is live: every block is owned by a value
         // holding a clone of the allocator, whose last clone is being dropped.
-        if let Err(e) = unsafe { sys::unmap(base, REGION) } {
+        if let Err(e) = unsafe { sys::unmap(base, self.table().len() * CHUNK) } {
             // Drop must not panic; a failed munmap of our own range means a broken invariant.
             log::error!("mmapvec: munmap of the small-block region failed: {e}");
         }

@@ -599,7 +599,13 @@ impl SmallTier {
             match segment::reserve_aligned(len, CHUNK) {
                 Ok(base) => break base,
                 Err(_) if len > MIN_REGION => len /= 2,
-                Err(e) => return Err(e),
+                // Out of memory for the router, which then serves the block from a segment.
+                Err(e) => {
+                    return Err(io::Error::new(
+                        io::ErrorKind::OutOfMemory,
+                        format!("cannot reserve address space for small blocks: {e}"),
+                    ));
+                }
             }
         };
         let table = (0..len / CHUNK)

@@ -176,6 +176,9 @@ impl MmapAllocator {
             counters: Counters::default(),
             last_error: Mutex::new(None),
         });
+        // SAFETY: the tier lives in its `Arc` at a fixed address until its `Drop`, which
+        // unregisters it first; its `lock_for_fork` takes only its own locks.
+        unsafe { fork::register(&*inner.tier) };
         // SAFETY: `Inner` lives in the `Arc` at a fixed address until its `Drop`, which
         // unregisters it first; its `lock_for_fork` takes only its own locks.
         unsafe { fork::register(&*inner) };
@@ -262,14 +265,12 @@ impl Drop for Inner {
 }
 
 impl fork::ForkLocks for Inner {
-    fn lock_for_fork(&'static self, held: &mut Vec<Box<dyn Any>>, epoch: u64) {
-        // The order of the allocator's own use, where one lock is ever taken under another:
-        // a tier shard, then the tier's spare chunks (both before `fork::hold`, which the fork
-        // handler takes last). The table shards, the reuse cache and the last error are each
-        // taken alone; the crate's own creator registers its lock itself.
+    fn lock_for_fork(&'static self, held: &mut Vec<Box<dyn Any>>, _epoch: u64) {
+        // The table shards, the reuse cache and the last error are each taken alone (before
+        // `fork::hold`, which the fork handler takes last). The small-block tier and the
+        // crate's own creator register their locks themselves: a thread's cache may keep the
+        // tier alive after this allocator is gone.
         self.table.lock_for_fork(held);
-        let tier: &'static SmallTier = &self.tier;
-        tier.lock_for_fork(held, epoch);
         let cache: &'static ReuseCache = &self.cache;
         cache.lock_for_fork(held);
         held.push(Box::new(
@@ -530,13 +531,16 @@ impl Inner {
         let (len, current) =
             unsafe { (self.tier.block_len(ptr), self.tier.is_current(ptr, epoch)) };
         let same_class = || self.tier.serves(new) && self.tier.class_len(new) == Some(len);
-        let fits = new.size() <= len
-            && ptr.as_ptr().addr().is_multiple_of(new.align())
-            && (new.size() >= old.size() || same_class());
-        // With `dont_fork` no child maps the chunk, and in a child an inherited one is not
-        // mapped at all (copying out of it would fault): a shrink stays in place.
-        let unshared = current || (self.settings.opts.dont_fork && new.size() <= old.size());
-        if fits && unshared {
+        let aligned_within = new.size() <= len && ptr.as_ptr().addr().is_multiple_of(new.align());
+        let shrink = new.size() <= old.size();
+        // In place: within the block, in a chunk no child may map, and a shrink only within
+        // its class (so `shrink_to_fit` gives memory back).
+        let in_place = aligned_within && current && (!shrink || same_class());
+        // With `dont_fork` a pre-fork chunk is not mapped in a child at all: copying out of it
+        // would fault, so a shrink keeps the block whatever the class (in the parent too: no
+        // child maps it).
+        let kept_whole = aligned_within && shrink && !current && self.settings.opts.dont_fork;
+        if in_place || kept_whole {
             if zeroed && old.size() < len {
                 // The block past the old size may hold bytes of an earlier, larger use.
                 // SAFETY: `[old.size(), len)` lies inside the block, which the caller owns.
@@ -752,17 +756,25 @@ impl Inner {
     }
 }
 
-// SAFETY: the `Allocator` contract, point by point:
-// 1. Blocks stay valid until deallocated: each is a mapping owned by a `Segment` that lives in
-//    `Inner::table` until `deallocate` (or a heap block owned by `Global`). `Inner` is shared by
-//    all clones through an `Arc`, so cloning or moving the allocator invalidates nothing.
-// 2. Any clone can free or resize any block: all clones see the same table.
-// 3. Returned blocks fit their layout: mappings are at least `layout.size()` bytes (page
+// SAFETY: the `Allocator` contract, point by point, for each kind of block:
+// 1. Blocks stay valid until deallocated.
+//    - A segment's block is a mapping owned by a `Segment` that lives in `Inner::table` until
+//      `deallocate` (a reused segment may be mapped longer than the block reported).
+//    - A small block is a slot of a chunk of `Inner::tier`; the chunk stays mapped while its
+//      bitmap counts the slot live (a slot in a thread's cache still counts), and a slot is
+//      handed out only while it is free in that bitmap (see `arena`).
+//    - A heap block is owned by `Global`.
+//    `Inner` is shared by all clones through an `Arc`, so cloning or moving the allocator
+//    invalidates nothing.
+// 2. Any clone can free or resize any block: all clones see the same table and tier.
+// 3. Returned blocks fit their layout: a segment is at least `layout.size()` bytes (page
 //    rounded) at an address aligned to `layout.align()` (page alignment, or an aligned
-//    reservation above it, see `segment::map_aligned`); zero-size requests get an aligned
+//    reservation above it, see `segment::map_aligned`); a small block is its size class's
+//    length (at least the size) at `chunk base + i * class size`, chunks being 4 MiB aligned and
+//    the class a multiple of the alignment (`arena::class`); zero-size requests get an aligned
 //    dangling pointer and never reach the OS.
-// 4. On a failed grow or shrink the segment is unchanged (`Segment::resize`) and put back, so
-//    the old block stays valid.
+// 4. On a failed grow or shrink the old block is unchanged: a segment is put back untouched
+//    (`Segment::resize`), and a move to a new block frees the old one only after the copy.
 unsafe impl Allocator for MmapAllocator {
     #[inline]
     fn allocate(&self, layout: Layout) -> Result<NonNull<[u8]>, AllocError> {

@@ -82,8 +82,8 @@ impl ReuseCache {
     }
 
     fn state(&self) -> MutexGuard<'_, State> {
-        // No change leaves the map and the byte count out of step across a panic point (the
-        // segment drops, which could unwind, happen outside the lock): a poisoned lock is fine.
+        // No change leaves the list and the byte count out of step across a panic point: a
+        // poisoned lock is fine.
         let mut state = self.state.lock().unwrap_or_else(|e| e.into_inner());
         if state.generation != fork::generation() {
             // Inherited through fork: the parent's to reuse, not ours. Dropped: an inherited

@@ -64,7 +64,7 @@ use crate::segment;
 use crate::sys;
 
 use chunk::{ChunkMeta, Taken};
-use shard::Shard;
+use shard::{MAX_IDLE_CURRENT, Shard};
 
 /// The size and alignment of a chunk.
 pub(crate) const CHUNK: usize = 4 << 20;
@@ -321,17 +321,6 @@ impl SmallTier {
         class::class_for(layout).map(class::block_size)
     }
 
-    /// Locks every mutex of the tier for a `fork` (shards in order, then `spare`: the order of
-    /// their use) and notes the epoch the fork begins, so no shard is used in the old one.
-    pub(crate) fn lock_for_fork(&'static self, held: &mut Vec<Box<dyn std::any::Any>>, epoch: u64) {
-        for PaddedShard(shard) in self.shards.iter() {
-            held.push(Box::new(shard.lock().unwrap_or_else(|e| e.into_inner())));
-        }
-        held.push(Box::new(self.lock_spare()));
-        held.push(Box::new(self.lock_caches()));
-        self.observe_epoch(epoch);
-    }
-
     /// Whether `ptr` lies in the tier's region (and so came from [`allocate`](Self::allocate),
     /// if it was allocated at all).
     pub(crate) fn contains(&self, ptr: NonNull<u8>) -> bool {
@@ -395,11 +384,17 @@ impl SmallTier {
             }
             let lists = &mut shard.classes[meta.class()];
             if blocks.live() == 0 {
-                if lists.current == Some(index) {
+                let current = lists.current == Some(index);
+                if current && shard.idle_currents < MAX_IDLE_CURRENT {
                     // The chunk being filled stays, empty: its blocks are handed out again
                     // at once (an allocate / free loop must not retire and reinstall it
-                    // every time). Released when a fork closes it or the tier drops.
+                    // every time). At most a few per shard; another class takes one before a
+                    // new chunk is made, and a fork or the tier's drop releases them.
+                    shard.idle_currents += 1;
                     return;
+                }
+                if current {
+                    lists.current = None;
                 }
                 shard.chunks.remove(&index);
                 drop(guard);
@@ -664,8 +659,26 @@ impl fmt::Debug for SmallTier {
     }
 }
 
+impl fork::ForkLocks for SmallTier {
+    /// Locks every mutex of the tier for a `fork` (shards in order, then `spare`: the order of
+    /// their use; then the list of thread caches) and notes the epoch the fork begins, so no
+    /// shard is used in the old one.
+    fn lock_for_fork(&'static self, held: &mut Vec<Box<dyn std::any::Any>>, epoch: u64) {
+        for PaddedShard(shard) in self.shards.iter() {
+            held.push(Box::new(shard.lock().unwrap_or_else(|e| e.into_inner())));
+        }
+        held.push(Box::new(self.lock_spare()));
+        held.push(Box::new(self.lock_caches()));
+        self.observe_epoch(epoch);
+    }
+}
+
 impl Drop for SmallTier {
     fn drop(&mut self) {
+        // First, while every field is alive: a fork in progress may be holding our locks.
+        // (Registered by the allocator that made the tier; unregistering an unknown object
+        // does nothing.)
+        fork::unregister(&*self);
         let Some(base) = NonNull::new(*self.base.get_mut()) else {
             return;
         };

@@ -20,7 +20,13 @@ pub(super) struct Shard {
     /// the shard's lock, rather than in a shared atomic: two threads on two shards write
     /// nothing in common.
     pub(super) in_use: u64,
+    /// Classes whose current chunk is empty (kept open for the class's next blocks); at most
+    /// [`MAX_IDLE_CURRENT`], past which an emptied current chunk is retired like any other.
+    pub(super) idle_currents: usize,
 }
+
+/// Empty current chunks a shard keeps open at most (4 MiB of file each).
+pub(super) const MAX_IDLE_CURRENT: usize = 2;
 
 /// One class's chunks in a shard.
 #[derive(Debug, Default, Clone)]
@@ -38,6 +44,7 @@ impl Shard {
             classes: vec![ClassLists::default(); class::COUNT],
             chunks: HashMap::default(),
             in_use: 0,
+            idle_currents: 0,
         }
     }
 
@@ -49,6 +56,7 @@ impl Shard {
             return Vec::new();
         }
         self.epoch = epoch;
+        self.idle_currents = 0;
         self.classes
             .iter_mut()
             .for_each(|c| *c = ClassLists::default());
@@ -63,9 +71,14 @@ impl Shard {
         let lists = &mut self.classes[class];
         if let Some(index) = lists.current
             && let Some(blocks) = self.chunks.get_mut(&index)
-            && let Some(taken) = blocks.take()
         {
-            return Some((index, taken));
+            let was_idle = blocks.live() == 0;
+            if let Some(taken) = blocks.take() {
+                if was_idle {
+                    self.idle_currents -= 1;
+                }
+                return Some((index, taken));
+            }
         }
         while let Some(index) = lists.partial.pop() {
             let Some(blocks) = self.chunks.get_mut(&index) else {
@@ -87,6 +100,9 @@ impl Shard {
     /// `SmallTier::deallocate`), for `class` to use: memory a class no longer uses goes to the
     /// classes in use before any new chunk is made.
     pub(super) fn take_idle_current(&mut self, class: usize) -> Option<u32> {
+        if self.idle_currents == 0 {
+            return None;
+        }
         let (other, index) = self
             .classes
             .iter()
@@ -98,6 +114,7 @@ impl Shard {
             })?;
         self.classes[other].current = None;
         self.chunks.remove(&index);
+        self.idle_currents -= 1;
         Some(index)
     }
 

@@ -90,11 +90,18 @@ fn capacity(class: usize) -> usize {
 /// A cached block of `class` for `tier` in fork epoch `epoch`, if this thread has one.
 pub(super) fn pop(tier: &SmallTier, class: usize, epoch: u64) -> Option<NonNull<u8>> {
     debug_assert!(class < CLASSES);
-    CACHE
+    let mut stale = None;
+    let popped = CACHE
         .try_with(|cache| {
-            let mut cache = cache.try_borrow_mut().ok()?;
-            let cache = cache.as_mut()?;
-            if cache.id != tier.id || cache.epoch != epoch {
+            let mut slot = cache.try_borrow_mut().ok()?;
+            let cache = slot.as_mut()?;
+            if cache.id == tier.id && cache.epoch != epoch {
+                // From before a fork: its blocks go back to their (closed) chunks, so a thread
+                // that only allocates from now on does not pin those chunks.
+                stale = slot.take();
+                return None;
+            }
+            if cache.id != tier.id {
                 return None;
             }
             let bin = &mut cache.bins[class];
@@ -107,7 +114,10 @@ pub(super) fn pop(tier: &SmallTier, class: usize, epoch: u64) -> Option<NonNull<
             NonNull::new(addr as *mut u8)
         })
         .ok()
-        .flatten()
+        .flatten();
+    // Given back outside the borrow: giving back frees blocks, which must not come here again.
+    drop(stale);
+    popped
 }
 
 /// Keeps the free block `ptr` of `class` (a chunk of the current epoch `epoch`) in this

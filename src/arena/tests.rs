@@ -601,3 +601,23 @@ fn thread_caches_go_back_on_switch_at_thread_exit_and_after_their_tier() {
         unsafe { b.deallocate(block.cast(), 0) };
     }
 }
+
+#[test]
+fn empty_current_chunks_are_bounded_per_shard() {
+    let (tier, creator) = (tier(2), creator());
+    // One block in each class above the thread caches' sizes, freed at once: each class's
+    // chunk empties while it is the class's current one.
+    for class in tcache::CLASSES..class::COUNT {
+        let size = class::block_size(class);
+        let block = tier.allocate(layout(size, 8), false, 0, &creator).unwrap();
+        // SAFETY: allocated above, freed once.
+        unsafe { tier.deallocate(block.cast(), 0) };
+    }
+    let stats = tier.stats();
+    assert_eq!(stats.in_use_bytes, 0);
+    // Two kept open as current chunks, two kept empty: the rest were given back.
+    assert!(
+        stats.arena_bytes <= (MAX_IDLE_CURRENT as u64 + 2) * CHUNK as u64,
+        "{stats:?}"
+    );
+}

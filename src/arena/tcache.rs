@@ -130,43 +130,23 @@ pub(super) fn push(tier: &Arc<SmallTier>, class: usize, epoch: u64, ptr: NonNull
         };
         match slot.as_mut() {
             Some(cache) if cache.id == tier.id && cache.epoch == epoch => {
-                let bin = &mut cache.bins[class];
-                if bin.len == capacity(class) {
-                    return Ok(false);
-                }
-                bin.blocks[bin.len] = ptr.as_ptr().addr();
-                bin.len += 1;
-                cache.account(class::block_size(class) as i64);
-                Ok(true)
+                Ok(cache.keep(class, ptr))
             }
-            // Another tier's cache, or an older epoch's: give it back first (outside the
-            // borrow: giving back frees blocks, which must not come here again).
-            _ => Err(slot.replace(ThreadCache::new(tier, epoch))),
+            // Another tier's cache, or an older epoch's: a fresh one takes its place, and the
+            // old one is given back outside the borrow (giving back frees blocks, which must
+            // not come here again).
+            _ => {
+                let mut fresh = ThreadCache::new(tier, epoch);
+                let kept = fresh.keep(class, ptr);
+                Err((slot.replace(fresh), kept))
+            }
         }
     });
     match pushed {
-        Ok(Ok(pushed)) => pushed,
-        Ok(Err(old)) => {
+        Ok(Ok(kept)) => kept,
+        Ok(Err((old, kept))) => {
             drop(old);
-            // The fresh cache is in place: try again (once; it has room).
-            CACHE
-                .try_with(|cell| {
-                    let Ok(mut slot) = cell.try_borrow_mut() else {
-                        return false;
-                    };
-                    let Some(cache) = slot.as_mut() else {
-                        return false;
-                    };
-                    if cache.id != tier.id || cache.epoch != epoch {
-                        return false;
-                    }
-                    let bin = &mut cache.bins[class];
-                    bin.blocks[bin.len] = ptr.as_ptr().addr();
-                    bin.len += 1;
-                    cache.account(class::block_size(class) as i64);
-                    true
-                })
-                .unwrap_or(false)
+            kept
         }
         // Thread-locals are being destroyed: free it as usual.
         Err(_) => false,
@@ -187,6 +167,18 @@ impl ThreadCache {
             cached,
             bins: [Bin::EMPTY; CLASSES],
         })
+    }
+
+    /// Keeps the free block `ptr` of `class`; `false` when its bin is full.
+    fn keep(&mut self, class: usize, ptr: NonNull<u8>) -> bool {
+        let bin = &mut self.bins[class];
+        if bin.len == capacity(class) {
+            return false;
+        }
+        bin.blocks[bin.len] = ptr.as_ptr().addr();
+        bin.len += 1;
+        self.account(class::block_size(class) as i64);
+        true
     }
 
     /// Adds `bytes` (negative: takes away) to the published total. One writer: a plain

@@ -171,7 +171,9 @@ extern "C" fn prepare() {
     let next = epoch() + 1;
     let mut locks = Vec::new();
     for r in registry.iter() {
-        // SAFETY: registered objects are alive while the registry lock is held (`register`).
+        // SAFETY: registered objects are alive while the registry lock is held (`register`),
+        // and the guards taken through this reference are dropped before that lock: `Held`
+        // drops its fields in order, the registry's guard last.
         let object: &'static dyn ForkLocks = unsafe { &*r.0 };
         object.lock_for_fork(&mut locks, next);
     }

@@ -171,6 +171,7 @@ impl MmapAllocator {
                 reserve_disk: settings.opts.reserve_disk,
                 dont_fork: settings.opts.dont_fork,
                 retain_empty: RETAIN_EMPTY_CHUNKS,
+                ..TierConfig::default()
             })),
             settings,
             counters: Counters::default(),
@@ -221,6 +222,28 @@ impl MmapAllocator {
             chunks_released: tier.chunks_released,
         };
         stats
+    }
+
+    /// Gives back, now, the disk and address space this allocator keeps for reuse: freed
+    /// segments kept for the next allocations, empty chunks of the small-block tier, and the
+    /// free small blocks that this thread's cache holds. Other threads' caches give theirs back
+    /// at their next allocation or free. Live blocks are not touched.
+    ///
+    /// The allocator does this by itself before it reports a full disk, and what it keeps is
+    /// bounded (see the README, "What is kept after a free"); call it to hand the space to
+    /// another program at once, for example before a long pause.
+    ///
+    /// ```
+    /// use mmapvec::{MmapAllocator, MmapVec};
+    /// let alloc = MmapAllocator::builder().build().unwrap();
+    /// let v: MmapVec<u8> = MmapVec::with_capacity_in(1 << 20, alloc.clone());
+    /// drop(v); // the segment is kept for the next allocation...
+    /// assert_eq!(alloc.stats().kept_segments, 1);
+    /// alloc.trim(); // ...until now
+    /// assert_eq!(alloc.stats().kept_segments, 0);
+    /// ```
+    pub fn trim(&self) {
+        self.inner.trim();
     }
 
     /// Takes the error behind the most recent failed allocation, grow or shrink of this
@@ -376,7 +399,34 @@ impl Inner {
         }
     }
 
-    fn record(&self, failure: Failure) -> AllocError {
+    /// Gives back what is kept for reuse (see [`MmapAllocator::trim`]), at once rather than on
+    /// the release thread. `true` if anything was given back.
+    fn trim(&self) -> bool {
+        let chunks = self.tier.trim();
+        let mut kept = Vec::new();
+        self.cache.drain(&mut kept);
+        let any = chunks > 0 || !kept.is_empty();
+        drop(kept);
+        any
+    }
+
+    /// `attempt`, and once more if it found the disk full and [`Inner::trim`] gave disk
+    /// back: disk kept for reuse must not make an allocation fail.
+    fn retry_if_full<T>(
+        &self,
+        mut attempt: impl FnMut() -> Result<T, Failure>,
+    ) -> Result<T, Failure> {
+        match attempt() {
+            Err(failure) if failure.cause == FailureCause::DiskFull && self.trim() => attempt(),
+            result => result,
+        }
+    }
+
+    /// Counts and keeps a failure to get `size` bytes, and turns it into the trait's error.
+    fn record(&self, mut failure: Failure, size: usize) -> AllocError {
+        if failure.cause == FailureCause::OutOfMappings {
+            failure.cause = FailureCause::of_mapping(&failure.error, size);
+        }
         self.counters.failed(failure.cause);
         log::debug!(
             "mmapvec: allocation failed ({:?}): {}",
@@ -401,19 +451,20 @@ impl Inner {
             return Ok(block);
         }
         if self.tier.serves(layout) {
-            match self
-                .tier
-                .allocate(layout, zeroed, fork::epoch(), &*self.creator)
-            {
+            match self.retry_if_full(|| {
+                self.tier
+                    .allocate(layout, zeroed, fork::epoch(), &*self.creator)
+                    .map_err(Failure::creator)
+            }) {
                 Ok(block) => return Ok(block),
                 // The tier's address range is full, or could not be reserved: a segment will do.
-                Err(e) if e.kind() == io::ErrorKind::OutOfMemory => {}
-                Err(e) => return Err(self.record(Failure::creator(e))),
+                Err(f) if f.error.kind() == io::ErrorKind::OutOfMemory => {}
+                Err(f) => return Err(self.record(f, layout.size())),
             }
         }
         let segment = self
-            .new_segment(layout.size(), layout.align(), zeroed)
-            .map_err(|f| self.record(f))?;
+            .retry_if_full(|| self.new_segment(layout.size(), layout.align(), zeroed))
+            .map_err(|f| self.record(f, layout.size()))?;
         // A segment taken from the reuse cache may be longer than asked: report the length
         // asked (page-rounded). hashbrown turns a longer block into more buckets, a table
         // several times the size it chose, and slower lookups for it.
@@ -435,15 +486,17 @@ impl Inner {
     fn resize(&self, mut segment: Segment, new: Layout) -> Result<(Segment, Resized), AllocError> {
         let result = self.mapped_len(new.size()).and_then(|len| {
             let align = self.segment_align(new.align(), len);
-            segment
-                .resize(len, align, &self.settings.opts)
-                .map_err(Failure::os)
+            self.retry_if_full(|| {
+                segment
+                    .resize(len, align, &self.settings.opts)
+                    .map_err(Failure::os)
+            })
         });
         match result {
             Ok(resized) => Ok((segment, resized)),
             Err(failure) => {
                 self.table.insert(segment);
-                Err(self.record(failure))
+                Err(self.record(failure, new.size()))
             }
         }
     }

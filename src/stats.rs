@@ -4,6 +4,8 @@ use std::fmt;
 use std::io;
 use std::sync::atomic::{AtomicU64, Ordering};
 
+use crate::sys;
+
 /// Why an allocation, grow or shrink failed. `AllocError` carries nothing, so the allocator
 /// counts each failure under its cause (see [`Failures`]) and keeps the last `io::Error`
 /// (see [`MmapAllocator::take_last_error`](crate::MmapAllocator::take_last_error)).
@@ -15,8 +17,11 @@ pub enum FailureCause {
     DiskFull,
     /// Out of file descriptors (`EMFILE`, `ENFILE`).
     TooManyFiles,
-    /// Out of address space or mappings (`ENOMEM`: often `vm.max_map_count`).
+    /// Out of mappings or memory for them (`ENOMEM`: often `vm.max_map_count`).
     OutOfMappings,
+    /// The mapping would pass the process's address-space limit (`RLIMIT_AS`, as set by
+    /// `ulimit -v`): `ENOMEM` with less address space left under the limit than was asked.
+    AddressSpace,
     /// The requested size cannot be mapped at all (arithmetic overflow, beyond address space).
     TooLarge,
     /// The segment creator failed (the directory is missing, unwritable, refused...).
@@ -36,6 +41,19 @@ impl FailureCause {
             Some(libc::EOVERFLOW) => FailureCause::TooLarge,
             _ if err.kind() == io::ErrorKind::NotFound => FailureCause::FileReplaced,
             _ => FailureCause::Other,
+        }
+    }
+
+    /// The cause of `err`, a failure to map `len` bytes: `ENOMEM` with less than `len` bytes
+    /// left under `RLIMIT_AS` is the limit, not the map count.
+    pub(crate) fn of_mapping(err: &io::Error, len: usize) -> FailureCause {
+        match FailureCause::of(err) {
+            FailureCause::OutOfMappings
+                if sys::address_space_left().is_some_and(|left| left < len) =>
+            {
+                FailureCause::AddressSpace
+            }
+            cause => cause,
         }
     }
 }
@@ -84,6 +102,8 @@ pub struct Failures {
     pub too_many_files: u64,
     /// See [`FailureCause::OutOfMappings`].
     pub out_of_mappings: u64,
+    /// See [`FailureCause::AddressSpace`].
+    pub address_space: u64,
     /// See [`FailureCause::TooLarge`].
     pub too_large: u64,
     /// See [`FailureCause::Creator`].
@@ -101,6 +121,7 @@ impl Failures {
     /// let alloc = mmapvec::MmapAllocator::default();
     /// assert_eq!(alloc.stats().failures.total(), alloc.stats().failures.disk_full
     ///     + alloc.stats().failures.too_many_files + alloc.stats().failures.out_of_mappings
+    ///     + alloc.stats().failures.address_space
     ///     + alloc.stats().failures.too_large + alloc.stats().failures.creator
     ///     + alloc.stats().failures.file_replaced + alloc.stats().failures.other);
     /// ```
@@ -108,6 +129,7 @@ impl Failures {
         self.disk_full
             + self.too_many_files
             + self.out_of_mappings
+            + self.address_space
             + self.too_large
             + self.creator
             + self.file_replaced
@@ -126,6 +148,7 @@ impl Failures {
             FailureCause::DiskFull => self.disk_full,
             FailureCause::TooManyFiles => self.too_many_files,
             FailureCause::OutOfMappings => self.out_of_mappings,
+            FailureCause::AddressSpace => self.address_space,
             FailureCause::TooLarge => self.too_large,
             FailureCause::Creator => self.creator,
             FailureCause::FileReplaced => self.file_replaced,
@@ -224,7 +247,7 @@ pub(crate) struct Counters {
     pub(crate) shrinks: AtomicU64,
     pub(crate) heap_allocations: AtomicU64,
     pub(crate) reused: AtomicU64,
-    failures: [AtomicU64; 7],
+    failures: [AtomicU64; 8],
 }
 
 fn cause_index(cause: FailureCause) -> usize {
@@ -236,6 +259,7 @@ fn cause_index(cause: FailureCause) -> usize {
         FailureCause::Creator => 4,
         FailureCause::FileReplaced => 5,
         FailureCause::Other => 6,
+        FailureCause::AddressSpace => 7,
     }
 }
 
@@ -273,6 +297,7 @@ impl Counters {
                 disk_full: failed(FailureCause::DiskFull),
                 too_many_files: failed(FailureCause::TooManyFiles),
                 out_of_mappings: failed(FailureCause::OutOfMappings),
+                address_space: failed(FailureCause::AddressSpace),
                 too_large: failed(FailureCause::TooLarge),
                 creator: failed(FailureCause::Creator),
                 file_replaced: failed(FailureCause::FileReplaced),

@@ -127,11 +127,10 @@ impl ChunkMeta {
         // For a `dont_fork` chunk the view, its advice and the fork record change together
         // under the fork lock: a child never sees the view without its record (see `fork`).
         let mut no_fork = keeps_out_of_children(dont_fork).then(fork::hold);
-        // A failed MAP_FIXED may have unmapped the target range already (Linux does so before
-        // it can fail): the range is no longer known to be ours.
         // SAFETY: the caller gives us the reservation `[at, at + CHUNK)`, which nothing refers
         // to; the file is CHUNK bytes long, so every mapped page has a backing.
-        unsafe { sys::map_file_fixed(at, &file, CHUNK) }.map_err(MapFailure::range_lost)?;
+        unsafe { sys::map_file_fixed(at, &file, CHUNK) }
+            .map_err(|e| MapFailure::after_map(e, at))?;
         // The mapping holds the file from now on; `file` (its descriptor) drops at the end of
         // this function.
         if let Some(views) = no_fork.as_mut() {
@@ -202,11 +201,18 @@ impl From<io::Error> for MapFailure {
 }
 
 impl MapFailure {
-    fn range_lost(error: io::Error) -> Self {
-        MapFailure {
-            error,
-            range_kept: false,
-        }
+    /// A failed `MAP_FIXED` of a chunk view over its reservation at `at`.
+    ///
+    /// `ENOMEM` (the process is at `vm.max_map_count`, or out of address space) is refused
+    /// before the old mapping is touched: Linux checks the map count before it unmaps, and
+    /// splitting the reservation is undone when the new mapping cannot be made (anonymous
+    /// `PROT_NONE` mappings have nothing that prevents it). The range is then still ours, as
+    /// an `msync` probe confirms: it fails on any page that is unmapped. Any other error
+    /// may have come after the reservation was unmapped (Linux unmaps first), and something
+    /// else may have been mapped there since: the range is no longer known to be ours.
+    fn after_map(error: io::Error, at: NonNull<u8>) -> Self {
+        let range_kept = error.kind() == io::ErrorKind::OutOfMemory && sys::is_mapped(at, CHUNK);
+        MapFailure { error, range_kept }
     }
 }
 

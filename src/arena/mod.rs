@@ -53,7 +53,7 @@ mod tcache;
 use std::fmt;
 use std::io;
 use std::ptr::NonNull;
-use std::sync::atomic::{AtomicPtr, AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicPtr, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, OnceLock};
 
 use allocator_api2::alloc::Layout;
@@ -97,6 +97,8 @@ pub(crate) struct TierConfig {
     pub(crate) dont_fork: bool,
     /// Empty chunks kept for reuse rather than released (per tier).
     pub(crate) retain_empty: usize,
+    /// The most address space the region may take ([`REGION`] unless a test wants less).
+    pub(crate) max_region: usize,
 }
 
 impl Default for TierConfig {
@@ -106,6 +108,7 @@ impl Default for TierConfig {
             reserve_disk: true,
             dont_fork: false,
             retain_empty: 2,
+            max_region: REGION,
         }
     }
 }
@@ -145,6 +148,8 @@ pub(crate) struct SmallTier {
     config: TierConfig,
     /// The start of the region, null until the first chunk. Set once, under `spare`.
     base: AtomicPtr<u8>,
+    /// The region could not be reserved: the tier serves nothing (small blocks go to segments).
+    no_region: AtomicBool,
     /// Chunk index -> metadata, null until the index is first used. Made with the region.
     table: OnceLock<Box<[AtomicPtr<ChunkMeta>]>>,
     shards: Box<[PaddedShard]>,
@@ -152,6 +157,8 @@ pub(crate) struct SmallTier {
     spare: Mutex<Spare>,
     /// The newest fork epoch seen (see [`SmallTier::observe_epoch`]).
     epoch: AtomicU64,
+    /// Requests to the threads' caches to give their blocks back (see `tcache`), counted.
+    flushes: AtomicU64,
     counters: Counters,
     /// This tier's identity for the threads' caches (never reused, unlike an address).
     id: u64,
@@ -183,12 +190,14 @@ impl SmallTier {
         SmallTier {
             config,
             base: AtomicPtr::new(std::ptr::null_mut()),
+            no_region: AtomicBool::new(false),
             table: OnceLock::new(),
             shards: (0..SHARDS)
                 .map(|_| PaddedShard(Mutex::new(Shard::new())))
                 .collect(),
             spare: Mutex::new(Spare::default()),
             epoch: AtomicU64::new(0),
+            flushes: AtomicU64::new(0),
             counters: Counters::default(),
             id: {
                 static NEXT_ID: AtomicU64 = AtomicU64::new(1);
@@ -220,6 +229,44 @@ impl SmallTier {
         debug_assert_eq!(self.meta(self.index_of(ptr)).class(), class);
         // SAFETY: forwarded.
         unsafe { self.free_to_shard(ptr, self.epoch.load(Ordering::Acquire)) };
+    }
+
+    /// Asks every thread's cache of this tier to give its blocks back at its next use (see
+    /// `tcache`).
+    fn request_flush(&self) {
+        self.flushes.fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// The flush requests made so far.
+    fn flush_requests(&self) -> u64 {
+        self.flushes.load(Ordering::Relaxed)
+    }
+
+    /// Gives back what the tier keeps for reuse: this thread's cached blocks, the empty chunks
+    /// kept, and the shards' empty current chunks; the other threads' caches are asked to give
+    /// theirs back at their next use. Returns the bytes of chunk files released.
+    pub(crate) fn trim(&self) -> u64 {
+        if self.base.load(Ordering::Acquire).is_null() {
+            return 0;
+        }
+        self.request_flush();
+        tcache::flush(self);
+        let before = self.counters.returned_bytes.load(Ordering::Relaxed);
+        for home in 0..SHARDS {
+            let mut shard = self.lock_shard(home);
+            let idle = shard.take_idle_currents();
+            if !idle.is_empty() {
+                // Under the shard lock, then `spare`: the order.
+                let mut spare = self.lock_spare();
+                idle.into_iter()
+                    .for_each(|index| self.release(&mut spare, index));
+            }
+        }
+        let mut spare = self.lock_spare();
+        while let Some(index) = spare.empty.pop() {
+            self.release(&mut spare, index);
+        }
+        self.counters.returned_bytes.load(Ordering::Relaxed) - before
     }
 
     /// Whether the tier takes `layout`: not empty, at most the threshold, aligned to at most a
@@ -271,6 +318,7 @@ impl SmallTier {
             return Ok(NonNull::slice_from_raw_parts(ptr, block_size));
         }
         let home = home_shard();
+        let mut flushed = false;
         loop {
             let mut shard = self.lock_shard(home);
             // A block counts as live (in the bitmap, and in bytes) under the lock: a free of
@@ -291,6 +339,16 @@ impl SmallTier {
             // Make the file outside the shard lock: it is slow, and the creator is user code.
             let epoch = shard.epoch;
             drop(shard);
+            if !flushed {
+                // Before a new chunk, the free blocks that threads' caches hold go back to
+                // their chunks: this thread's now (then look again), the others' at their next
+                // use. A cached block must not keep a chunk while new ones are made.
+                flushed = true;
+                self.request_flush();
+                if tcache::flush(self) {
+                    continue;
+                }
+            }
             let index = self.new_chunk(creator)?;
             let mut shard = self.lock_shard(home);
             if shard.epoch != epoch {
@@ -587,9 +645,31 @@ impl SmallTier {
         if !self.base.load(Ordering::Acquire).is_null() {
             return Ok(());
         }
-        // The largest region that can be had, halving from REGION: reserving is free, but some
-        // environments cap the address space.
-        let mut len = REGION;
+        if self.no_region.load(Ordering::Relaxed) {
+            return Err(io::Error::new(
+                io::ErrorKind::OutOfMemory,
+                "no address space for small blocks (refused before)",
+            ));
+        }
+        let reserved = self.reserve_region_now();
+        if reserved.is_err() {
+            // Not asked again at every small allocation: each would read the limits again.
+            self.no_region.store(true, Ordering::Relaxed);
+        }
+        reserved
+    }
+
+    fn reserve_region_now(&self) -> io::Result<()> {
+        // The largest region that can be had, halving from REGION (or from a fair share of
+        // what `RLIMIT_AS` leaves): reserving is free, but some environments cap the address
+        // space, and what the tier reserves the rest of the program cannot map.
+        let mut len =
+            region_len(self.config.max_region, sys::address_space_left()).ok_or_else(|| {
+                io::Error::new(
+                    io::ErrorKind::OutOfMemory,
+                    "too little address space left under RLIMIT_AS for a small-block region",
+                )
+            })?;
         let base = loop {
             match segment::reserve_aligned(len, CHUNK) {
                 Ok(base) => break base,
@@ -706,6 +786,27 @@ impl Drop for SmallTier {
         }
         drop(no_fork);
     }
+}
+
+/// The part of the address space left under `RLIMIT_AS` that the region may take.
+const ADDRESS_SPACE_SHARE: usize = 8;
+
+/// The length of the region to reserve first: [`REGION`] (or `max`, if smaller), cut to a
+/// power of two no larger than an [`ADDRESS_SPACE_SHARE`]th of the address space `left` under
+/// `RLIMIT_AS` (`None`: no limit). `None` when even [`MIN_REGION`] would take more than that
+/// share: the tier is then off, and small blocks become segments.
+fn region_len(max: usize, left: Option<usize>) -> Option<usize> {
+    let mut len = REGION.min(max.max(MIN_REGION));
+    if let Some(left) = left {
+        let share = left / ADDRESS_SPACE_SHARE;
+        if share < MIN_REGION {
+            return None;
+        }
+        while len > share {
+            len /= 2;
+        }
+    }
+    Some(len)
 }
 
 /// The shard this thread uses, picked round-robin at its first allocation.

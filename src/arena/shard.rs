@@ -118,6 +118,22 @@ impl Shard {
         Some(index)
     }
 
+    /// Takes out every empty chunk kept as a class's current one, for the caller to release.
+    pub(super) fn take_idle_currents(&mut self) -> Vec<u32> {
+        let mut idle = Vec::new();
+        for lists in &mut self.classes {
+            if let Some(index) = lists.current
+                && self.chunks.get(&index).is_some_and(|b| b.live() == 0)
+            {
+                lists.current = None;
+                self.chunks.remove(&index);
+                idle.push(index);
+            }
+        }
+        self.idle_currents -= idle.len();
+        idle
+    }
+
     /// Makes chunk `index` (no live block, held by the caller) this shard's current chunk for
     /// `class`, and takes its first block.
     pub(super) fn install(&mut self, index: u32, class: usize, fresh: bool) -> Taken {

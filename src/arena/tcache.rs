@@ -9,6 +9,16 @@
 //! * A cached block stays *live* for its chunk (its bit set, counted in the chunk's blocks), so
 //!   nothing can release the chunk under it. The bytes of cached blocks are subtracted from the
 //!   tier's `in_use_bytes` (each cache publishes its total, see [`ThreadCache::cached`]).
+//! * So a cached block *pins* its chunk: a 4 MiB file, and its disk, stay while it is cached.
+//!   What a cache pins is bounded: a bin holds blocks of one chunk at a time, and at most
+//!   [`MAX_PINNED`] bins hold blocks at once, so a thread's cache pins at most `MAX_PINNED`
+//!   chunks. And pins are short-lived:
+//!   - every [`GC_INTERVAL`] operations of the thread, the bins it did not use since the last
+//!     time go back to their chunks;
+//!   - before the tier makes a new chunk or reports a full disk, it asks every cache to go back
+//!     ([`SmallTier::request_flush`]): the asking thread's cache at once, the others at their
+//!     next operation on the tier. A thread that never uses the tier again keeps its pins
+//!     until it exits (or the allocator is dropped): the bound above is what it can keep.
 //! * A thread caches for one tier at a time (the last it freed into); using another flushes
 //!   the cache back to its tier first. A cache holds only a `Weak` reference: if its tier (its
 //!   allocator) is gone, the region is unmapped already and the cached addresses are forgotten.
@@ -22,8 +32,8 @@ use std::ptr::NonNull;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Weak};
 
-use super::SmallTier;
 use super::class;
+use super::{CHUNK, SmallTier};
 
 /// The largest block size cached per thread.
 pub(super) const MAX_CACHED: usize = 8 << 10;
@@ -31,9 +41,15 @@ pub(super) const MAX_CACHED: usize = 8 << 10;
 pub(super) const CLASSES: usize = 32;
 const _: () = assert!(class::block_size(CLASSES - 1) == MAX_CACHED);
 /// Blocks per class at most, and bytes per class at most: a thread never holds more than
-/// about 32 KiB of one class, 1 MiB in all.
+/// about 32 KiB of one class.
 const SLOTS: usize = 32;
 const BYTES_PER_CLASS: usize = 32 << 10;
+/// Bins that may hold blocks at once, and so chunks one thread's cache may pin (4 MiB each).
+pub(super) const MAX_PINNED: usize = 8;
+/// A thread's operations on its cache between two collections of the bins it no longer uses
+/// (a power of two).
+pub(super) const GC_INTERVAL: u32 = 1024;
+const _: () = assert!(GC_INTERVAL.is_power_of_two() && CLASSES <= u32::BITS as usize);
 
 /// One thread's cache for one tier.
 pub(super) struct ThreadCache {
@@ -41,23 +57,40 @@ pub(super) struct ThreadCache {
     /// The tier's identity (`SmallTier::id`): never reused, unlike an address.
     id: u64,
     epoch: u64,
+    /// The tier's flush requests seen (`SmallTier::flush_requests`); a newer one empties the
+    /// cache.
+    flushes: u64,
     /// Bytes of the blocks held, published for the tier's statistics (written by this thread
     /// only, read by `SmallTier::stats` through the tier's list of caches).
     cached: Arc<AtomicU64>,
+    /// Bins holding blocks now (at most [`MAX_PINNED`]).
+    pinned: usize,
+    /// Bins used (popped or pushed) since the last collection, one bit per class.
+    touched: u32,
+    /// Operations, counted to run a collection every [`GC_INTERVAL`].
+    ops: u32,
     bins: [Bin; CLASSES],
 }
 
 #[derive(Clone, Copy)]
 struct Bin {
     len: usize,
+    /// The chunk (its start address) every block in the bin belongs to, while `len > 0`.
+    chunk: usize,
     blocks: [usize; SLOTS],
 }
 
 impl Bin {
     const EMPTY: Bin = Bin {
         len: 0,
+        chunk: 0,
         blocks: [0; SLOTS],
     };
+}
+
+/// The start of the chunk holding the block at `addr` (chunks are [`CHUNK`]-aligned).
+fn chunk_of(addr: usize) -> usize {
+    addr & !(CHUNK - 1)
 }
 
 thread_local! {
@@ -95,21 +128,25 @@ pub(super) fn pop(tier: &SmallTier, class: usize, epoch: u64) -> Option<NonNull<
         .try_with(|cache| {
             let mut slot = cache.try_borrow_mut().ok()?;
             let cache = slot.as_mut()?;
-            if cache.id == tier.id && cache.epoch != epoch {
+            if cache.id != tier.id {
+                return None;
+            }
+            if cache.epoch != epoch {
                 // From before a fork: its blocks go back to their (closed) chunks, so a thread
                 // that only allocates from now on does not pin those chunks.
                 stale = slot.take();
                 return None;
             }
-            if cache.id != tier.id {
-                return None;
-            }
+            cache.tick(tier, class);
             let bin = &mut cache.bins[class];
             if bin.len == 0 {
                 return None;
             }
             bin.len -= 1;
             let addr = bin.blocks[bin.len];
+            if bin.len == 0 {
+                cache.pinned -= 1;
+            }
             cache.account(-(class::block_size(class) as i64));
             NonNull::new(addr as *mut u8)
         })
@@ -130,6 +167,7 @@ pub(super) fn push(tier: &Arc<SmallTier>, class: usize, epoch: u64, ptr: NonNull
         };
         match slot.as_mut() {
             Some(cache) if cache.id == tier.id && cache.epoch == epoch => {
+                cache.tick(tier, class);
                 Ok(cache.keep(class, ptr))
             }
             // Another tier's cache, or an older epoch's: a fresh one takes its place, and the
@@ -153,6 +191,28 @@ pub(super) fn push(tier: &Arc<SmallTier>, class: usize, epoch: u64, ptr: NonNull
     }
 }
 
+/// Gives every block this thread's cache holds for `tier` back to its chunk, now. `true` if
+/// there was any.
+pub(super) fn flush(tier: &SmallTier) -> bool {
+    CACHE
+        .try_with(|cell| {
+            let Ok(mut slot) = cell.try_borrow_mut() else {
+                return false;
+            };
+            match slot.as_mut() {
+                Some(cache) if cache.id == tier.id => {
+                    // The request that comes with this flush is answered already.
+                    cache.flushes = tier.flush_requests();
+                    let any = cache.pinned > 0;
+                    cache.give_back(tier, u32::MAX);
+                    any
+                }
+                _ => false,
+            }
+        })
+        .unwrap_or(false)
+}
+
 impl ThreadCache {
     // Out of line: its large array would make every `push` probe its stack.
     #[cold]
@@ -164,18 +224,76 @@ impl ThreadCache {
             tier: Arc::downgrade(tier),
             id: tier.id,
             epoch,
+            flushes: tier.flush_requests(),
             cached,
+            pinned: 0,
+            touched: 0,
+            ops: 0,
             bins: [Bin::EMPTY; CLASSES],
         })
     }
 
-    /// Keeps the free block `ptr` of `class`; `false` when its bin is full.
+    /// Counts an operation on bin `class` of `tier` (this cache's tier), and gives back what
+    /// the tier asked for (a flush request) or what this thread no longer uses (a collection
+    /// every [`GC_INTERVAL`] operations).
+    #[inline]
+    fn tick(&mut self, tier: &SmallTier, class: usize) {
+        self.touched |= 1 << class;
+        self.ops = self.ops.wrapping_add(1);
+        let flushes = tier.flush_requests();
+        if flushes != self.flushes {
+            self.flushes = flushes;
+            self.give_back(tier, u32::MAX);
+        } else if self.ops & (GC_INTERVAL - 1) == 0 {
+            // Bins not used since the last collection; the one in use now stays.
+            let idle = !self.touched;
+            self.touched = 1 << class;
+            if self.pinned > 0 {
+                self.give_back(tier, idle);
+            }
+        }
+    }
+
+    /// Gives the blocks of the bins in `classes` (one bit per class) back to their chunks.
+    /// Safe inside the thread-local's borrow: freeing to a shard never comes back here.
+    #[cold]
+    #[inline(never)]
+    fn give_back(&mut self, tier: &SmallTier, classes: u32) {
+        let mut given = 0;
+        for (class, bin) in self.bins.iter_mut().enumerate() {
+            if bin.len == 0 || classes & (1 << class) == 0 {
+                continue;
+            }
+            for &addr in &bin.blocks[..bin.len] {
+                if let Some(ptr) = NonNull::new(addr as *mut u8) {
+                    // SAFETY: a cached block was allocated from `tier` and freed by its caller
+                    // into this cache, so the tier still counts it live and nobody else uses
+                    // it; it leaves the bin here, so it is given back once.
+                    unsafe { tier.free_uncached(ptr, class) };
+                }
+            }
+            given += bin.len * class::block_size(class);
+            bin.len = 0;
+            self.pinned -= 1;
+        }
+        self.account(-(given as i64));
+    }
+
+    /// Keeps the free block `ptr` of `class`; `false` when its bin is full, holds another
+    /// chunk's blocks, or would pin one chunk too many.
     fn keep(&mut self, class: usize, ptr: NonNull<u8>) -> bool {
+        let addr = ptr.as_ptr().addr();
         let bin = &mut self.bins[class];
-        if bin.len == capacity(class) {
+        if bin.len == 0 {
+            if self.pinned == MAX_PINNED {
+                return false;
+            }
+            self.pinned += 1;
+            bin.chunk = chunk_of(addr);
+        } else if bin.len == capacity(class) || bin.chunk != chunk_of(addr) {
             return false;
         }
-        bin.blocks[bin.len] = ptr.as_ptr().addr();
+        bin.blocks[bin.len] = addr;
         bin.len += 1;
         self.account(class::block_size(class) as i64);
         true
@@ -195,17 +313,7 @@ impl Drop for ThreadCache {
         let Some(tier) = self.tier.upgrade() else {
             return;
         };
-        for (class, bin) in self.bins.iter().enumerate() {
-            for &addr in &bin.blocks[..bin.len] {
-                if let Some(ptr) = NonNull::new(addr as *mut u8) {
-                    // SAFETY: a cached block was allocated from `tier` and freed by its caller
-                    // into this cache, so the tier still counts it live and nobody else uses
-                    // it; it is given back once.
-                    unsafe { tier.free_uncached(ptr, class) };
-                }
-            }
-        }
-        self.cached.store(0, Ordering::Relaxed);
+        self.give_back(&tier, u32::MAX);
         tier.unregister_cache(&self.cached);
     }
 }

@@ -621,3 +621,109 @@ fn empty_current_chunks_are_bounded_per_shard() {
         "{stats:?}"
     );
 }
+
+/// The bytes that threads' caches of `tier` hold now.
+fn cached_bytes(tier: &SmallTier) -> u64 {
+    tier.lock_caches()
+        .iter()
+        .map(|c| c.load(Ordering::Relaxed))
+        .sum()
+}
+
+/// Chunks' worth of blocks of each of five cached classes, the first block of every chunk
+/// freed first (into this thread's cache), then the rest. Issue 12, hole 1: each cached block
+/// kept its whole chunk, so nothing was given back (40 chunks here).
+#[test]
+fn cached_blocks_pin_few_chunks_and_trim_gives_everything_back() {
+    const CHUNKS_PER_CLASS: usize = 8;
+    let (tier, creator) = (tier(2), creator());
+    let mut blocks = Vec::new();
+    for size in [64, 256, 1024, 4096, 8192] {
+        let count = CHUNKS_PER_CLASS * (CHUNK / size);
+        let class: Vec<_> = (0..count)
+            .map(|_| tier.allocate(layout(size, 8), false, 0, &creator).unwrap())
+            .collect();
+        blocks.push((size, class));
+    }
+    let chunks = |t: &SmallTier| t.stats().arena_bytes / CHUNK as u64;
+    assert_eq!(chunks(&tier), 5 * CHUNKS_PER_CLASS as u64);
+    for (size, class) in &blocks {
+        for first in class.iter().step_by(CHUNK / size) {
+            // SAFETY: allocated above, freed once (here or below, not both).
+            unsafe { tier.deallocate(first.cast(), 0) };
+        }
+    }
+    for (size, class) in &blocks {
+        for (i, block) in class.iter().enumerate() {
+            if i % (CHUNK / size) != 0 {
+                // SAFETY: allocated above, freed once.
+                unsafe { tier.deallocate(block.cast(), 0) };
+            }
+        }
+    }
+    assert_eq!(tier.stats().in_use_bytes, 0);
+    // Kept: two empty chunks, the shard's idle current ones, and what one cache may pin.
+    let bound = (2 + MAX_IDLE_CURRENT + tcache::MAX_PINNED) as u64;
+    assert!(chunks(&tier) <= bound, "{:?}", tier.stats());
+    // Another class, long enough for two collections: the other bins go back.
+    for _ in 0..2 * tcache::GC_INTERVAL {
+        let block = tier.allocate(layout(32, 8), false, 0, &creator).unwrap();
+        // SAFETY: allocated just above, freed once.
+        unsafe { tier.deallocate(block.cast(), 0) };
+    }
+    let bound = (2 + MAX_IDLE_CURRENT + 1) as u64;
+    assert!(chunks(&tier) <= bound, "{:?}", tier.stats());
+    // Trim: everything back, this thread's cache included.
+    tier.trim();
+    assert_eq!(chunks(&tier), 0, "{:?}", tier.stats());
+    assert_eq!(cached_bytes(&tier), 0);
+}
+
+/// Before the tier makes a new chunk, the blocks other threads cache go back at their next
+/// use: an idle cache must not hold chunks while new ones are made.
+#[test]
+fn a_new_chunk_asks_other_threads_caches_back() {
+    let (tier, creator) = (tier(0), creator());
+    let (to_worker, from_main) = std::sync::mpsc::channel::<()>();
+    let (to_main, from_worker) = std::sync::mpsc::channel::<()>();
+    let worker_tier = Arc::clone(&tier);
+    let worker = std::thread::spawn(move || {
+        let creator = self::creator();
+        let blocks: Vec<_> = (0..8)
+            .map(|_| {
+                worker_tier
+                    .allocate(layout(4096, 8), false, 0, &creator)
+                    .unwrap()
+            })
+            .collect();
+        for block in blocks {
+            // SAFETY: allocated above, freed once (into this thread's cache).
+            unsafe { worker_tier.deallocate(block.cast(), 0) };
+        }
+        to_main.send(()).unwrap();
+        from_main.recv().unwrap();
+        // One operation of another class: the flush request is seen.
+        let other = worker_tier
+            .allocate(layout(64, 8), false, 0, &creator)
+            .unwrap();
+        // SAFETY: allocated just above, freed once.
+        unsafe { worker_tier.deallocate(other.cast(), 0) };
+        to_main.send(()).unwrap();
+        from_main.recv().unwrap();
+    });
+    from_worker.recv().unwrap();
+    assert!(cached_bytes(&tier) >= 4096);
+    // A class no chunk serves yet: a new chunk, and the request that comes before it.
+    let block = tier.allocate(layout(2048, 8), false, 0, &creator).unwrap();
+    to_worker.send(()).unwrap();
+    from_worker.recv().unwrap();
+    assert!(
+        cached_bytes(&tier) <= 64,
+        "the worker still caches {} bytes",
+        cached_bytes(&tier)
+    );
+    to_worker.send(()).unwrap();
+    worker.join().unwrap();
+    // SAFETY: allocated above, freed once.
+    unsafe { tier.deallocate(block.cast(), 0) };
+}

@@ -298,6 +298,45 @@ pub(crate) fn open_files_soft_limit() -> Option<u64> {
     (ret == 0 && limit.rlim_cur != libc::RLIM_INFINITY).then_some(limit.rlim_cur as u64)
 }
 
+/// The address space this process may still map under its soft `RLIMIT_AS`: the limit less
+/// what is mapped now (`VmSize`). `None` when there is no limit (or it cannot be read).
+pub(crate) fn address_space_left() -> Option<usize> {
+    let mut limit = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: `limit` is a valid, writable rlimit.
+    let ret = unsafe { libc::getrlimit(libc::RLIMIT_AS, &mut limit) };
+    if ret != 0 || limit.rlim_cur == libc::RLIM_INFINITY {
+        return None;
+    }
+    let limit = usize::try_from(limit.rlim_cur).unwrap_or(usize::MAX);
+    Some(limit.saturating_sub(mapped_now().unwrap_or(0)))
+}
+
+/// The bytes of address space mapped by this process now (`VmSize`).
+#[cfg(target_os = "linux")]
+fn mapped_now() -> Option<usize> {
+    // The first field of statm is the total program size in pages.
+    let statm = std::fs::read_to_string("/proc/self/statm").ok()?;
+    let pages: usize = statm.split_whitespace().next()?.parse().ok()?;
+    pages.checked_mul(page_size())
+}
+
+/// Elsewhere the mapped size is not known: the whole limit counts as left.
+#[cfg(not(target_os = "linux"))]
+fn mapped_now() -> Option<usize> {
+    None
+}
+
+/// Whether every page of `[addr, addr + len)` is mapped (by anything): `msync` with `MS_ASYNC`,
+/// which changes nothing and fails with `ENOMEM` on an unmapped page.
+pub(crate) fn is_mapped(addr: NonNull<u8>, len: usize) -> bool {
+    // SAFETY: MS_ASYNC schedules nothing on Linux (and at most a write-back elsewhere); msync
+    // reads no memory and changes no mapping.
+    unsafe { libc::msync(addr.as_ptr().cast(), len, libc::MS_ASYNC) == 0 }
+}
+
 /// The effective user id, used to name the per-user folder.
 pub(crate) fn effective_uid() -> u32 {
     // SAFETY: geteuid cannot fail and has no preconditions.

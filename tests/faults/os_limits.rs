@@ -208,3 +208,127 @@ fn past_max_map_count_is_an_error_and_leaks_nothing() {
     assert_eq!(descriptors_under(dir.path()), 0, "descriptors left");
     assert_eq!(open_descriptors(), descriptors_at_start);
 }
+
+/// Issue 12, hole 3: a chunk that cannot be mapped because the process is at
+/// `vm.max_map_count` keeps its place in the small-block region. Before the fix every such
+/// failure counted the chunk's index as lost, so after as many failures as the region has
+/// chunks the tier could never make a chunk again and every small block became a segment.
+///
+/// The region is made small (32 chunks) through `RLIMIT_AS`, so 200 failures are more than it
+/// has (or than the 128 the region had before the fix): before the fix the block asked for
+/// after the limit is gone was a segment.
+#[test]
+fn chunks_that_fail_at_the_map_limit_keep_their_place() {
+    const NAME: &str = "os_limits::chunks_that_fail_at_the_map_limit_keep_their_place";
+    if !in_child(NAME, "mapcount-tier") {
+        return;
+    }
+    let limit: usize = std::fs::read_to_string("/proc/sys/vm/max_map_count")
+        .ok()
+        .and_then(|s| s.trim().parse().ok())
+        .unwrap_or(0);
+    if limit == 0 || limit > 262_144 {
+        skip!("vm.max_map_count is {limit}: unknown or too high to reach quickly");
+    }
+    let page = 4096;
+    // What is mapped now, and a limit leaving 1 GiB: the tier takes an eighth of what is
+    // left, cut to a power of two (128 MiB, 32 chunks); the rest holds the filler below.
+    let vm_size = vm_size();
+    set_soft_limit(libc::RLIMIT_AS, (vm_size + (1 << 30)) as u64);
+    let dir = TestDir::fast("mapcount-tier");
+    let alloc = MmapAllocator::builder()
+        .dir(dir.path())
+        .reuse_bytes(0)
+        .build()
+        .expect("build");
+    // The region and its first chunk (64-byte blocks).
+    let first = mmapvec::mmap_vec![in alloc.clone(); 7u8; 64];
+    assert_eq!(alloc.stats().small.chunks_created, 1);
+    // Reserve the list of failures up front: at the limit, the heap may not be able to grow.
+    let mut failures = Vec::with_capacity(64);
+
+    // Fill the map count: one filler, then every other page made inaccessible (each split is
+    // one more mapping), until the kernel refuses.
+    let filler_len = (limit + 16) * page;
+    // SAFETY: a fresh anonymous mapping, touching no other mapping.
+    let filler = unsafe {
+        libc::mmap(
+            std::ptr::null_mut(),
+            filler_len,
+            libc::PROT_READ,
+            libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_NORESERVE,
+            -1,
+            0,
+        )
+    };
+    assert_ne!(
+        filler,
+        libc::MAP_FAILED,
+        "filler: {}",
+        std::io::Error::last_os_error()
+    );
+    let mut split = 0;
+    loop {
+        let at = filler.cast::<u8>().wrapping_add((2 * split + 1) * page);
+        if (2 * split + 2) * page > filler_len {
+            panic!("the filler ran out before the map count did");
+        }
+        // SAFETY: a page of our own filler.
+        if unsafe { libc::mprotect(at.cast(), page, libc::PROT_NONE) } != 0 {
+            break;
+        }
+        split += 1;
+    }
+    // A split in the middle adds two mappings, so one may still fit: the filler's last page,
+    // split off its end, is one.
+    let last = filler.cast::<u8>().wrapping_add(filler_len - page);
+    // SAFETY: a page of our own filler.
+    let _ = unsafe { libc::mprotect(last.cast(), page, libc::PROT_NONE) };
+    // Blocks of 32 KiB (128 to a chunk) until one fails: Linux lets one mapping that splits
+    // a single other one go past the limit, so the first new chunk may still come. Then 200,
+    // more than the region could hold before the fix (512 MiB there), each needing a new
+    // chunk that cannot be mapped.
+    let mut held: Vec<MmapVec<u8>> = Vec::with_capacity(1024);
+    while held.len() < 1000 {
+        let mut v: MmapVec<u8> = MmapVec::new_in(alloc.clone());
+        if v.try_reserve_exact(32 << 10).is_err() {
+            failures.push(true);
+            break;
+        }
+        held.push(v);
+    }
+    for _ in 0..200 {
+        let mut v: MmapVec<u8> = MmapVec::new_in(alloc.clone());
+        failures.push(v.try_reserve_exact(32 << 10).is_err());
+    }
+    // SAFETY: the filler is ours and nothing refers to it.
+    assert_eq!(unsafe { libc::munmap(filler, filler_len) }, 0);
+
+    assert!(
+        failures.iter().all(|&f| f),
+        "allocations at the map limit must fail ({split} splits, {} mappings, {failures:?})",
+        maps().len()
+    );
+    let stats = alloc.stats();
+    assert_eq!(stats.failures.out_of_mappings, 201, "{stats:?}");
+    // Below the limit again: the next block comes from a new chunk of the tier.
+    let mut v: MmapVec<u8> = MmapVec::new_in(alloc.clone());
+    let created = stats.small.chunks_created;
+    v.try_reserve_exact(32 << 10)
+        .unwrap_or_else(|e| panic!("{e:?}: {:?}", alloc.take_last_error()));
+    let stats = alloc.stats();
+    println!("{split} splits filled the map count; after it: {stats:?}");
+    assert_eq!(
+        (stats.small.chunks_created, stats.live_segments),
+        (created + 1, 0),
+        "the block must come from the tier, not a segment of its own"
+    );
+    drop((v, first, held));
+}
+
+/// `VmSize`: the address space this process maps now.
+fn vm_size() -> usize {
+    let statm = std::fs::read_to_string("/proc/self/statm").expect("statm");
+    let pages: usize = statm.split_whitespace().next().unwrap().parse().unwrap();
+    pages * 4096
+}

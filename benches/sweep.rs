@@ -8,11 +8,21 @@
 //! | `sweep_alloc_free` | `allocate` + write one byte + `deallocate` | `malloc`, `mmapvec` |
 //! | `sweep_small_threads` | K × (allocate 64 B + write + free) on each of 1 or 2 threads | `{mmapvec,malloc}_{1_thread,2_threads}` |
 //! | `sweep_many_small` | build n live vectors of 8 `u32` in an outer vector, drop | `std`, `mmapvec` |
+//! | `user_alloc_free` | issue 12's loop: `allocate` + `write(1)` + `deallocate`, concrete types | `libc_malloc`, `malloc`, `mmapvec` |
+//! | `user_push100` | issue 12's loop: `new_in`, push 100 `u64`, drop | `std`, `mmapvec`, `mmapvec_default` |
 //!
 //! `mmapvec` is one allocator per group, built once with `MmapAllocator::builder().build()`
 //! (the defaults: small-block tier up to 256 KiB, 256 MiB of large segments kept for reuse),
 //! outside the timing loop, as a user would keep one. `malloc` and `global` are allocator-api2's
-//! `Global`, i.e. Rust's `System` allocator: glibc `malloc` here.
+//! `Global`, i.e. Rust's `System` allocator: glibc `malloc` here. `libc_malloc` calls
+//! `libc::malloc` and `libc::free` directly, as issue 12's user did; `mmapvec_default` takes
+//! `MmapAllocator::default()` for each vector instead of cloning the built one.
+//!
+//! The `user_` groups are issue 12's loops as a user writes them: methods called on the concrete
+//! allocator (no generic helper), a plain `write`, and `black_box` on what goes in and comes out
+//! so that neither the allocation nor the size is folded away: without it LLVM deletes
+//! `malloc` + write + `free` as dead code, and the loop times nothing (issue 12's 1.3 ns for
+//! glibc). `cargo bench --bench sweep -- user_` runs them alone.
 //!
 //! Run with `cargo bench --bench sweep` (about 5 minutes, see `budget`); `MMAPVEC_BENCH_QUICK=1` drops
 //! the largest sizes and measures briefly. `scripts/bench-report --only sweep` runs it and
@@ -46,6 +56,8 @@ const STD: &str = "std";
 const OLD: &str = "mmap-vec-0.2";
 const GLOBAL: &str = "global";
 const MALLOC: &str = "malloc";
+const LIBC_MALLOC: &str = "libc_malloc";
+const MMAPVEC_DEFAULT: &str = "mmapvec_default";
 
 fn quick() -> bool {
     std::env::var("MMAPVEC_BENCH_QUICK").is_ok_and(|v| !v.is_empty() && v != "0")
@@ -320,6 +332,97 @@ fn many_small(c: &mut Criterion) {
     group.finish();
 }
 
+/// Issue 12's allocate + write + free: the loop a user writes on a built allocator, with
+/// `libc::malloc` and allocator-api2's `Global` beside it. 1 MiB is a reuse-cache hit for
+/// `mmapvec` after the first round.
+fn user_alloc_free(c: &mut Criterion) {
+    let alloc = allocator();
+    let mut group = c.benchmark_group("user_alloc_free");
+    budget(&mut group, false);
+    for size in [64, 4 * KIB, MIB] {
+        let label = bytes_label(size);
+        let layout = Layout::from_size_align(size, 8).expect("layout");
+        group.bench_function(BenchmarkId::new(LIBC_MALLOC, &label), |b| {
+            b.iter(|| {
+                // SAFETY: `malloc` takes any size; a null result is checked before the write.
+                let ptr = unsafe { libc::malloc(black_box(size)) }.cast::<u8>();
+                assert!(!ptr.is_null(), "malloc failed");
+                // SAFETY: 1. `ptr` is `size` ≥ 1 bytes from `malloc`, ours alone;
+                // 2. it is freed once, by the `free` that pairs with that `malloc`.
+                unsafe {
+                    ptr.write(1);
+                    libc::free(black_box(ptr).cast());
+                }
+            })
+        });
+        group.bench_function(BenchmarkId::new(MALLOC, &label), |b| {
+            b.iter(|| {
+                let block = Global.allocate(black_box(layout)).expect("allocation");
+                let ptr = block.cast::<u8>();
+                // SAFETY: 1. `block` is at least `layout.size()` ≥ 1 bytes, ours alone;
+                // 2. it was allocated by `Global` with `layout` and is freed once.
+                unsafe {
+                    ptr.as_ptr().write(1);
+                    Global.deallocate(black_box(ptr), layout);
+                }
+            })
+        });
+        group.bench_function(BenchmarkId::new(MMAPVEC, &label), |b| {
+            b.iter(|| {
+                let block = alloc.allocate(black_box(layout)).expect("allocation");
+                let ptr = block.cast::<u8>();
+                // SAFETY: 1. `block` is at least `layout.size()` ≥ 1 bytes, ours alone;
+                // 2. it was allocated by `alloc` with `layout` and is freed once.
+                unsafe {
+                    ptr.as_ptr().write(1);
+                    alloc.deallocate(black_box(ptr), layout);
+                }
+            })
+        });
+    }
+    group.finish();
+}
+
+/// Elements pushed per vector in `user_push100`.
+const USER_PUSHES: u64 = 100;
+
+/// Issue 12's vector loop: a new vector, 100 `u64` pushed one by one, dropped. `mmapvec` clones
+/// the built allocator into each vector; `mmapvec_default` takes `MmapAllocator::default()`.
+fn user_push100(c: &mut Criterion) {
+    let alloc = allocator();
+    let mut group = c.benchmark_group("user_push100");
+    budget(&mut group, false);
+    group.throughput(Throughput::Elements(USER_PUSHES));
+    group.bench_function(STD, |b| {
+        b.iter(|| {
+            let mut v = Vec::<u64>::new();
+            for i in 0..black_box(USER_PUSHES) {
+                v.push(i);
+            }
+            black_box(&v);
+        })
+    });
+    group.bench_function(MMAPVEC, |b| {
+        b.iter(|| {
+            let mut v = MmapVec::<u64>::new_in(alloc.clone());
+            for i in 0..black_box(USER_PUSHES) {
+                v.push(i);
+            }
+            black_box(&v);
+        })
+    });
+    group.bench_function(MMAPVEC_DEFAULT, |b| {
+        b.iter(|| {
+            let mut v = MmapVec::<u64>::new_in(MmapAllocator::default());
+            for i in 0..black_box(USER_PUSHES) {
+                v.push(i);
+            }
+            black_box(&v);
+        })
+    });
+    group.finish();
+}
+
 fn main() {
     let _cleanup = Cleanup;
     if !OLD_CRATE {
@@ -331,5 +434,7 @@ fn main() {
     alloc_free(&mut c);
     small_threads(&mut c);
     many_small(&mut c);
+    user_alloc_free(&mut c);
+    user_push100(&mut c);
     c.final_summary();
 }

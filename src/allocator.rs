@@ -8,7 +8,7 @@ use std::fmt;
 use std::io;
 use std::ptr::{self, NonNull};
 use std::sync::atomic::{AtomicPtr, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, Weak};
 
 use allocator_api2::alloc::{AllocError, Allocator, Global, Layout};
 
@@ -17,7 +17,8 @@ use crate::builder::{Builder, Settings};
 use crate::creator::{DirCreator, SegmentCreator, SegmentRequest};
 use crate::fork;
 use crate::release;
-use crate::reuse::ReuseCache;
+use crate::reuse::slot::{self, MAX_SLOT_BYTES, SlotOwner, Slots};
+use crate::reuse::{self, ReuseCache};
 use crate::segment::{self, Resized, Segment};
 use crate::stats::{Counters, FailureCause, SmallStats, Stats};
 use crate::sys;
@@ -58,6 +59,11 @@ struct Inner {
     settings: Settings,
     /// Freed segments kept for reuse.
     cache: ReuseCache,
+    /// One freed segment per thread, kept for that thread's next large allocation (the reuse
+    /// cache's fast path: see `reuse::slot`).
+    slots: Arc<Slots>,
+    /// This allocator, for the threads' slots to give their segments back to.
+    me: Weak<Inner>,
     /// Blocks up to the small threshold, carved out of shared chunk files.
     tier: Arc<SmallTier>,
     counters: Counters,
@@ -162,10 +168,12 @@ impl MmapAllocator {
     /// The allocator for `settings`, making its files with `creator`.
     pub(crate) fn new(settings: Settings, creator: Arc<dyn SegmentCreator>) -> MmapAllocator {
         fork::install();
-        let inner = Arc::new(Inner {
+        let inner = Arc::new_cyclic(|me| Inner {
             table: SegmentTable::new(),
             creator,
             cache: ReuseCache::new(settings.reuse_bytes),
+            slots: Arc::new(Slots::new()),
+            me: me.clone(),
             tier: Arc::new(SmallTier::new(TierConfig {
                 threshold: settings.small_threshold,
                 reserve_disk: settings.opts.reserve_disk,
@@ -209,9 +217,18 @@ impl MmapAllocator {
     /// # drop((small, large));
     /// ```
     pub fn stats(&self) -> Stats {
+        // A fork child lets go of what its parent kept at its first look (see `reuse`).
+        slot::give_back_if_stale(&self.inner.slots, fork::epoch());
         let mut stats = self.inner.counters.snapshot();
         let (kept, kept_bytes) = self.inner.cache.kept();
         (stats.kept_segments, stats.kept_bytes) = (kept as u64, kept_bytes as u64);
+        // Segments in threads' slots are in the table (counted live) but free: kept.
+        let (in_slots, slot_bytes, slot_hits) = self.inner.slots.totals();
+        stats.live_segments = stats.live_segments.saturating_sub(in_slots);
+        stats.mapped_bytes = stats.mapped_bytes.saturating_sub(slot_bytes);
+        stats.kept_segments += in_slots;
+        stats.kept_bytes += slot_bytes;
+        stats.segments_reused += slot_hits;
         let tier = self.inner.tier.stats();
         stats.small = SmallStats {
             arena_bytes: tier.arena_bytes,
@@ -287,6 +304,15 @@ impl Drop for Inner {
     }
 }
 
+impl SlotOwner for Inner {
+    fn give_back(&self, addr: usize) {
+        if let Some(segment) = self.table.take(addr) {
+            self.forget(&segment);
+            self.release(segment);
+        }
+    }
+}
+
 impl fork::ForkLocks for Inner {
     fn lock_for_fork(&'static self, held: &mut Vec<Box<dyn Any>>, _epoch: u64) {
         // The table shards, the reuse cache and the last error are each taken alone (before
@@ -296,6 +322,8 @@ impl fork::ForkLocks for Inner {
         self.table.lock_for_fork(held);
         let cache: &'static ReuseCache = &self.cache;
         cache.lock_for_fork(held);
+        let slots: &'static Slots = &self.slots;
+        slots.lock_for_fork(held);
         held.push(Box::new(
             self.last_error.lock().unwrap_or_else(|e| e.into_inner()),
         ));
@@ -402,10 +430,12 @@ impl Inner {
     /// Gives back what is kept for reuse (see [`MmapAllocator::trim`]), at once rather than on
     /// the release thread. `true` if anything was given back.
     fn trim(&self) -> bool {
+        self.slots.request_flush();
+        let slot = slot::flush(&self.slots);
         let chunks = self.tier.trim();
         let mut kept = Vec::new();
         self.cache.drain(&mut kept);
-        let any = chunks > 0 || !kept.is_empty();
+        let any = slot || chunks > 0 || !kept.is_empty();
         drop(kept);
         any
     }
@@ -462,6 +492,9 @@ impl Inner {
                 Err(f) => return Err(self.record(f, layout.size())),
             }
         }
+        if let Some(block) = self.take_from_slot(layout, zeroed) {
+            return Ok(block);
+        }
         let segment = self
             .retry_if_full(|| self.new_segment(layout.size(), layout.align(), zeroed))
             .map_err(|f| self.record(f, layout.size()))?;
@@ -472,6 +505,46 @@ impl Inner {
         let block = NonNull::slice_from_raw_parts(segment.ptr(), asked.min(segment.len()));
         self.table.insert(segment);
         Ok(block)
+    }
+
+    /// The segment this thread's slot keeps, if it fits `layout`: no lock, no table change
+    /// (it never left the table). Zeroed by hand if asked.
+    fn take_from_slot(&self, layout: Layout, zeroed: bool) -> Option<NonNull<[u8]>> {
+        if !self.cache.is_on() {
+            return None;
+        }
+        let len = self.mapped_len(layout.size()).ok()?;
+        if len > MAX_SLOT_BYTES {
+            return None;
+        }
+        let align = self.segment_align(layout.align(), len);
+        let (ptr, have) = slot::take(&self.slots, fork::epoch(), |at, have| {
+            reuse::fits(have, at, len, align, zeroed)
+        })?;
+        if zeroed {
+            // SAFETY: the segment is mapped for `have` bytes, free (in this thread's slot until
+            // just now) and handed to this caller alone.
+            unsafe { ptr.write_bytes(0, have) };
+        }
+        // As for a reused segment (see `allocate`): the length asked, not the longer mapping.
+        Some(NonNull::slice_from_raw_parts(ptr, len))
+    }
+
+    /// Keeps a freed segment in this thread's slot if it is one the slot may take. `false`:
+    /// not kept, free it as usual.
+    fn offer_to_slot(&self, ptr: NonNull<u8>) -> bool {
+        if !self.cache.is_on() || !slot::has_room(&self.slots) {
+            return false;
+        }
+        let epoch = fork::epoch();
+        let len = self.table.peek(ptr.as_ptr().addr(), |segment| {
+            (segment.len() <= MAX_SLOT_BYTES && self.cache.may_keep(segment)).then(|| segment.len())
+        });
+        let Some(Some(len)) = len else {
+            return false;
+        };
+        let owner = || -> Weak<dyn SlotOwner> { self.me.clone() };
+        slot::offer(owner, &self.slots, epoch, ptr, len)
     }
 
     /// Puts a segment (back) in the table and returns its whole mapping as the block.
@@ -791,6 +864,10 @@ impl Inner {
             // SAFETY: a block of the tier (it lies in its range), currently allocated (caller),
             // not used again.
             unsafe { self.tier.deallocate(ptr, fork::epoch()) };
+            return;
+        }
+        // (A block below the heap threshold is most likely a heap block: not looked up twice.)
+        if layout.size() >= self.settings.heap_threshold && self.offer_to_slot(ptr) {
             return;
         }
         match self.table.take(ptr.as_ptr().addr()) {

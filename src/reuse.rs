@@ -22,6 +22,8 @@
 //!   read its inherited data there); a child drops the kept segments it inherited without
 //!   using them (the parent may reuse them).
 
+pub(crate) mod slot;
+
 use std::any::Any;
 use std::sync::{Mutex, MutexGuard};
 use std::time::Duration;
@@ -103,6 +105,21 @@ impl ReuseCache {
         ));
     }
 
+    /// Whether reuse is on (`reuse_bytes` above 0).
+    pub(crate) fn is_on(&self) -> bool {
+        self.max_bytes > 0
+    }
+
+    /// Whether a freed `segment` may be kept: reuse is on, it is at most half the bound, it
+    /// holds its descriptor (a named one could have had its file replaced, and holds no
+    /// descriptor to save anyway), and no fork child may map it (see the module doc).
+    pub(crate) fn may_keep(&self, segment: &Segment) -> bool {
+        segment.len() <= self.max_bytes / 2
+            && segment.holds_descriptor()
+            && !segment.may_be_shared()
+            && !segment.is_inherited()
+    }
+
     /// Segments and bytes kept now.
     pub(crate) fn kept(&self) -> (usize, usize) {
         if self.max_bytes == 0 {
@@ -125,11 +142,6 @@ impl ReuseCache {
         if self.max_bytes == 0 {
             return None;
         }
-        let longest = if zeroed {
-            len.saturating_mul(2)
-        } else {
-            len.saturating_mul(4).max(len.saturating_add(SLACK))
-        };
         let mut state = self.state();
         state.expire(sys::coarse_millis(), expired);
         // The smallest that fits (the newest of equals: its pages are the warmest).
@@ -138,10 +150,8 @@ impl ReuseCache {
             .iter()
             .enumerate()
             .filter(|(_, k)| {
-                let have = k.segment.len();
-                have >= len
-                    && have <= longest
-                    && k.segment.ptr().as_ptr().addr().is_multiple_of(align)
+                let (have, at) = (k.segment.len(), k.segment.ptr().as_ptr().addr());
+                fits(have, at, len, align, zeroed)
             })
             .min_by_key(|&(i, k)| (k.segment.len(), usize::MAX - i))?;
         let kept = state.kept.remove(at);
@@ -161,13 +171,7 @@ impl ReuseCache {
     /// Segments pushed out (past the bound, or decayed) go to `expired`.
     pub(crate) fn put(&self, segment: Segment, expired: &mut Vec<Segment>) -> Option<Segment> {
         let len = segment.len();
-        // Only segments that hold their descriptor: a named one could have had its file
-        // replaced (its next grow would fail), and it holds no descriptor to save anyway.
-        if len > self.max_bytes / 2
-            || !segment.holds_descriptor()
-            || segment.may_be_shared()
-            || segment.is_inherited()
-        {
+        if !self.may_keep(&segment) {
             return Some(segment);
         }
         let mut state = self.state();
@@ -201,6 +205,18 @@ impl ReuseCache {
                 .map(|k| k.segment),
         );
     }
+}
+
+/// Whether a kept segment of `have` bytes at `at` may serve a request for `len` bytes
+/// (page-rounded) aligned to `align`: long enough, aligned, and not much longer (at most 4
+/// times or [`SLACK`] more; twice for a zeroed request, which zeroes it by hand).
+pub(crate) fn fits(have: usize, at: usize, len: usize, align: usize, zeroed: bool) -> bool {
+    let longest = if zeroed {
+        len.saturating_mul(2)
+    } else {
+        len.saturating_mul(4).max(len.saturating_add(SLACK))
+    };
+    have >= len && have <= longest && at.is_multiple_of(align)
 }
 
 impl State {

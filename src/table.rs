@@ -56,6 +56,11 @@ impl SegmentTable {
         }
     }
 
+    /// `look` at the segment at `addr`, left in the table; `None` if there is none.
+    pub(crate) fn peek<R>(&self, addr: usize, look: impl FnOnce(&Segment) -> R) -> Option<R> {
+        self.shard(addr).get(&addr).map(look)
+    }
+
     pub(crate) fn take(&self, addr: usize) -> Option<Segment> {
         self.shard(addr).remove(&addr)
     }

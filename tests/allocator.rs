@@ -916,3 +916,84 @@ fn dont_fork_survives_resizes_remap() {
 fn dont_fork_survives_resizes_map_again() {
     dont_fork_survives_resizes(GrowStrategy::MapAgain);
 }
+
+/// A thread that frees a large block and asks for one like it again takes the same segment
+/// back from its own slot (issue 12, the hot path): one file for the whole loop, counted as
+/// kept, not live, while it waits; zeroed when asked; given back by `trim`, by another
+/// allocator's segment taking the slot, and at thread exit.
+#[test]
+fn a_large_block_freed_and_asked_again_comes_back_from_the_threads_slot() {
+    let dir = TestDir::new("slot");
+    let alloc = MmapAllocator::builder()
+        .dir(dir.path())
+        .build()
+        .expect("build");
+    let big = layout(MIB, 8);
+    let mut first = None;
+    for round in 0..100u8 {
+        let block = alloc.allocate(big).unwrap();
+        let ptr = block.cast::<u8>();
+        assert!(block.len() >= MIB);
+        first.get_or_insert(ptr);
+        // SAFETY: the block is ours, at least 1 MiB long.
+        unsafe { ptr.add(MIB - 1).write(round) };
+        // SAFETY: allocated just above with `big`, freed once.
+        unsafe { alloc.deallocate(ptr, big) };
+    }
+    let s = alloc.stats();
+    assert_eq!((s.creates, s.segments_reused), (1, 99), "{s:?}");
+    assert_eq!((s.live_segments, s.mapped_bytes), (0, 0), "{s:?}");
+    assert_eq!((s.kept_segments, s.kept_bytes), (1, MIB as u64), "{s:?}");
+
+    // Zeroed: the dirty segment comes back zeroed.
+    let block = alloc.allocate_zeroed(big).unwrap();
+    assert_eq!(Some(block.cast::<u8>()), first, "the slot's segment");
+    // SAFETY: a live block of at least 1 MiB.
+    assert!(unsafe { block.as_ref() }.iter().all(|&b| b == 0));
+    // SAFETY: allocated above with `big`, freed once.
+    unsafe { alloc.deallocate(block.cast(), big) };
+
+    // Another allocator's segment takes this thread's slot: the first goes back to its own
+    // allocator's reuse cache (still kept, no longer in the slot).
+    let other = MmapAllocator::builder()
+        .dir(dir.path())
+        .build()
+        .expect("build");
+    let block = other.allocate(big).unwrap();
+    // SAFETY: allocated just above with `big`, freed once.
+    unsafe { other.deallocate(block.cast(), big) };
+    assert_eq!(other.stats().kept_segments, 1);
+    assert_eq!(alloc.stats().kept_segments, 1);
+    assert_eq!(alloc.stats().live_segments, 0);
+
+    // trim: nothing kept, nothing mapped.
+    alloc.trim();
+    other.trim();
+    for a in [&alloc, &other] {
+        let s = a.stats();
+        assert_eq!(
+            (s.kept_segments, s.live_segments, s.mapped_bytes),
+            (0, 0, 0),
+            "{s:?}"
+        );
+    }
+
+    // A thread's slot goes back when the thread exits.
+    let worker = alloc.clone();
+    std::thread::spawn(move || {
+        let block = worker.allocate(big).unwrap();
+        // SAFETY: allocated just above with `big`, freed once.
+        unsafe { worker.deallocate(block.cast(), big) };
+        assert_eq!(worker.stats().kept_segments, 1);
+    })
+    .join()
+    .unwrap();
+    let s = alloc.stats();
+    assert_eq!(
+        (s.kept_segments, s.live_segments),
+        (1, 0),
+        "in the reuse cache: {s:?}"
+    );
+    alloc.trim();
+    assert_eq!(alloc.stats().kept_segments, 0);
+}

@@ -5,6 +5,7 @@
 //! unlinked file alive, so a chunk costs no descriptor. Releasing a chunk maps an inaccessible
 //! reservation over its view, which drops the last reference to the file and frees its blocks.
 
+use std::fs::File;
 use std::io;
 use std::ptr::NonNull;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
@@ -40,6 +41,9 @@ pub(super) struct ChunkMeta {
     /// Whether the chunk's view is mapped now (so it must be released, and unregistered from
     /// the fork guard, once).
     mapped: AtomicBool,
+    /// The chunk's range stopped being ours (a failed `map`): the index is never used again,
+    /// and something else may be mapped there.
+    lost: AtomicBool,
 }
 
 impl ChunkMeta {
@@ -50,6 +54,7 @@ impl ChunkMeta {
             shard: AtomicUsize::new(0),
             live: AtomicUsize::new(0),
             mapped: AtomicBool::new(false),
+            lost: AtomicBool::new(false),
         }
     }
 
@@ -99,6 +104,15 @@ impl ChunkMeta {
         self.mapped.load(Ordering::Acquire)
     }
 
+    /// Whether the chunk's range was lost (see [`MapFailure::range_kept`]).
+    pub(super) fn is_lost(&self) -> bool {
+        self.lost.load(Ordering::Acquire)
+    }
+
+    pub(super) fn mark_lost(&self) {
+        self.lost.store(true, Ordering::Release);
+    }
+
     /// Maps a new chunk file at `at` (a `CHUNK`-aligned, `CHUNK`-long part of the tier's
     /// reservation) and marks this chunk mapped. On error no file is left behind (except a
     /// non-empty file from a custom creator, which is never removed) and `[at, at + CHUNK)` is a
@@ -130,7 +144,7 @@ impl ChunkMeta {
         // SAFETY: the caller gives us the reservation `[at, at + CHUNK)`, which nothing refers
         // to; the file is CHUNK bytes long, so every mapped page has a backing.
         unsafe { sys::map_file_fixed(at, &file, CHUNK) }
-            .map_err(|e| MapFailure::after_map(e, at))?;
+            .map_err(|e| MapFailure::after_map(e, at, &file))?;
         // The mapping holds the file from now on; `file` (its descriptor) drops at the end of
         // this function.
         if let Some(views) = no_fork.as_mut() {
@@ -201,17 +215,23 @@ impl From<io::Error> for MapFailure {
 }
 
 impl MapFailure {
-    /// A failed `MAP_FIXED` of a chunk view over its reservation at `at`.
+    /// A failed `MAP_FIXED` of a chunk view of `file` over its reservation at `at`.
     ///
-    /// `ENOMEM` (the process is at `vm.max_map_count`, or out of address space) is refused
-    /// before the old mapping is touched: Linux checks the map count before it unmaps, and
-    /// splitting the reservation is undone when the new mapping cannot be made (anonymous
-    /// `PROT_NONE` mappings have nothing that prevents it). The range is then still ours, as
-    /// an `msync` probe confirms: it fails on any page that is unmapped. Any other error
-    /// may have come after the reservation was unmapped (Linux unmaps first), and something
-    /// else may have been mapped there since: the range is no longer known to be ours.
-    fn after_map(error: io::Error, at: NonNull<u8>) -> Self {
-        let range_kept = error.kind() == io::ErrorKind::OutOfMemory && sys::is_mapped(at, CHUNK);
+    /// The range is ours again in two cases, and lost otherwise:
+    /// - Nothing at all is mapped there (Linux unmaps the old range first, and a late failure
+    ///   leaves a gap): then it is reserved again, at exactly `at` and without `MAP_FIXED`,
+    ///   which cannot take anyone's mapping. A gap that another thread has mapped into since
+    ///   makes that reservation fail.
+    /// - The error is `ENOMEM`, every page is still mapped (an `msync` probe, which fails on
+    ///   an unmapped page), and the file's file system is one whose `mmap` hook never reports
+    ///   `ENOMEM` ([`sys::enomem_only_before_unmapping`]): Linux then reported it before it
+    ///   touched the old range (the map count at `vm.max_map_count`, `RLIMIT_AS`, a split of
+    ///   the reservation, all undone), and the mapped pages are our reservation, intact.
+    fn after_map(error: io::Error, at: NonNull<u8>, file: &File) -> Self {
+        let range_kept = sys::reserve_at(at, CHUNK).is_ok()
+            || (error.kind() == io::ErrorKind::OutOfMemory
+                && sys::enomem_only_before_unmapping(file)
+                && sys::is_mapped(at, CHUNK));
         MapFailure { error, range_kept }
     }
 }

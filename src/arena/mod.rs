@@ -150,6 +150,8 @@ pub(crate) struct SmallTier {
     base: AtomicPtr<u8>,
     /// The region could not be reserved: the tier serves nothing (small blocks go to segments).
     no_region: AtomicBool,
+    /// Some chunk's range was lost (see `ChunkMeta::is_lost`): `contains` must look closer.
+    lost_any: AtomicBool,
     /// Chunk index -> metadata, null until the index is first used. Made with the region.
     table: OnceLock<Box<[AtomicPtr<ChunkMeta>]>>,
     shards: Box<[PaddedShard]>,
@@ -191,6 +193,7 @@ impl SmallTier {
             config,
             base: AtomicPtr::new(std::ptr::null_mut()),
             no_region: AtomicBool::new(false),
+            lost_any: AtomicBool::new(false),
             table: OnceLock::new(),
             shards: (0..SHARDS)
                 .map(|_| PaddedShard(Mutex::new(Shard::new())))
@@ -379,12 +382,24 @@ impl SmallTier {
         class::class_for(layout).map(class::block_size)
     }
 
-    /// Whether `ptr` lies in the tier's region (and so came from [`allocate`](Self::allocate),
-    /// if it was allocated at all).
+    /// Whether `ptr` lies in one of the tier's chunks (and so came from
+    /// [`allocate`](Self::allocate), if it was allocated at all): in the region, and not in the
+    /// range of a lost chunk, where another mapping (a segment, say) may have been placed.
     pub(crate) fn contains(&self, ptr: NonNull<u8>) -> bool {
         let base = self.base.load(Ordering::Acquire);
-        !base.is_null()
-            && ptr.as_ptr().addr().wrapping_sub(base.addr()) < self.table().len() * CHUNK
+        let offset = ptr.as_ptr().addr().wrapping_sub(base.addr());
+        if base.is_null() || offset >= self.table().len() * CHUNK {
+            return false;
+        }
+        // Rare: only after a chunk failed to map and its range could not be kept.
+        !self.lost_any.load(Ordering::Acquire) || !self.lost((offset / CHUNK) as u32)
+    }
+
+    /// Whether chunk `index` was lost (an index never used is not).
+    fn lost(&self, index: u32) -> bool {
+        let ptr = self.table()[index as usize].load(Ordering::Acquire);
+        // SAFETY: as in `meta`: a non-null entry is a leaked `Box<ChunkMeta>`.
+        unsafe { ptr.as_ref() }.is_some_and(ChunkMeta::is_lost)
     }
 
     /// The length of the block at `ptr`, as returned by `allocate`.
@@ -626,9 +641,12 @@ impl SmallTier {
         };
         if let Err(failure) = mapped {
             // An index whose reservation may be gone is never used again: MAP_FIXED there
-            // could replace someone else's mapping.
+            // could replace someone else's mapping, and a pointer there is not ours.
             if failure.range_kept {
                 self.lock_spare().free.push(index);
+            } else {
+                meta.mark_lost();
+                self.lost_any.store(true, Ordering::Release);
             }
             return Err(failure.error);
         }
@@ -759,9 +777,11 @@ impl Drop for SmallTier {
         // (Registered by the allocator that made the tier; unregistering an unknown object
         // does nothing.)
         fork::unregister(&*self);
-        let Some(base) = NonNull::new(*self.base.get_mut()) else {
+        if self.base.get_mut().is_null() {
             return;
-        };
+        }
+        // Lost chunks, in increasing order.
+        let mut lost = Vec::new();
         // `dont_fork` views leave the fork record together with the unmapping (see `fork`).
         let mut no_fork = chunk::keeps_out_of_children(self.config.dont_fork).then(fork::hold);
         for (index, slot) in self.table().iter().enumerate() {
@@ -772,17 +792,32 @@ impl Drop for SmallTier {
             // SAFETY: a non-null entry is a leaked `Box<ChunkMeta>` (see `meta_or_new`),
             // taken back once here: the tier is going away.
             let meta = unsafe { Box::from_raw(ptr) };
+            if meta.is_lost() {
+                lost.push(index);
+            }
             if let Some(views) = no_fork.as_mut()
                 && meta.is_mapped()
             {
                 views.remove(self.chunk_at(index as u32).as_ptr().addr());
             }
         }
-        // SAFETY: the region is ours, and no block is live: every block is owned by a value
-        // holding a clone of the allocator, whose last clone is being dropped.
-        if let Err(e) = unsafe { sys::unmap(base, self.table().len() * CHUNK) } {
-            // Drop must not panic; a failed munmap of our own range means a broken invariant.
-            log::error!("mmapvec: munmap of the small-block region failed: {e}");
+        // The region is unmapped around lost chunks, whose ranges may hold other mappings now
+        // (their remains of our reservation stay reserved: address space, no memory).
+        let len = self.table().len();
+        let mut start = 0;
+        for end in lost.into_iter().chain([len]) {
+            if end > start {
+                // SAFETY: `[start, end)` are chunks of our region that were never lost, so their
+                // ranges are ours; no block is live: every block is owned by a value holding a
+                // clone of the allocator, whose last clone is being dropped.
+                let at = self.chunk_at(start as u32);
+                if let Err(e) = unsafe { sys::unmap(at, (end - start) * CHUNK) } {
+                    // Drop must not panic; a failed munmap of our own range means a broken
+                    // invariant.
+                    log::error!("mmapvec: munmap of the small-block region failed: {e}");
+                }
+            }
+            start = end + 1;
         }
         drop(no_fork);
     }

@@ -727,3 +727,85 @@ fn a_new_chunk_asks_other_threads_caches_back() {
     // SAFETY: allocated above, freed once.
     unsafe { tier.deallocate(block.cast(), 0) };
 }
+
+/// A chunk whose range was lost (a failed `map` that could not keep it) may hold another
+/// mapping later: its pointers are not the tier's, and dropping the tier leaves it alone.
+#[test]
+fn a_lost_chunk_is_not_the_tiers_and_is_not_unmapped_at_drop() {
+    let (tier, creator) = (tier(2), creator());
+    let block = tier.allocate(layout(64, 8), false, 0, &creator).unwrap();
+    // Lose the next index, as `new_chunk` does after a failed map, and map "someone else's"
+    // file where it was.
+    let index = {
+        let mut spare = tier.lock_spare();
+        spare.next += 1;
+        spare.next - 1
+    };
+    tier.meta_or_new(index).mark_lost();
+    tier.lost_any.store(true, Ordering::Release);
+    let at = tier.chunk_at(index);
+    let path = std::env::temp_dir().join(format!("mmapvec-lost-chunk-{}", std::process::id()));
+    let file = OpenOptions::new()
+        .read(true)
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .open(&path)
+        .unwrap();
+    fs::remove_file(&path).unwrap();
+    file.set_len(CHUNK as u64).unwrap();
+    // SAFETY: the range is the tier's reservation, given up above (the index is lost).
+    unsafe { sys::map_file_fixed(at, &file, CHUNK) }.unwrap();
+    // SAFETY: mapped read/write just above.
+    unsafe { at.add(100).write(42) };
+
+    assert!(tier.contains(block.cast()));
+    assert!(!tier.contains(at), "a lost chunk's range is not the tier's");
+    // SAFETY: in range of the mapping made above.
+    assert!(!tier.contains(unsafe { at.add(CHUNK - 1) }));
+    // SAFETY: allocated above, freed once.
+    unsafe { tier.deallocate(block.cast(), 0) };
+    drop(tier);
+    assert!(
+        sys::is_mapped(at, CHUNK),
+        "the tier's drop unmapped a lost chunk's range"
+    );
+    // SAFETY: still mapped (checked above), and ours.
+    assert_eq!(unsafe { at.add(100).read() }, 42);
+    // SAFETY: the mapping made above, which nothing refers to any more.
+    unsafe { sys::unmap(at, CHUNK) }.unwrap();
+}
+
+/// `reserve_at` takes a range only if all of it is free, and never touches a mapping there.
+#[test]
+fn reserve_at_takes_a_free_range_and_leaves_a_mapped_one_alone() {
+    let len = 4 * sys::page_size();
+    let at = sys::reserve(len).unwrap();
+    // Taken: the range is someone's.
+    assert_eq!(
+        sys::reserve_at(at, len).unwrap_err().kind(),
+        io::ErrorKind::AlreadyExists
+    );
+    // SAFETY: reserved just above, nothing refers to its second page.
+    unsafe { sys::unmap(at.add(sys::page_size()), sys::page_size()) }.unwrap();
+    // Partly free: still refused, and the rest stays mapped.
+    assert!(sys::reserve_at(at, len).is_err());
+    assert!(sys::is_mapped(at, sys::page_size()));
+    // SAFETY: the reservation made above, which nothing refers to.
+    unsafe { sys::unmap(at, len) }.unwrap();
+    // All free: reserved at exactly that place. (Another test's thread may map into the range
+    // between the unmap and the reservation: then it must be refused, and a new try succeed.)
+    let taken = (0..10).any(|_| {
+        let at = sys::reserve(len).unwrap();
+        // SAFETY: reserved just above, nothing refers to it.
+        unsafe { sys::unmap(at, len) }.unwrap();
+        let got = sys::reserve_at(at, len).is_ok();
+        if got {
+            assert!(sys::is_mapped(at, len));
+            // SAFETY: just reserved by us.
+            unsafe { sys::unmap(at, len) }.unwrap();
+        }
+        got
+    });
+    assert!(taken, "a free range was never reserved in place");
+}

@@ -120,6 +120,60 @@ pub(crate) unsafe fn reserve_fixed(addr: NonNull<u8>, len: usize) -> io::Result<
     check_mapped(ret).map(drop)
 }
 
+/// Reserves exactly `[addr, addr + len)` if all of it is unmapped, and touches nothing
+/// otherwise: the address is only a hint (no `MAP_FIXED`), and a mapping placed elsewhere is
+/// undone. `Err` (`AlreadyExists`) when something is mapped in the range.
+pub(crate) fn reserve_at(addr: NonNull<u8>, len: usize) -> io::Result<()> {
+    // SAFETY: without MAP_FIXED the kernel never replaces an existing mapping; the hint only
+    // says where to put the new one.
+    let ret = unsafe {
+        libc::mmap(
+            addr.as_ptr().cast(),
+            len,
+            libc::PROT_NONE,
+            libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_NORESERVE,
+            -1,
+            0,
+        )
+    };
+    let got = check_mapped(ret)?;
+    if got == addr {
+        return Ok(());
+    }
+    // SAFETY: `got` is the reservation just made, which nothing refers to.
+    unsafe { unmap(got, len) }?;
+    Err(io::Error::from(io::ErrorKind::AlreadyExists))
+}
+
+/// Whether `mmap` of `file` can fail with `ENOMEM` only before it touches the range it
+/// replaces: true on the file systems whose `mmap` hook never reports `ENOMEM` (ext2/3/4, XFS,
+/// btrfs, f2fs, tmpfs). Linux reports `ENOMEM` for the map count, `RLIMIT_AS` or a split
+/// before anything is unmapped (the range is restored); after the old range is gone, only the
+/// file system's hook or a kernel allocation that fails solely for a task being killed can
+/// report it. hugetlbfs, for one, reports `ENOMEM` from its hook when its pool is empty.
+#[cfg(target_os = "linux")]
+pub(crate) fn enomem_only_before_unmapping(file: &File) -> bool {
+    const EXT4: u32 = 0xEF53;
+    const XFS: u32 = 0x5846_5342;
+    const BTRFS: u32 = 0x9123_683E;
+    const F2FS: u32 = 0xF2F5_2010;
+    const TMPFS: u32 = 0x0102_1994;
+    let mut buf = std::mem::MaybeUninit::<libc::statfs>::uninit();
+    // SAFETY: `buf` is writable and large enough for one `statfs`; the descriptor is valid.
+    if unsafe { libc::fstatfs(file.as_raw_fd(), buf.as_mut_ptr()) } != 0 {
+        return false;
+    }
+    // SAFETY: fstatfs succeeded, so it filled `buf`.
+    let kind = unsafe { buf.assume_init() }.f_type as u32;
+    [EXT4, XFS, BTRFS, F2FS, TMPFS].contains(&kind)
+}
+
+/// Elsewhere nothing is known about the order: never.
+#[cfg(not(target_os = "linux"))]
+pub(crate) fn enomem_only_before_unmapping(_file: &File) -> bool {
+    false
+}
+
 /// Registers handlers run around every `fork` of this process (`pthread_atfork`).
 pub(crate) fn at_fork(
     prepare: extern "C" fn(),

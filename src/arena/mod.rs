@@ -807,11 +807,12 @@ impl Drop for SmallTier {
         let mut start = 0;
         for end in lost.into_iter().chain([len]) {
             if end > start {
+                let at = self.chunk_at(start as u32);
                 // SAFETY: `[start, end)` are chunks of our region that were never lost, so their
                 // ranges are ours; no block is live: every block is owned by a value holding a
                 // clone of the allocator, whose last clone is being dropped.
-                let at = self.chunk_at(start as u32);
-                if let Err(e) = unsafe { sys::unmap(at, (end - start) * CHUNK) } {
+                let unmapped = unsafe { sys::unmap(at, (end - start) * CHUNK) };
+                if let Err(e) = unmapped {
                     // Drop must not panic; a failed munmap of our own range means a broken
                     // invariant.
                     log::error!("mmapvec: munmap of the small-block region failed: {e}");

@@ -218,6 +218,7 @@ impl MmapAllocator {
     /// ```
     pub fn stats(&self) -> Stats {
         // A fork child lets go of what its parent kept at its first look (see `reuse`).
+        slot::give_back_orphans(&self.inner.slots, &*self.inner);
         slot::give_back_if_stale(&self.inner.slots, fork::epoch());
         let mut stats = self.inner.counters.snapshot();
         let (kept, kept_bytes) = self.inner.cache.kept();
@@ -430,6 +431,7 @@ impl Inner {
     /// Gives back what is kept for reuse (see [`MmapAllocator::trim`]), at once rather than on
     /// the release thread. `true` if anything was given back.
     fn trim(&self) -> bool {
+        slot::give_back_orphans(&self.slots, self);
         self.slots.request_flush();
         let slot = slot::flush(&self.slots);
         let chunks = self.tier.trim();
@@ -513,6 +515,7 @@ impl Inner {
         if !self.cache.is_on() {
             return None;
         }
+        slot::give_back_orphans(&self.slots, self);
         let len = self.mapped_len(layout.size()).ok()?;
         if len > MAX_SLOT_BYTES {
             return None;
@@ -533,7 +536,11 @@ impl Inner {
     /// Keeps a freed segment in this thread's slot if it is one the slot may take. `false`:
     /// not kept, free it as usual.
     fn offer_to_slot(&self, ptr: NonNull<u8>) -> bool {
-        if !self.cache.is_on() || !slot::has_room(&self.slots) {
+        if !self.cache.is_on() {
+            return false;
+        }
+        slot::give_back_orphans(&self.slots, self);
+        if !slot::has_room(&self.slots) {
             return false;
         }
         let epoch = fork::epoch();

@@ -80,3 +80,67 @@ fn child_resizing_and_dropping_inherited_vectors_leaves_the_parent_intact() {
         std::fs::remove_dir_all(&dir).unwrap();
     }
 }
+
+/// Mappings of files under `dir` in this process.
+fn mappings_under(dir: &std::path::Path) -> usize {
+    let maps = std::fs::read_to_string("/proc/self/maps").unwrap();
+    let dir = dir.to_string_lossy();
+    maps.lines().filter(|line| line.contains(&*dir)).count()
+}
+
+/// A segment kept in another thread's slot (the per-thread reuse fast path) is given back by a
+/// fork child, where that thread does not exist: not counted as kept, and unmapped there. The
+/// parent keeps its slot.
+#[test]
+fn a_child_gives_back_the_segments_its_parents_other_threads_kept() {
+    let dir = fresh_dir("slots");
+    let alloc = MmapAllocator::builder().dir(&dir).build().unwrap();
+    let (kept_tx, kept_rx) = std::sync::mpsc::channel();
+    let (done_tx, done_rx) = std::sync::mpsc::channel::<()>();
+    let worker = {
+        let alloc = alloc.clone();
+        std::thread::spawn(move || {
+            let v = MmapVec::<u8>::with_capacity_in(1 << 20, alloc.clone());
+            drop(v);
+            kept_tx.send(()).unwrap();
+            // Alive (with its slot) until the parent is done.
+            done_rx.recv().unwrap();
+            // Given back at this thread's next use: a segment of an older fork epoch may be
+            // mapped by the child, so it is never handed out again.
+            let v = MmapVec::<u8>::with_capacity_in(1 << 20, alloc.clone());
+            drop(v);
+        })
+    };
+    kept_rx.recv().unwrap();
+    let before = alloc.stats();
+    assert_eq!((before.live_segments, before.kept_segments), (0, 1));
+    assert_eq!(mappings_under(&dir), 1);
+
+    let status = in_child(|| {
+        let stats = alloc.stats();
+        assert_eq!(
+            (stats.live_segments, stats.kept_segments, stats.mapped_bytes),
+            (0, 0, 0),
+            "the child still counts its parent's other thread's slot: {stats:?}"
+        );
+        assert_eq!(
+            mappings_under(&dir),
+            0,
+            "the slot's segment is still mapped"
+        );
+        // And the child allocates as usual.
+        let v = MmapVec::<u8>::with_capacity_in(1 << 20, alloc.clone());
+        assert_eq!(alloc.stats().live_segments, 1);
+        drop(v);
+    });
+    assert_eq!(status, 0, "the child failed");
+
+    // The parent's slot is untouched by the child.
+    assert_eq!(alloc.stats().kept_segments, 1);
+    assert_eq!(mappings_under(&dir), 1);
+    done_tx.send(()).unwrap();
+    worker.join().unwrap();
+    assert_eq!(alloc.stats().live_segments, 0);
+    drop(alloc);
+    std::fs::remove_dir_all(&dir).unwrap();
+}

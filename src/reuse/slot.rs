@@ -19,10 +19,13 @@
 //!   thread's slot at once, the others at their next use), or when the thread frees a segment
 //!   of another allocator. An allocator that is gone took its segments with it: the slot then
 //!   forgets the address.
+//! * In a fork child, the parent's other threads do not exist: their slots are never used or
+//!   dropped. At the allocator's first use in the child, [`give_back_orphans`] gives back what
+//!   they held, from the addresses they published.
 
 use std::cell::RefCell;
 use std::ptr::NonNull;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, Weak};
 
 /// The largest segment a thread's slot keeps.
@@ -44,17 +47,24 @@ pub(crate) struct Slots {
     published: Mutex<Vec<Arc<Published>>>,
     /// Hits of slots that are gone (their threads exited).
     retired_hits: AtomicU64,
+    /// The process generation (see `fork::generation`) whose orphaned slots were given back:
+    /// the one the allocator was made in, at first.
+    orphans_seen: AtomicU64,
 }
 
-/// What one slot holds, for the statistics. Written by its thread only.
+/// What one slot holds, for the statistics and for a fork child. Written by its thread only
+/// (and, in a fork child, by the one thread there, for slots whose threads did not survive).
 #[derive(Debug, Default)]
 struct Published {
+    /// The segment's address, 0 for none. Cleared before the segment is handed out again.
+    addr: AtomicUsize,
     bytes: AtomicU64,
     hits: AtomicU64,
 }
 
 impl Published {
-    fn set_bytes(&self, bytes: usize) {
+    fn set(&self, addr: usize, bytes: usize) {
+        self.addr.store(addr, Ordering::Release);
         self.bytes.store(bytes as u64, Ordering::Relaxed);
     }
 }
@@ -67,6 +77,7 @@ impl Slots {
             flushes: AtomicU64::new(0),
             published: Mutex::new(Vec::new()),
             retired_hits: AtomicU64::new(0),
+            orphans_seen: AtomicU64::new(crate::fork::generation()),
         }
     }
 
@@ -128,7 +139,7 @@ impl Slot {
             return None;
         }
         let ptr = std::mem::replace(&mut self.ptr, std::ptr::null_mut());
-        self.published.set_bytes(0);
+        self.published.set(0, 0);
         Some(Held {
             owner: self.owner.clone(),
             addr: ptr.addr(),
@@ -196,7 +207,7 @@ pub(crate) fn take(
             }
             let taken = (NonNull::new(slot.ptr)?, slot.len);
             slot.ptr = std::ptr::null_mut();
-            slot.published.set_bytes(0);
+            slot.published.set(0, 0);
             let hits = &slot.published.hits;
             hits.store(hits.load(Ordering::Relaxed) + 1, Ordering::Relaxed);
             Some(taken)
@@ -252,13 +263,13 @@ pub(crate) fn offer(
                 return (false, stale, None);
             }
             (slot.ptr, slot.len) = (ptr.as_ptr(), len);
-            slot.published.set_bytes(len);
+            slot.published.set(ptr.as_ptr().addr(), len);
             return (true, stale, None);
         }
         // Another allocator's slot, or none yet: a fresh one for this allocator; the old one
         // is dropped (and gives its segment back) outside the borrow.
         let published = Arc::new(Published::default());
-        published.set_bytes(len);
+        published.set(ptr.as_ptr().addr(), len);
         slots.lock().push(Arc::clone(&published));
         let fresh = Slot {
             owner: owner(),
@@ -316,4 +327,57 @@ pub(crate) fn give_back_if_stale(slots: &Slots, epoch: u64) -> bool {
         .ok()
         .flatten();
     held.map(Held::give_back).is_some()
+}
+
+/// In a fork child, at the first use of the allocator of `slots` (each call site checks):
+/// gives `owner` back the segments that the slots of the parent's other threads held. Those
+/// threads were not copied into the child, so their slots are never used or dropped here.
+/// This thread's own slot is left to its usual rule (stale since the fork: given back at its
+/// next use). Does nothing (one load) outside a new fork child.
+///
+/// A slot that was handing its segment out when the parent forked had cleared its published
+/// address first (see `take`): only segments still free in the slot are given back. One being
+/// put in a slot may not be published yet: it is then not given back, and stays in the table
+/// (counted live) until the allocator drops.
+pub(crate) fn give_back_orphans(slots: &Slots, owner: &dyn SlotOwner) {
+    let generation = crate::fork::generation();
+    if slots.orphans_seen.load(Ordering::Acquire) == generation {
+        return;
+    }
+    let mine = SLOT
+        .try_with(|cell| {
+            let slot = cell.try_borrow().ok()?;
+            let slot = slot.as_ref().filter(|slot| slot.id == slots.id)?;
+            Some(Arc::clone(&slot.published))
+        })
+        .ok()
+        .flatten();
+    let mut orphans = Vec::new();
+    {
+        let mut list = slots.lock();
+        if slots.orphans_seen.load(Ordering::Acquire) == generation {
+            return;
+        }
+        list.retain(|published| {
+            if mine
+                .as_ref()
+                .is_some_and(|mine| Arc::ptr_eq(mine, published))
+            {
+                return true;
+            }
+            let addr = published.addr.swap(0, Ordering::AcqRel);
+            published.bytes.store(0, Ordering::Relaxed);
+            let hits = published.hits.load(Ordering::Relaxed);
+            slots.retired_hits.fetch_add(hits, Ordering::Relaxed);
+            if addr != 0 {
+                orphans.push(addr);
+            }
+            false
+        });
+        slots.orphans_seen.store(generation, Ordering::Release);
+    }
+    // Outside the lock: giving back frees segments.
+    for addr in orphans {
+        owner.give_back(addr);
+    }
 }

@@ -544,14 +544,17 @@ impl Inner {
             return false;
         }
         let epoch = fork::epoch();
-        let len = self.table.peek(ptr.as_ptr().addr(), |segment| {
-            (segment.len() <= MAX_SLOT_BYTES && self.cache.may_keep(segment)).then(|| segment.len())
+        // The segment's own pointer, not the caller's: the block handed out again carries the
+        // mapping's provenance, whatever the caller's pointer was derived through.
+        let kept = self.table.peek(ptr.as_ptr().addr(), |segment| {
+            (segment.len() <= MAX_SLOT_BYTES && self.cache.may_keep(segment))
+                .then(|| (segment.ptr(), segment.len()))
         });
-        let Some(Some(len)) = len else {
+        let Some(Some((start, len))) = kept else {
             return false;
         };
         let owner = || -> Weak<dyn SlotOwner> { self.me.clone() };
-        slot::offer(owner, &self.slots, epoch, ptr, len)
+        slot::offer(owner, &self.slots, epoch, start, len)
     }
 
     /// Puts a segment (back) in the table and returns its whole mapping as the block.

@@ -148,8 +148,9 @@ pub(crate) struct SmallTier {
     config: TierConfig,
     /// The start of the region, null until the first chunk. Set once, under `spare`.
     base: AtomicPtr<u8>,
-    /// The region could not be reserved: the tier serves nothing (small blocks go to segments).
-    no_region: AtomicBool,
+    /// The region could not be reserved: until this time (`sys::coarse_millis`), the tier
+    /// serves nothing (small blocks go to segments) and does not try again. 0: no refusal.
+    region_retry_at: AtomicU64,
     /// Some chunk's range was lost (see `ChunkMeta::is_lost`): `contains` must look closer.
     lost_any: AtomicBool,
     /// Chunk index -> metadata, null until the index is first used. Made with the region.
@@ -192,7 +193,7 @@ impl SmallTier {
         SmallTier {
             config,
             base: AtomicPtr::new(std::ptr::null_mut()),
-            no_region: AtomicBool::new(false),
+            region_retry_at: AtomicU64::new(0),
             lost_any: AtomicBool::new(false),
             table: OnceLock::new(),
             shards: (0..SHARDS)
@@ -663,17 +664,21 @@ impl SmallTier {
         if !self.base.load(Ordering::Acquire).is_null() {
             return Ok(());
         }
-        if self.no_region.load(Ordering::Relaxed) {
+        let retry_at = self.region_retry_at.load(Ordering::Relaxed);
+        if retry_at != 0 && sys::coarse_millis() < retry_at {
             return Err(io::Error::new(
                 io::ErrorKind::OutOfMemory,
-                "no address space for small blocks (refused before)",
+                "no address space for small blocks (refused less than a second ago)",
             ));
         }
         let reserved = self.reserve_region_now();
-        if reserved.is_err() {
-            // Not asked again at every small allocation: each would read the limits again.
-            self.no_region.store(true, Ordering::Relaxed);
-        }
+        // Not asked again at every small allocation (each would read the limits again), but
+        // again after a while: address space may have been freed, or the limit raised.
+        let retry_at = match reserved {
+            Ok(()) => 0,
+            Err(_) => sys::coarse_millis() + REGION_RETRY_MILLIS,
+        };
+        self.region_retry_at.store(retry_at, Ordering::Relaxed);
         reserved
     }
 
@@ -823,6 +828,9 @@ impl Drop for SmallTier {
         drop(no_fork);
     }
 }
+
+/// How long the tier waits after its region was refused before it tries again.
+const REGION_RETRY_MILLIS: u64 = 1000;
 
 /// The part of the address space left under `RLIMIT_AS` that the region may take.
 const ADDRESS_SPACE_SHARE: usize = 8;

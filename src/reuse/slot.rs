@@ -119,8 +119,8 @@ struct Slot {
     epoch: u64,
     /// The owner's flush requests seen.
     flushes: u64,
-    /// The segment held (none: null) and its length. A pointer, not an address: the block
-    /// handed out again keeps the provenance of the one freed.
+    /// The segment held (none: null) and its length. A pointer, not an address: the segment's
+    /// own, so the block handed out again has the provenance of its whole mapping.
     ptr: *mut u8,
     len: usize,
     published: Arc<Published>,

@@ -326,6 +326,41 @@ fn chunks_that_fail_at_the_map_limit_keep_their_place() {
     drop((v, first, held));
 }
 
+/// A region refused under `RLIMIT_AS` is tried again once address space is back: the tier
+/// is not off for the rest of the process (it was, before).
+#[test]
+fn the_tier_comes_back_when_address_space_does() {
+    const NAME: &str = "os_limits::the_tier_comes_back_when_address_space_does";
+    if !in_child(NAME, "rlimit-as-back") {
+        return;
+    }
+    // 256 MiB left: an eighth is less than the smallest region, so the tier is off.
+    set_soft_limit(libc::RLIMIT_AS, (vm_size() + (256 << 20)) as u64);
+    let dir = TestDir::fast("rlimit-as-back");
+    let alloc = MmapAllocator::builder()
+        .dir(dir.path())
+        .build()
+        .expect("build");
+    let refused = mmapvec::mmap_vec![in alloc.clone(); 7u8; 64];
+    let stats = alloc.stats();
+    assert_eq!(
+        (stats.small.chunks_created, stats.live_segments),
+        (0, 1),
+        "with the region refused, a small vector is a segment: {stats:?}"
+    );
+    // The limit goes away; after the retry delay, the next small vector is a block again.
+    set_soft_limit(libc::RLIMIT_AS, libc::RLIM_INFINITY);
+    std::thread::sleep(std::time::Duration::from_millis(1100));
+    let block = mmapvec::mmap_vec![in alloc.clone(); 8u8; 64];
+    let stats = alloc.stats();
+    assert_eq!(
+        (stats.small.chunks_created, stats.live_segments),
+        (1, 1),
+        "the tier stayed off after address space came back: {stats:?}"
+    );
+    drop((refused, block));
+}
+
 /// `VmSize`: the address space this process maps now.
 fn vm_size() -> usize {
     let statm = std::fs::read_to_string("/proc/self/statm").expect("statm");

@@ -36,3 +36,5 @@ mod no_one_let_in;
 mod os_limits;
 #[path = "faults/small_blocks.rs"]
 mod small_blocks;
+#[path = "faults/tier_holes.rs"]
+mod tier_holes;

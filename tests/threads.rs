@@ -120,12 +120,19 @@ fn threads_share_references() {
     // `&MmapAllocator` is an allocator too: borrowed by scoped threads...
     let start = Barrier::new(THREADS);
     thread::scope(|s| {
-        for t in 0..THREADS {
-            let (alloc, start) = (&alloc, &start);
-            s.spawn(move || {
-                start.wait();
-                churn(alloc, 0x5151 + t as u64);
-            });
+        let handles: Vec<_> = (0..THREADS)
+            .map(|t| {
+                let (alloc, start) = (&alloc, &start);
+                s.spawn(move || {
+                    start.wait();
+                    churn(alloc, 0x5151 + t as u64);
+                })
+            })
+            .collect();
+        // Joined by hand: the end of the scope waits only for the closures, not for the
+        // threads' exit, where their caches and slots give back what they hold.
+        for h in handles {
+            h.join().expect("worker thread");
         }
     });
     assert_all_freed(&dir, &alloc);

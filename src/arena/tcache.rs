@@ -15,7 +15,8 @@
 //!   chunks. And pins are short-lived:
 //!   - every [`GC_INTERVAL`] operations of the thread, the bins it did not use since the last
 //!     time go back to their chunks;
-//!   - before the tier makes a new chunk or reports a full disk, it asks every cache to go back
+//!   - once in [`FLUSH_EVERY_CHUNKS`](super::FLUSH_EVERY_CHUNKS) new chunks, and before the
+//!     tier reports a full disk, it asks every cache to go back
 //!     ([`SmallTier::request_flush`]): the asking thread's cache at once, the others at their
 //!     next operation on the tier. A thread that never uses the tier again keeps its pins
 //!     until it exits (or the allocator is dropped): the bound above is what it can keep.

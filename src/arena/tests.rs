@@ -175,19 +175,34 @@ fn freed_space_is_reused_across_cycles() {
         free_all(&tier, live, 0);
         created.push(tier.stats().chunks_created);
     }
-    // The same program needs the same chunks: every later cycle reuses the first one's.
-    assert_eq!(created[0], created[2], "{created:?}");
+    // The same program needs the same chunks: every later cycle reuses the earlier ones'.
+    // (The first free leaves blocks in this thread's cache, which may pin a few chunks that
+    // the second cycle then does not find empty: at most a cache's worth more, once.)
+    assert_eq!(created[1], created[2], "{created:?}");
+    assert!(
+        created[1] <= created[0] + tcache::MAX_PINNED as u64,
+        "{created:?}"
+    );
     assert_eq!(tier.stats().chunks_released, 0);
 }
 
-fn open_descriptors() -> usize {
-    fs::read_dir("/proc/self/fd").map_or(0, |d| d.count())
+/// The descriptors of this process open on files in `folder` (named or removed): only the
+/// files of the creator there, whatever other tests running in parallel open.
+fn descriptors_into(folder: &std::path::Path) -> usize {
+    let folder = folder.to_string_lossy().into_owned() + "/";
+    fs::read_dir("/proc/self/fd").map_or(0, |fds| {
+        fds.filter_map(|fd| fs::read_link(fd.ok()?.path()).ok())
+            .filter(|target| target.to_string_lossy().starts_with(&folder))
+            .count()
+    })
 }
 
 #[test]
 fn hundred_thousand_small_blocks_share_few_chunks_and_hold_no_descriptor() {
-    let (tier, creator) = (tier(2), creator());
-    let before = open_descriptors();
+    let base = std::env::temp_dir().join(format!("mmapvec-arena-fds-{}", std::process::id()));
+    fs::create_dir_all(&base).unwrap();
+    let creator = DirCreator::new(&base);
+    let tier = tier(2);
     let blocks: Vec<NonNull<[u8]>> = (0..100_000u32)
         .map(|i| {
             let block = tier.allocate(layout(32, 8), false, 0, &creator).unwrap();
@@ -218,12 +233,9 @@ fn hundred_thousand_small_blocks_share_few_chunks_and_hold_no_descriptor() {
         })
         .collect();
     assert!(sparse.stats().chunks_created >= 60);
-    let after = open_descriptors();
-    // Other tests run in parallel and may hold a descriptor or two for a moment.
-    assert!(
-        after < before + 16,
-        "{before} descriptors before, {after} after"
-    );
+    // The creator's folder holds its lock file open (one descriptor); chunks hold none.
+    let held = descriptors_into(&creator.folder());
+    assert!(held <= 1, "{held} descriptors into {:?}", creator.folder());
     for block in big {
         // SAFETY: allocated above, freed once.
         unsafe { sparse.deallocate(block.cast(), 0) };
@@ -232,6 +244,8 @@ fn hundred_thousand_small_blocks_share_few_chunks_and_hold_no_descriptor() {
         // SAFETY: allocated above, freed once.
         unsafe { tier.deallocate(block.cast(), 0) };
     }
+    drop((tier, sparse, creator));
+    let _ = fs::remove_dir_all(&base);
 }
 
 fn all_zero(block: NonNull<[u8]>) -> bool {
@@ -405,9 +419,10 @@ fn threads_allocate_and_free_each_others_blocks() {
     let (tier, creator) = (tier(2), creator());
     let exchange: Mutex<Vec<Live>> = Mutex::new(Vec::new());
     std::thread::scope(|s| {
+        let mut handles = Vec::new();
         for t in 0..2u64 {
             let (tier, creator, exchange) = (&tier, &creator, &exchange);
-            s.spawn(move || {
+            handles.push(s.spawn(move || {
                 let mut rng = Rng(0x1234_5678 + t);
                 let mut mine: Vec<Live> = Vec::new();
                 for step in 0..20_000 {
@@ -442,7 +457,12 @@ fn threads_allocate_and_free_each_others_blocks() {
                 }
                 mine.iter().for_each(check);
                 exchange.lock().unwrap().extend(mine);
-            });
+            }));
+        }
+        // Joined by hand: the scope's end waits only for the closures, not for the threads'
+        // exit, where their caches give back what they hold.
+        for h in handles {
+            h.join().expect("worker thread");
         }
     });
     let all = exchange.into_inner().unwrap();
@@ -679,8 +699,9 @@ fn cached_blocks_pin_few_chunks_and_trim_gives_everything_back() {
     assert_eq!(cached_bytes(&tier), 0);
 }
 
-/// Before the tier makes a new chunk, the blocks other threads cache go back at their next
-/// use: an idle cache must not hold chunks while new ones are made.
+/// Before the tier makes new chunks (at one chunk in `FLUSH_EVERY_CHUNKS`), the blocks other
+/// threads cache go back at their next use: an idle cache must not hold chunks while new ones
+/// are made.
 #[test]
 fn a_new_chunk_asks_other_threads_caches_back() {
     let (tier, creator) = (tier(0), creator());
@@ -713,8 +734,15 @@ fn a_new_chunk_asks_other_threads_caches_back() {
     });
     from_worker.recv().unwrap();
     assert!(cached_bytes(&tier) >= 4096);
-    // A class no chunk serves yet: a new chunk, and the request that comes before it.
-    let block = tier.allocate(layout(2048, 8), false, 0, &creator).unwrap();
+    // Classes no chunk serves yet: new chunks, and (once per `FLUSH_EVERY_CHUNKS` of them) the
+    // request that comes before one.
+    let sizes = [16, 32, 48, 96, 128, 256, 512, 1024, 2048];
+    let blocks: Vec<_> = sizes
+        .iter()
+        .map(|&size| tier.allocate(layout(size, 8), false, 0, &creator).unwrap())
+        .collect();
+    assert!(tier.stats().chunks_created > FLUSH_EVERY_CHUNKS);
+    assert!(tier.flush_requests() >= 1);
     to_worker.send(()).unwrap();
     from_worker.recv().unwrap();
     assert!(
@@ -724,8 +752,10 @@ fn a_new_chunk_asks_other_threads_caches_back() {
     );
     to_worker.send(()).unwrap();
     worker.join().unwrap();
-    // SAFETY: allocated above, freed once.
-    unsafe { tier.deallocate(block.cast(), 0) };
+    for block in blocks {
+        // SAFETY: allocated above, freed once.
+        unsafe { tier.deallocate(block.cast(), 0) };
+    }
 }
 
 /// A chunk whose range was lost (a failed `map` that could not keep it) may hold another
@@ -808,4 +838,33 @@ fn reserve_at_takes_a_free_range_and_leaves_a_mapped_one_alone() {
         got
     });
     assert!(taken, "a free range was never reserved in place");
+}
+
+/// A `Vec` pushed from empty to 100 `u64`s over and over walks six classes (32 B to 1 KiB), each
+/// block freed into the thread's cache as the next is taken. Each class keeps a chunk; after
+/// the first round nothing is made, flushed or moved between classes. Before, every new chunk
+/// asked the caches back: the flush emptied the previous class's chunk, the next class took it
+/// over, and so on at every step (5 flushes and 5 bitmaps made per vector, 5× `std`).
+#[test]
+fn a_thread_cycling_a_few_classes_settles_with_no_flush() {
+    let (tier, creator) = (tier(2), creator());
+    let sizes = [32usize, 64, 128, 256, 512, 1024];
+    for _ in 0..1000 {
+        let mut prev: Option<NonNull<[u8]>> = None;
+        for &size in &sizes {
+            let block = tier.allocate(layout(size, 8), false, 0, &creator).unwrap();
+            if let Some(old) = prev.replace(block) {
+                // SAFETY: allocated above, freed once.
+                unsafe { tier.deallocate(old.cast(), 0) };
+            }
+        }
+        // SAFETY: allocated above, freed once.
+        unsafe { tier.deallocate(prev.unwrap().cast(), 0) };
+    }
+    let stats = tier.stats();
+    assert_eq!(tier.flush_requests(), 0, "{stats:?}");
+    assert_eq!(stats.chunks_created, sizes.len() as u64, "{stats:?}");
+    // Nothing else holds blocks: this thread's cache gives them all back.
+    tcache::flush(&tier);
+    assert_eq!(tier.stats().in_use_bytes, 0);
 }

@@ -329,8 +329,13 @@ fn ten_thousand_cycles_on_four_threads_leak_nothing() {
     ];
     let after_build = count();
     std::thread::scope(|scope| {
-        for (i, alloc) in allocators.iter().enumerate() {
-            scope.spawn(move || churn(alloc, i as u64 + 1, 2500));
+        let handles: Vec<_> = (allocators.iter().enumerate())
+            .map(|(i, alloc)| scope.spawn(move || churn(alloc, i as u64 + 1, 2500)))
+            .collect();
+        // Joined by hand: the scope's end waits only for the closures, not for the threads'
+        // exit, where their caches give back what they hold.
+        for h in handles {
+            h.join().expect("worker thread");
         }
     });
     for alloc in &allocators {

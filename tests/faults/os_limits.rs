@@ -6,7 +6,7 @@ use mmapvec::{MmapAllocator, MmapVec};
 
 use crate::support::{
     TestDir, descriptors_under, files_under, in_child, mappings_under, maps, open_descriptors,
-    set_soft_limit, skip,
+    set_soft_limit, skip, vm_size,
 };
 
 #[test]
@@ -359,11 +359,4 @@ fn the_tier_comes_back_when_address_space_does() {
         "the tier stayed off after address space came back: {stats:?}"
     );
     drop((refused, block));
-}
-
-/// `VmSize`: the address space this process maps now.
-fn vm_size() -> usize {
-    let statm = std::fs::read_to_string("/proc/self/statm").expect("statm");
-    let pages: usize = statm.split_whitespace().next().unwrap().parse().unwrap();
-    pages * 4096
 }

@@ -111,11 +111,12 @@ fn four_threads_of_small_and_large_blocks_leave_nothing() {
     let (to_other, from_other) = std::sync::mpsc::channel::<MmapVec<u64>>();
     let from_other = std::sync::Mutex::new(from_other);
     std::thread::scope(|scope| {
+        let mut handles = Vec::new();
         for t in 0..4u64 {
             let alloc = alloc.clone();
             let to_other = to_other.clone();
             let from_other = &from_other;
-            scope.spawn(move || {
+            handles.push(scope.spawn(move || {
                 let mut rng = t.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
                 let mut next = move || {
                     rng ^= rng << 13;
@@ -175,7 +176,12 @@ fn four_threads_of_small_and_large_blocks_leave_nothing() {
                 for (tag, v) in &live {
                     assert!(v.iter().enumerate().all(|(i, &x)| x == *tag ^ i as u64));
                 }
-            });
+            }));
+        }
+        // Joined by hand: the scope's end waits only for the closures, not for the threads'
+        // exit, where their caches give back what they hold.
+        for h in handles {
+            h.join().expect("worker thread");
         }
     });
     drop(to_other);

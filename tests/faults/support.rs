@@ -334,3 +334,10 @@ pub fn names_in(dir: &Path) -> Vec<String> {
     names.sort();
     names
 }
+
+/// `VmSize`: the address space this process maps now.
+pub fn vm_size() -> usize {
+    let statm = std::fs::read_to_string("/proc/self/statm").expect("statm");
+    let pages: usize = statm.split_whitespace().next().unwrap().parse().unwrap();
+    pages * 4096
+}

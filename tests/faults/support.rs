@@ -341,3 +341,36 @@ pub fn vm_size() -> usize {
     let pages: usize = statm.split_whitespace().next().unwrap().parse().unwrap();
     pages * 4096
 }
+
+/// Disk held by the files below `dir` that this process maps (unlinked ones included):
+/// `st_blocks` of each distinct file, read through `/proc/self/map_files` (which needs
+/// `CAP_SYS_ADMIN`). Without it, the length of those mappings: an upper bound on their disk,
+/// and the disk itself when every mapped page was reserved (`reserve_disk`).
+pub fn mapped_disk_under(dir: &Path) -> u64 {
+    use std::os::unix::fs::MetadataExt;
+    let mut files = std::collections::HashMap::new();
+    for (range, _) in mappings_of(dir) {
+        let Ok(meta) = fs::metadata(format!("/proc/self/map_files/{range}")) else {
+            return mappings_of(dir).iter().map(|(_, len)| len).sum();
+        };
+        files.insert((meta.dev(), meta.ino()), meta.blocks() * 512);
+    }
+    files.values().sum()
+}
+
+/// This process's mappings of files below `dir`: `start-end` as in `/proc/self/maps`, and the
+/// length in bytes.
+fn mappings_of(dir: &Path) -> Vec<(String, u64)> {
+    let prefix = format!(" {}/", dir.display());
+    maps()
+        .iter()
+        .filter(|line| line.contains(&prefix))
+        .map(|line| {
+            let range = line.split_whitespace().next().expect("a range");
+            let (start, end) = range.split_once('-').expect("start-end");
+            let len =
+                u64::from_str_radix(end, 16).unwrap() - u64::from_str_radix(start, 16).unwrap();
+            (range.to_owned(), len)
+        })
+        .collect()
+}

@@ -2,8 +2,10 @@
 //!
 //! Each module takes one family of faults: a full disk, the OS's limits, bad configuration,
 //! crashes and leaks, and what other users or processes could reach. Tests that change
-//! process-wide state (rlimits, signal dispositions, uid, environment) run their body in a
-//! child process: the test binary started again on that one test (see `support::run_child`).
+//! process-wide state (rlimits, signal dispositions, uid, environment) or `fork` (which starts
+//! a new fork epoch for every allocator of the process, and whose child maps all of them) run
+//! their body in a child process: the test binary started again on that one test (see
+//! `support::run_child`).
 //! Tests that need root or a facility this machine lacks say `SKIPPED` and pass.
 //! `RELIABILITY.md` lists every test with what it shows.
 //!

@@ -9,7 +9,7 @@ use std::path::{Path, PathBuf};
 
 use mmapvec::{MmapAllocator, MmapVec, mmap_vec};
 
-use crate::support::{TestDir, euid, files_under, is_uuid_v4, names_in, skip};
+use crate::support::{TestDir, euid, files_under, in_child, is_uuid_v4, names_in, skip};
 
 /// The segment files of named segments in `dir` (they sit in a session folder).
 fn named_files(dir: &TestDir) -> Vec<PathBuf> {
@@ -312,6 +312,10 @@ fn child_sees_mapping(addr: usize, write: Option<u8>) -> bool {
 
 #[test]
 fn dont_fork_keeps_segments_out_of_children() {
+    const NAME: &str = "no_one_let_in::dont_fork_keeps_segments_out_of_children";
+    if !in_child(NAME, "fork") {
+        return;
+    }
     let dir = TestDir::new("dontfork");
     let private = MmapAllocator::builder()
         .small_threshold(0)
@@ -341,6 +345,10 @@ fn dont_fork_keeps_segments_out_of_children() {
 
 #[test]
 fn without_dont_fork_the_child_writes_into_the_parents_vector() {
+    const NAME: &str = "no_one_let_in::without_dont_fork_the_child_writes_into_the_parents_vector";
+    if !in_child(NAME, "fork") {
+        return;
+    }
     let dir = TestDir::new("fork");
     let alloc = MmapAllocator::builder()
         .small_threshold(0)

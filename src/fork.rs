@@ -178,6 +178,7 @@ extern "C" fn prepare() {
         object.lock_for_fork(&mut locks, next);
     }
     crate::release::lock_for_fork(&mut locks);
+    crate::store::lock_for_fork(&mut locks);
     let views = hold();
     EPOCH.store(next, Ordering::Release);
     // SAFETY: this thread holds the registry lock (`registry`), so it alone touches the slot

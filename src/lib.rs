@@ -19,6 +19,7 @@ mod release;
 mod reuse;
 mod segment;
 mod stats;
+mod store;
 mod sys;
 mod table;
 

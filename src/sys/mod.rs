@@ -71,12 +71,31 @@ pub(crate) fn map_file(file: &File, len: usize) -> io::Result<NonNull<u8>> {
 /// `[addr, addr + len)` must be address space owned by the caller (typically a reservation made
 /// by [`reserve`]) that nothing else refers to: `MAP_FIXED` silently replaces it.
 pub(crate) unsafe fn map_file_fixed(addr: NonNull<u8>, file: &File, len: usize) -> io::Result<()> {
+    // SAFETY: the caller's guarantee, passed on.
+    unsafe { map_file_fixed_with(addr, file, len, true) }
+}
+
+/// As [`map_file_fixed`], read/write or read-only.
+///
+/// # Safety
+/// As for [`map_file_fixed`].
+pub(crate) unsafe fn map_file_fixed_with(
+    addr: NonNull<u8>,
+    file: &File,
+    len: usize,
+    writable: bool,
+) -> io::Result<()> {
+    let prot = if writable {
+        libc::PROT_READ | libc::PROT_WRITE
+    } else {
+        libc::PROT_READ
+    };
     // SAFETY: the caller guarantees the target range is its own to replace.
     let ret = unsafe {
         libc::mmap(
             addr.as_ptr().cast(),
             len,
-            libc::PROT_READ | libc::PROT_WRITE,
+            prot,
             libc::MAP_SHARED | libc::MAP_FIXED,
             file.as_raw_fd(),
             0,
@@ -332,12 +351,33 @@ pub(crate) fn is_ram_backed(_file: &File) -> io::Result<bool> {
 
 /// Takes an exclusive `flock` without waiting. `Ok(false)` when another open file holds it.
 pub(crate) fn try_lock_exclusive(file: &File) -> io::Result<bool> {
+    try_lock(file, true)
+}
+
+/// Takes an exclusive or a shared `flock` without waiting. `Ok(false)` when another open file
+/// holds a lock that excludes it.
+pub(crate) fn try_lock(file: &File, exclusive: bool) -> io::Result<bool> {
+    let kind = if exclusive {
+        libc::LOCK_EX
+    } else {
+        libc::LOCK_SH
+    };
     // SAFETY: flock only acts on the valid descriptor borrowed from `file`.
-    match check_zero(unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) }) {
+    match check_zero(unsafe { libc::flock(file.as_raw_fd(), kind | libc::LOCK_NB) }) {
         Ok(()) => Ok(true),
         Err(e) if e.kind() == io::ErrorKind::WouldBlock => Ok(false),
         Err(e) => Err(e),
     }
+}
+
+/// Writes the pages of `[addr, addr + len)` that changed to their file, and waits for it
+/// (`msync` with `MS_SYNC`).
+///
+/// # Safety
+/// The range must be mapped by the caller.
+pub(crate) unsafe fn sync(addr: NonNull<u8>, len: usize) -> io::Result<()> {
+    // SAFETY: the caller's own mapping; msync reads no memory and changes no mapping.
+    check_zero(unsafe { libc::msync(addr.as_ptr().cast(), len, libc::MS_SYNC) })
 }
 
 /// The soft limit on open descriptors (`RLIMIT_NOFILE`), `None` if unlimited or unknown.

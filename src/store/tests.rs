@@ -1,0 +1,257 @@
+//! The store's first layer: create, reopen in another process, one writer, the dirty flag,
+//! the fixed address range.
+
+use super::*;
+
+/// A fresh path for a store under the temp folder (the store makes the folder itself).
+struct TestPath(PathBuf);
+
+impl TestPath {
+    fn new(label: &str) -> TestPath {
+        static NEXT: AtomicU64 = AtomicU64::new(0);
+        let n = NEXT.fetch_add(1, Ordering::Relaxed);
+        let path =
+            std::env::temp_dir().join(format!("mmapvec-store-{label}-{}-{n}", std::process::id()));
+        let _ = fs::remove_dir_all(&path);
+        TestPath(path)
+    }
+}
+
+impl Drop for TestPath {
+    fn drop(&mut self) {
+        let _ = fs::remove_dir_all(&self.0);
+    }
+}
+
+/// Runs `child` in a forked child process and returns its exit code: 0 if it returned, 1 if
+/// it panicked. `_exit` ends it (no destructors of the parent's state run there), unless
+/// `child` ends it itself.
+fn in_child(child: impl FnOnce()) -> i32 {
+    // SAFETY: the child runs `child` and `_exit`s without returning into the test harness;
+    // other test threads do not exist in the child, and `child` takes no lock they held.
+    let pid = unsafe { libc::fork() };
+    assert!(pid >= 0, "fork: {}", io::Error::last_os_error());
+    if pid == 0 {
+        let ok = std::panic::catch_unwind(std::panic::AssertUnwindSafe(child)).is_ok();
+        // SAFETY: ends the child at once.
+        unsafe { libc::_exit(i32::from(!ok)) };
+    }
+    let mut status = 0;
+    // SAFETY: `pid` is our child; `status` is writable.
+    assert_eq!(unsafe { libc::waitpid(pid, &mut status, 0) }, pid);
+    assert!(
+        libc::WIFEXITED(status),
+        "the child died: status {status:#x}"
+    );
+    libc::WEXITSTATUS(status)
+}
+
+const LEN: usize = 64 << 20;
+
+/// The environment variables that tell a test it runs as a fresh process of its own (see
+/// [`in_new_process`]): its role and the store's path.
+const ROLE: &str = "MMAPVEC_STORE_TEST_ROLE";
+const PATH: &str = "MMAPVEC_STORE_TEST_PATH";
+
+/// Runs the test `name` again in a new process (this test binary, started afresh: an address
+/// space of its own, as a program that reopens a store has), with `role` and the store's
+/// `path`; asserts that it passed.
+fn in_new_process(name: &str, role: &str, path: &Path) {
+    let output = std::process::Command::new(std::env::current_exe().unwrap())
+        .args(["--exact", name, "--nocapture", "--test-threads=1"])
+        .env(ROLE, role)
+        .env(PATH, path)
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    assert!(
+        output.status.success() && stdout.contains("1 passed"),
+        "{name} as {role}: {}\n{stdout}\n{}",
+        output.status,
+        String::from_utf8_lossy(&output.stderr)
+    );
+}
+
+/// The role this process plays in its test, and the store's path, if it was started by
+/// [`in_new_process`].
+fn role() -> Option<(String, PathBuf)> {
+    Some((std::env::var(ROLE).ok()?, std::env::var_os(PATH)?.into()))
+}
+
+#[test]
+fn a_store_made_in_one_process_reopens_in_another_at_the_same_address() {
+    const NAME: &str =
+        "store::tests::a_store_made_in_one_process_reopens_in_another_at_the_same_address";
+    if let Some((role, path)) = role() {
+        let (base, len): (usize, usize) = {
+            let mut parts = role.split(':').map(|p| p.parse().unwrap());
+            (parts.next().unwrap(), parts.next().unwrap())
+        };
+        let store = Store::open(&path, Access::Write).unwrap();
+        assert_eq!(store.range(), (base, len));
+        assert_eq!(dirty_on_disk(&path), 1, "open for writing marks it dirty");
+        assert_eq!(store.flushes(), 1);
+        store.close().unwrap();
+        return;
+    }
+    let path = TestPath::new("reopen");
+    let store = Store::create(&path.0, LEN).unwrap();
+    let range = store.range();
+    assert_eq!(range.1, LEN);
+    assert!(range.0.is_multiple_of(CHUNK));
+    store.close().unwrap();
+    assert_eq!(dirty_on_disk(&path.0), 0, "a clean close");
+    assert!(!sys::is_mapped(
+        NonNull::new(range.0 as *mut u8).unwrap(),
+        LEN
+    ));
+
+    in_new_process(NAME, &format!("{}:{}", range.0, range.1), &path.0);
+    assert_eq!(dirty_on_disk(&path.0), 0);
+    let code = in_child(|| {
+        // A fork child of a process without the store open may open it too.
+        let store = Store::open(&path.0, Access::Read).unwrap();
+        assert_eq!((store.range(), store.flushes()), (range, 2));
+    });
+    assert_eq!(code, 0);
+}
+
+#[test]
+fn one_writer_or_many_readers() {
+    const NAME: &str = "store::tests::one_writer_or_many_readers";
+    if let Some((role, path)) = role() {
+        match role.as_str() {
+            "refused" => {
+                for access in [Access::Write, Access::Read] {
+                    assert!(matches!(
+                        Store::open(&path, access),
+                        Err(StoreError::Locked)
+                    ));
+                }
+            }
+            "reader" => {
+                let _reader = Store::open(&path, Access::Read).unwrap();
+                let result = Store::open(&path, Access::Read);
+                assert!(matches!(result, Err(StoreError::OpenHere)), "{result:?}");
+                let result = Store::open(&path, Access::Write);
+                assert!(matches!(result, Err(StoreError::Locked)), "{result:?}");
+            }
+            other => panic!("unknown role {other}"),
+        }
+        return;
+    }
+    let path = TestPath::new("lock");
+    let writer = Store::create(&path.0, LEN).unwrap();
+    let result = Store::open(&path.0, Access::Write);
+    assert!(matches!(result, Err(StoreError::Locked)), "{result:?}");
+    // Another process sees the same.
+    in_new_process(NAME, "refused", &path.0);
+    drop(writer);
+    // A reader here and one in another process at once (each maps the range in its own
+    // address space); a writer is refused while they have it.
+    let reader = Store::open(&path.0, Access::Read).unwrap();
+    in_new_process(NAME, "reader", &path.0);
+    let result = Store::open(&path.0, Access::Write);
+    assert!(matches!(result, Err(StoreError::Locked)), "{result:?}");
+    drop(reader);
+    Store::open(&path.0, Access::Write).unwrap();
+}
+
+#[test]
+fn a_writer_that_died_leaves_the_store_dirty() {
+    let path = TestPath::new("dirty");
+    Store::create(&path.0, LEN).unwrap().close().unwrap();
+    let code = in_child(|| {
+        let store = Store::open(&path.0, Access::Write).unwrap();
+        std::mem::forget(store);
+        // SAFETY: ends the child at once, as a crash would (no destructor runs).
+        unsafe { libc::_exit(0) };
+    });
+    assert_eq!(code, 0);
+    match Store::open(&path.0, Access::Write) {
+        Err(StoreError::Dirty {
+            last_flush,
+            last_snapshot,
+        }) => assert_eq!((last_flush, last_snapshot), (1, 0)),
+        other => panic!("expected Dirty, got {other:?}"),
+    }
+    let result = Store::open(&path.0, Access::Read);
+    assert!(
+        matches!(result, Err(StoreError::Dirty { .. })),
+        "{result:?}"
+    );
+}
+
+#[test]
+fn a_fork_childs_copy_does_not_mark_the_store_clean() {
+    let path = TestPath::new("fork");
+    let store = Store::create(&path.0, LEN).unwrap();
+    let code = in_child(|| {
+        // The child's copy of the handle, dropped: the parent still has the store open.
+        // SAFETY: fork copied the handle into the child; this bitwise copy is the only one the
+        // child uses or drops (the child `_exit`s after this closure, dropping nothing else).
+        drop(unsafe { std::ptr::read(&store) });
+    });
+    assert_eq!(code, 0);
+    assert_eq!(
+        dirty_on_disk(&path.0),
+        1,
+        "the child marked its parent's store clean"
+    );
+    drop(store);
+    assert_eq!(dirty_on_disk(&path.0), 0);
+}
+
+#[test]
+fn a_taken_range_is_an_error_not_a_mapping_over_it() {
+    let path = TestPath::new("taken");
+    let store = Store::create(&path.0, LEN).unwrap();
+    let (base, len) = store.range();
+    store.close().unwrap();
+    // Something of this process's occupies one page in the middle of the range.
+    let page = sys::page_size();
+    let at = NonNull::new((base + len / 2) as *mut u8).unwrap();
+    sys::reserve_at(at, page).expect("the range is free after the close");
+    match Store::open(&path.0, Access::Write) {
+        Err(StoreError::AddressTaken { base: b, len: l }) => assert_eq!((b, l), (base, len)),
+        other => panic!("expected AddressTaken, got {other:?}"),
+    }
+    assert!(
+        sys::is_mapped(at, page),
+        "the page in the range was replaced"
+    );
+    assert_eq!(dirty_on_disk(&path.0), 0, "a refused open writes nothing");
+    // SAFETY: our reservation.
+    unsafe { sys::unmap(at, page) }.unwrap();
+    Store::open(&path.0, Access::Write).unwrap();
+}
+
+#[test]
+fn bad_folders_and_headers_are_errors() {
+    let path = TestPath::new("bad");
+    let result = Store::open(&path.0, Access::Read);
+    assert!(matches!(result, Err(StoreError::NotAStore)), "{result:?}");
+    Store::create(&path.0, LEN).unwrap().close().unwrap();
+    let result = Store::create(&path.0, LEN);
+    assert!(matches!(result, Err(StoreError::Exists(_))), "{result:?}");
+    let header = path.0.join(HEADER);
+    let good = fs::read(&header).unwrap();
+    let mut bad = good.clone();
+    bad[0] ^= 1;
+    fs::write(&header, &bad).unwrap();
+    let result = Store::open(&path.0, Access::Read);
+    assert!(matches!(result, Err(StoreError::NotAStore)), "{result:?}");
+    let mut newer = good.clone();
+    newer[8..12].copy_from_slice(&(VERSION + 1).to_ne_bytes());
+    fs::write(&header, &newer).unwrap();
+    let result = Store::open(&path.0, Access::Read);
+    assert!(
+        matches!(result, Err(StoreError::Version(v)) if v == VERSION + 1),
+        "{result:?}"
+    );
+    fs::write(&header, &good[..20]).unwrap();
+    let result = Store::open(&path.0, Access::Read);
+    assert!(matches!(result, Err(StoreError::NotAStore)), "{result:?}");
+    fs::write(&header, &good).unwrap();
+    Store::open(&path.0, Access::Read).unwrap();
+}

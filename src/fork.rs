@@ -46,6 +46,30 @@ pub(crate) fn epoch() -> u64 {
     EPOCH.load(Ordering::Acquire)
 }
 
+/// The tag of the thread that made the last fork (see [`thread_tag`]): in a child, the one
+/// thread that exists.
+static FORKER: AtomicU64 = AtomicU64::new(0);
+
+/// This thread's tag: unique in the process and never reused (unlike a thread id), never 0.
+pub(crate) fn thread_tag() -> u64 {
+    static NEXT: AtomicU64 = AtomicU64::new(1);
+    thread_local! {
+        static TAG: std::cell::Cell<u64> = const { std::cell::Cell::new(0) };
+    }
+    TAG.try_with(|tag| {
+        if tag.get() == 0 {
+            tag.set(NEXT.fetch_add(1, Ordering::Relaxed));
+        }
+        tag.get()
+    })
+    .unwrap_or(0)
+}
+
+/// The tag of the thread that made the last fork: in a fork child, the thread that runs.
+pub(crate) fn forking_thread() -> u64 {
+    FORKER.load(Ordering::Acquire)
+}
+
 /// Installs the fork handlers once per process. Called whenever an allocator is made, before
 /// it can map anything.
 ///
@@ -167,6 +191,7 @@ extern "C" fn prepare() {
     // may take `HOLD` (a tier mapping a `dont_fork` chunk) but never the other way round, and
     // nothing takes the registry while holding either.
     let registry = registry();
+    FORKER.store(thread_tag(), Ordering::Release);
     // Only this handler changes the epoch, and the registry's lock serializes it.
     let next = epoch() + 1;
     let mut locks = Vec::new();

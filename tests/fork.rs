@@ -144,3 +144,40 @@ fn a_child_gives_back_the_segments_its_parents_other_threads_kept() {
     drop(alloc);
     std::fs::remove_dir_all(&dir).unwrap();
 }
+
+/// In a fork child, a new thread that uses the allocator first must not take the forking
+/// thread's slot for an orphan: that slot gives its segment back itself, later, and a segment
+/// made meanwhile at the same address would then be freed under its owner (the review's
+/// finding; before the fix the pass spared only the calling thread's slot).
+#[test]
+fn a_childs_new_thread_leaves_the_forking_threads_slot_alone() {
+    let dir = fresh_dir("slots-survivor");
+    let alloc = MmapAllocator::builder().dir(&dir).build().unwrap();
+    // This thread's slot keeps a freed 1 MiB segment.
+    drop(MmapVec::<u8>::with_capacity_in(1 << 20, alloc.clone()));
+    assert_eq!(alloc.stats().kept_segments, 1);
+    let status = in_child(|| {
+        let worker = {
+            let alloc = alloc.clone();
+            std::thread::spawn(move || {
+                // First use in the child: the orphan pass runs here.
+                let _ = alloc.stats();
+                let mut w = MmapVec::<u8>::with_capacity_in(1 << 20, alloc.clone());
+                w.resize(1 << 20, 7);
+                w
+            })
+        };
+        let w = worker.join().unwrap();
+        // The forking thread's slot is stale: this gives its segment back, once.
+        let stats = alloc.stats();
+        assert_eq!(
+            stats.live_segments, 1,
+            "the worker's vector was freed: {stats:?}"
+        );
+        assert!(w.iter().all(|&b| b == 7));
+        drop(w);
+    });
+    assert_eq!(status, 0, "the child failed");
+    drop(alloc);
+    std::fs::remove_dir_all(&dir).unwrap();
+}

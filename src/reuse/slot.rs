@@ -56,6 +56,9 @@ pub(crate) struct Slots {
 /// (and, in a fork child, by the one thread there, for slots whose threads did not survive).
 #[derive(Debug, Default)]
 struct Published {
+    /// The slot's thread (`fork::thread_tag`): in a fork child, the slots of every other
+    /// thread are orphans.
+    thread: u64,
     /// The segment's address, 0 for none. Cleared before the segment is handed out again.
     addr: AtomicUsize,
     bytes: AtomicU64,
@@ -268,7 +271,10 @@ pub(crate) fn offer(
         }
         // Another allocator's slot, or none yet: a fresh one for this allocator; the old one
         // is dropped (and gives its segment back) outside the borrow.
-        let published = Arc::new(Published::default());
+        let published = Arc::new(Published {
+            thread: crate::fork::thread_tag(),
+            ..Published::default()
+        });
         published.set(ptr.as_ptr().addr(), len);
         slots.lock().push(Arc::clone(&published));
         let fresh = Slot {
@@ -332,26 +338,22 @@ pub(crate) fn give_back_if_stale(slots: &Slots, epoch: u64) -> bool {
 /// In a fork child, at the first use of the allocator of `slots` (each call site checks):
 /// gives `owner` back the segments that the slots of the parent's other threads held. Those
 /// threads were not copied into the child, so their slots are never used or dropped here.
-/// This thread's own slot is left to its usual rule (stale since the fork: given back at its
-/// next use). Does nothing (one load) outside a new fork child.
+/// The slot of the thread that forked (the one thread the child started with,
+/// `fork::forking_thread`) is left to its usual rule (stale since the fork: given back at its
+/// next use), whichever thread of the child comes here first. Does nothing (one load) outside
+/// a new fork child.
 ///
 /// A slot that was handing its segment out when the parent forked had cleared its published
 /// address first (see `take`): only segments still free in the slot are given back. One being
 /// put in a slot may not be published yet: it is then not given back, and stays in the table
-/// (counted live) until the allocator drops.
+/// (counted live) until the allocator drops. A slot made in the child is made after this pass
+/// (every way into a slot comes here first), so it is never taken for an orphan.
 pub(crate) fn give_back_orphans(slots: &Slots, owner: &dyn SlotOwner) {
     let generation = crate::fork::generation();
     if slots.orphans_seen.load(Ordering::Acquire) == generation {
         return;
     }
-    let mine = SLOT
-        .try_with(|cell| {
-            let slot = cell.try_borrow().ok()?;
-            let slot = slot.as_ref().filter(|slot| slot.id == slots.id)?;
-            Some(Arc::clone(&slot.published))
-        })
-        .ok()
-        .flatten();
+    let survivor = crate::fork::forking_thread();
     let mut orphans = Vec::new();
     {
         let mut list = slots.lock();
@@ -359,10 +361,7 @@ pub(crate) fn give_back_orphans(slots: &Slots, owner: &dyn SlotOwner) {
             return;
         }
         list.retain(|published| {
-            if mine
-                .as_ref()
-                .is_some_and(|mine| Arc::ptr_eq(mine, published))
-            {
+            if published.thread == survivor {
                 return true;
             }
             let addr = published.addr.swap(0, Ordering::AcqRel);

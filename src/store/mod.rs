@@ -170,7 +170,7 @@ impl fmt::Display for StoreError {
             StoreError::AddressTaken { base, len } => write!(
                 f,
                 "the store's address range {base:#x}..{:#x} is taken in this process",
-                base + len
+                base.saturating_add(*len)
             ),
             StoreError::Dirty {
                 last_flush,
@@ -220,10 +220,14 @@ pub(crate) fn lock_for_fork(held: &mut Vec<Box<dyn std::any::Any>>) {
 /// the program): a store's range is then unlikely to be taken in the processes that reopen
 /// it. Tried at a few random places; anywhere the kernel likes after that.
 fn reserve_new_range(len: usize) -> io::Result<NonNull<u8>> {
-    const LOW: usize = 16 << 40;
-    const HIGH: usize = 64 << 40;
-    const STEP: usize = 1 << 30;
-    if cfg!(target_pointer_width = "64") && len <= HIGH - LOW {
+    #[cfg(target_pointer_width = "64")]
+    {
+        const LOW: usize = 16 << 40;
+        const HIGH: usize = 64 << 40;
+        const STEP: usize = 1 << 30;
+        if len > HIGH - LOW {
+            return segment::reserve_aligned(len, CHUNK);
+        }
         for _ in 0..8 {
             let random = uuid::Uuid::new_v4().as_u128() as usize;
             let at = LOW + random % ((HIGH - LOW - len) / STEP + 1) * STEP;
@@ -260,6 +264,11 @@ pub(crate) struct Store {
     access: Access,
     /// The process generation that opened the store: a fork child's copy never writes.
     generation: u64,
+    /// The header is mapped (the drop may write it).
+    header_mapped: bool,
+    /// Mapping the header failed, and the first page may since hold someone else's mapping:
+    /// the drop leaves it alone.
+    first_page_lost: bool,
 }
 
 // SAFETY: the raw pointer is the start of the store's range, which this value owns (reserved
@@ -303,7 +312,7 @@ impl Store {
         fork::install();
         let base = reserve_new_range(len)?;
         open_here().push(base.as_ptr().addr());
-        let store = Store {
+        let mut store = Store {
             path: path.to_path_buf(),
             _lock: lock,
             header_file,
@@ -311,6 +320,8 @@ impl Store {
             len,
             access: Access::Write,
             generation: fork::generation(),
+            header_mapped: false,
+            first_page_lost: false,
         };
         // `store` owns the reservation from here: an error below unmaps it (its drop).
         let file = &store.header_file;
@@ -356,10 +367,13 @@ impl Store {
                 return Err(StoreError::OpenHere);
             }
             // Exactly there or not at all: never MAP_FIXED over what may be someone else's.
-            sys::reserve_at(at, len).map_err(|_| StoreError::AddressTaken { base, len })?;
+            sys::reserve_at(at, len).map_err(|e| match e.kind() {
+                io::ErrorKind::AlreadyExists => StoreError::AddressTaken { base, len },
+                _ => StoreError::Io(e),
+            })?;
             open.push(base);
         }
-        let store = Store {
+        let mut store = Store {
             path: path.to_path_buf(),
             _lock: lock,
             header_file,
@@ -367,6 +381,8 @@ impl Store {
             len,
             access,
             generation: fork::generation(),
+            header_mapped: false,
+            first_page_lost: false,
         };
         store.map_header()?;
         if access == Access::Write {
@@ -377,17 +393,25 @@ impl Store {
     }
 
     /// Maps the header file over the first page of the range.
-    fn map_header(&self) -> io::Result<()> {
+    fn map_header(&mut self) -> io::Result<()> {
+        let page = sys::page_size();
         // SAFETY: the range is our reservation (made by `create` or `open`, owned by `self`),
         // and nothing refers to its first page yet.
-        unsafe {
+        let mapped = unsafe {
             sys::map_file_fixed_with(
                 self.base,
                 &self.header_file,
-                sys::page_size(),
+                page,
                 self.access == Access::Write,
             )
+        };
+        match mapped {
+            Ok(()) => self.header_mapped = true,
+            // A failed MAP_FIXED may leave a gap (see `arena::chunk::MapFailure`): ours again
+            // only if it can be reserved in place.
+            Err(_) => self.first_page_lost = sys::reserve_at(self.base, page).is_err(),
         }
+        mapped
     }
 
     fn header(&self) -> &Header {
@@ -412,7 +436,9 @@ impl Store {
 
     /// Durable points reached so far.
     pub(crate) fn flushes(&self) -> u64 {
-        self.header().flushes.load(Ordering::Acquire)
+        // Relaxed: a reader's mapping is read-only, where only small relaxed atomic loads are
+        // allowed.
+        self.header().flushes.load(Ordering::Relaxed)
     }
 
     /// Closes the store: a writer marks it clean (on disk) first. Dropping it does the same,
@@ -426,7 +452,10 @@ impl Store {
     /// Clears the dirty flag on disk, once; only in the process that opened the store for
     /// writing (a fork child's copy leaves the parent's store alone).
     fn mark_clean(&mut self) -> io::Result<()> {
-        if self.access != Access::Write || self.generation != fork::generation() {
+        if self.access != Access::Write
+            || self.generation != fork::generation()
+            || !self.header_mapped
+        {
             return Ok(());
         }
         let header = self.header();
@@ -444,14 +473,23 @@ impl Drop for Store {
         if let Err(e) = self.mark_clean() {
             log::error!("mmapvec: closing the store {}: {e}", self.path.display());
         }
+        // A first page that may be someone else's now stays (see `map_header`).
+        let skip = if self.first_page_lost {
+            sys::page_size()
+        } else {
+            0
+        };
         let mut open = open_here();
-        // SAFETY: the range is ours (reserved by `create` or `open`) and, with `self` gone,
-        // nothing refers to it.
-        if let Err(e) = unsafe { sys::unmap(self.base, self.len) } {
-            log::error!("mmapvec: unmapping the store {}: {e}", self.path.display());
-        }
+        // SAFETY: the range (less a lost first page) is ours, reserved by `create` or `open`,
+        // and with `self` gone nothing refers to it.
+        let unmapped = unsafe { sys::unmap(self.base.add(skip), self.len - skip) };
         let base = self.base.as_ptr().addr();
         open.retain(|&b| b != base);
+        // Logged after the lock is let go: a logger may allocate, and a fork takes this lock.
+        drop(open);
+        if let Err(e) = unmapped {
+            log::error!("mmapvec: unmapping the store {}: {e}", self.path.display());
+        }
     }
 }
 

@@ -109,8 +109,8 @@ impl ChunkMeta {
         self.lost.load(Ordering::Acquire)
     }
 
-    pub(super) fn mark_lost(&self) {
-        self.lost.store(true, Ordering::Release);
+    pub(super) fn set_lost(&self, lost: bool) {
+        self.lost.store(lost, Ordering::Release);
     }
 
     /// Maps a new chunk file at `at` (a `CHUNK`-aligned, `CHUNK`-long part of the tier's

@@ -53,7 +53,7 @@ mod tcache;
 use std::fmt;
 use std::io;
 use std::ptr::NonNull;
-use std::sync::atomic::{AtomicBool, AtomicPtr, AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicPtr, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, OnceLock};
 
 use allocator_api2::alloc::Layout;
@@ -151,8 +151,10 @@ pub(crate) struct SmallTier {
     /// The region could not be reserved: until this time (`sys::coarse_millis`), the tier
     /// serves nothing (small blocks go to segments) and does not try again. 0: no refusal.
     region_retry_at: AtomicU64,
-    /// Some chunk's range was lost (see `ChunkMeta::is_lost`): `contains` must look closer.
-    lost_any: AtomicBool,
+    /// Chunks lost (see `ChunkMeta::is_lost`) or being mapped now (marked lost until the map
+    /// succeeds: a failing map may leave a gap that another mapping fills before the chunk is
+    /// known lost). Not zero: `contains` must look closer.
+    suspects: AtomicUsize,
     /// Chunk index -> metadata, null until the index is first used. Made with the region.
     table: OnceLock<Box<[AtomicPtr<ChunkMeta>]>>,
     shards: Box<[PaddedShard]>,
@@ -196,7 +198,7 @@ impl SmallTier {
             config,
             base: AtomicPtr::new(std::ptr::null_mut()),
             region_retry_at: AtomicU64::new(0),
-            lost_any: AtomicBool::new(false),
+            suspects: AtomicUsize::new(0),
             table: OnceLock::new(),
             shards: (0..SHARDS)
                 .map(|_| PaddedShard(Mutex::new(Shard::new())))
@@ -410,7 +412,7 @@ impl SmallTier {
             return false;
         }
         // Rare: only after a chunk failed to map and its range could not be kept.
-        !self.lost_any.load(Ordering::Acquire) || !self.lost((offset / CHUNK) as u32)
+        self.suspects.load(Ordering::Acquire) == 0 || !self.lost((offset / CHUNK) as u32)
     }
 
     /// Whether chunk `index` was lost (an index never used is not).
@@ -646,6 +648,9 @@ impl SmallTier {
             }
         };
         let meta = self.meta_or_new(index);
+        // Not ours while it is being mapped: see `suspects`.
+        meta.set_lost(true);
+        self.suspects.fetch_add(1, Ordering::AcqRel);
         let cfg = &self.config;
         // SAFETY: the index was free: its range is part of our reservation (never mapped, or
         // put back by `release`) and nothing refers to it.
@@ -661,13 +666,14 @@ impl SmallTier {
             // An index whose reservation may be gone is never used again: MAP_FIXED there
             // could replace someone else's mapping, and a pointer there is not ours.
             if failure.range_kept {
+                meta.set_lost(false);
+                self.suspects.fetch_sub(1, Ordering::AcqRel);
                 self.lock_spare().free.push(index);
-            } else {
-                meta.mark_lost();
-                self.lost_any.store(true, Ordering::Release);
             }
             return Err(failure.error);
         }
+        meta.set_lost(false);
+        self.suspects.fetch_sub(1, Ordering::AcqRel);
         self.counters
             .arena_bytes
             .fetch_add(CHUNK as u64, Ordering::Relaxed);

@@ -771,8 +771,8 @@ fn a_lost_chunk_is_not_the_tiers_and_is_not_unmapped_at_drop() {
         spare.next += 1;
         spare.next - 1
     };
-    tier.meta_or_new(index).mark_lost();
-    tier.lost_any.store(true, Ordering::Release);
+    tier.meta_or_new(index).set_lost(true);
+    tier.suspects.fetch_add(1, Ordering::Release);
     let at = tier.chunk_at(index);
     let path = std::env::temp_dir().join(format!("mmapvec-lost-chunk-{}", std::process::id()));
     let file = OpenOptions::new()

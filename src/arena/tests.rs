@@ -821,7 +821,10 @@ fn reserve_at_takes_a_free_range_and_leaves_a_mapped_one_alone() {
     // Partly free: still refused, and the rest stays mapped.
     assert!(sys::reserve_at(at, len).is_err());
     // (Checked with `reserve_at`, not `is_mapped`: msync on a PROT_NONE page upsets valgrind.)
-    assert!(sys::reserve_at(at, sys::page_size()).is_err(), "the first page was unmapped");
+    assert!(
+        sys::reserve_at(at, sys::page_size()).is_err(),
+        "the first page was unmapped"
+    );
     // SAFETY: the reservation made above, which nothing refers to.
     unsafe { sys::unmap(at, len) }.unwrap();
     // All free: reserved at exactly that place. (Another test's thread may map into the range

@@ -177,13 +177,9 @@ pub(crate) fn enomem_only_before_unmapping(file: &File) -> bool {
     const BTRFS: u32 = 0x9123_683E;
     const F2FS: u32 = 0xF2F5_2010;
     const TMPFS: u32 = 0x0102_1994;
-    let mut buf = std::mem::MaybeUninit::<libc::statfs>::uninit();
-    // SAFETY: `buf` is writable and large enough for one `statfs`; the descriptor is valid.
-    if unsafe { libc::fstatfs(file.as_raw_fd(), buf.as_mut_ptr()) } != 0 {
+    let Ok(kind) = fs_magic(file) else {
         return false;
-    }
-    // SAFETY: fstatfs succeeded, so it filled `buf`.
-    let kind = unsafe { buf.assume_init() }.f_type as u32;
+    };
     [EXT4, XFS, BTRFS, F2FS, TMPFS].contains(&kind)
 }
 
@@ -328,18 +324,24 @@ pub(crate) fn allocate_blocks(file: &File, offset: u64, len: u64) -> io::Result<
     }
 }
 
-/// Whether the file system holding `file` keeps its data in RAM (tmpfs, ramfs).
+/// The magic number (`statfs::f_type`) of the file system holding `file`.
 #[cfg(target_os = "linux")]
-pub(crate) fn is_ram_backed(file: &File) -> io::Result<bool> {
-    const TMPFS_MAGIC: u32 = 0x0102_1994;
-    const RAMFS_MAGIC: u32 = 0x8584_58f6;
+fn fs_magic(file: &File) -> io::Result<u32> {
     let mut buf = std::mem::MaybeUninit::<libc::statfs>::uninit();
     // SAFETY: `buf` is writable and large enough for one `statfs`; the descriptor is valid.
     check_zero(unsafe { libc::fstatfs(file.as_raw_fd(), buf.as_mut_ptr()) })?;
     // SAFETY: fstatfs succeeded, so it filled `buf`.
     let stat = unsafe { buf.assume_init() };
     // `f_type` is signed and of a target-dependent width; the magic numbers are 32-bit.
-    let kind = stat.f_type as u32;
+    Ok(stat.f_type as u32)
+}
+
+/// Whether the file system holding `file` keeps its data in RAM (tmpfs, ramfs).
+#[cfg(target_os = "linux")]
+pub(crate) fn is_ram_backed(file: &File) -> io::Result<bool> {
+    const TMPFS_MAGIC: u32 = 0x0102_1994;
+    const RAMFS_MAGIC: u32 = 0x8584_58f6;
+    let kind = fs_magic(file)?;
     Ok(kind == TMPFS_MAGIC || kind == RAMFS_MAGIC)
 }
 

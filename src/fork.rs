@@ -101,6 +101,14 @@ impl DontForkViews {
     pub(crate) fn remove(&mut self, addr: usize) {
         self.0.remove(&addr);
     }
+
+    /// Forgets every view that starts in `[addr, addr + len)` (a store's range being unmapped).
+    pub(crate) fn forget_range(&mut self, addr: usize, len: usize) {
+        let inside: Vec<usize> = self.0.range(addr..addr + len).map(|(&a, _)| a).collect();
+        for a in inside {
+            self.0.remove(&a);
+        }
+    }
 }
 
 static HOLD: Mutex<DontForkViews> = Mutex::new(DontForkViews(BTreeMap::new()));

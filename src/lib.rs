@@ -19,7 +19,7 @@ mod release;
 mod reuse;
 mod segment;
 mod stats;
-mod store;
+pub mod store;
 mod sys;
 mod table;
 

@@ -1,52 +1,115 @@
-//! Persistent stores (issue 13): the first layer, crate-private until the allocator works
-//! inside a store (see `docs/store-design.md`).
+//! Persistent stores: `Vec`s and hashbrown maps that outlive the process and reopen without
+//! being read.
 //!
-//! A store is a folder. This layer owns what every later one stands on:
+//! A [`Store`] is a folder on disk and a fixed range of address space. Everything allocated
+//! with its [`StoreAllocator`] lives in files of the folder, mapped at the same addresses in
+//! every process that opens it, so the pointers inside the data stay valid: reopening maps the
+//! files back and reads none of the data. Values are kept under names as *roots*
+//! ([`Store::set_root`], [`Store::root`]), and checked against the type they are opened as.
 //!
-//! * **The header** (`header`, one page): magic, format version, page size, the store's fixed
-//!   address range, the dirty flag, and the counts of flushes and snapshots. Mapped at the
-//!   first page of the range, so it is at the same address in every process that opens the
-//!   store.
-//! * **The address range.** Pointers inside a store are absolute, so the range is reserved at
-//!   creation, recorded, and reserved again at exactly that place at every open, without
-//!   `MAP_FIXED` (which would replace whatever is there): a range that is taken is
-//!   [`StoreError::AddressTaken`], never a mapping over someone else's.
-//! * **One writer.** `flock` on `lock`: exclusive for a writer, shared for readers, never
-//!   waited for: a conflict is [`StoreError::Locked`].
+//! ```
+//! use mmapvec::store::{Store, StoreVec};
+//!
+//! # fn main() -> Result<(), Box<dyn std::error::Error>> {
+//! # let dir = std::env::temp_dir().join(format!("mmapvec-doc-store-{}", std::process::id()));
+//! # let _ = std::fs::remove_dir_all(&dir);
+//! // One run builds the data and keeps it...
+//! let store = Store::create(&dir)?;
+//! let mut squares = StoreVec::new_in(store.allocator());
+//! squares.extend((0..1000u64).map(|i| i * i));
+//! store.set_root("squares", squares)?;
+//! store.close()?;
+//!
+//! // ...a later one (a new process, typically) opens it and goes on where it stopped.
+//! let store = Store::open(&dir)?;
+//! let mut squares = store.root_mut::<StoreVec<u64>>("squares")?;
+//! assert_eq!(squares[999], 999 * 999);
+//! squares.push(1000 * 1000);
+//! drop(squares);
+//! store.close()?;
+//! # std::fs::remove_dir_all(&dir)?;
+//! # Ok(())
+//! # }
+//! ```
+//!
+//! # What a store is on disk
+//! * `header`, one page, mapped at the start of the range: magic, format version, page size,
+//!   the range's address and length, the dirty flag, the counts of flushes and snapshots, the
+//!   compiler's fingerprint, and the table of roots.
+//! * `segs/`: one file per block, named after its address (see `space.rs`).
+//! * `lock`: `flock`ed, exclusive for the writer, shared for readers.
+//!
+//! # Rules that keep it sound
+//! * **One store per process at a time** ([`StoreError::AnotherStoreOpen`]): the lifetime of a
+//!   [`StoreAllocator`] keeps containers from outliving their store, but cannot tell two
+//!   stores apart, so a vector of one could be put into a map of the other.
+//! * **Addresses.** The range is reserved again at exactly its address at every open, without
+//!   `MAP_FIXED` (which would replace whatever is there): a taken range is
+//!   [`StoreError::AddressTaken`].
+//! * **One writer or many readers** (`flock`, never waited for: [`StoreError::Locked`]).
 //! * **Crashes.** A writer sets the dirty flag (synced to disk) before it hands anything out
-//!   and clears it at a clean close. A store found dirty is [`StoreError::Dirty`], naming
-//!   its last flush and snapshot.
-//! * **fork.** A child's copy of a `Store` never writes the header: only the process that
-//!   opened it marks it clean.
+//!   and clears it at a clean close; a store found dirty is [`StoreError::Dirty`].
+//! * **The compiler.** The layout of `Vec` and of hashbrown's tables is the compiler's choice:
+//!   a store made by another build of `rustc` is [`StoreError::OtherBuild`].
+//! * **Types.** A root is opened only as the type it was stored as (name, size, alignment and
+//!   a layout fingerprint from [`Persist`]), and only types whose every pointer leads into the
+//!   store implement [`Persist`].
+//! * **fork.** A child gets none of the store's views (`MADV_DONTFORK`), and every call on
+//!   its copy of the handle is [`StoreError::ForkChild`]: it can never write its parent's
+//!   store.
 
-// Nothing outside the tests uses this layer until the allocator works inside a store.
-#![cfg_attr(not(test), allow(dead_code))]
-
+use std::cell::UnsafeCell;
 use std::fmt;
 use std::fs::{self, File, OpenOptions};
 use std::io;
 use std::os::unix::fs::{FileExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
 use std::ptr::NonNull;
-use std::sync::Mutex;
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Mutex, MutexGuard};
 
 use crate::arena::CHUNK;
 use crate::fork;
 use crate::segment;
-use crate::sys;
+use crate::sys::{self, Share};
 
+mod alloc;
+mod persist;
+mod roots;
+mod space;
 #[cfg(test)]
 mod tests;
+
+pub use alloc::{StoreAllocator, StoreBox, StoreVec};
+#[cfg(feature = "hashbrown")]
+pub use alloc::{StoreMap, StoreSet};
+pub use persist::{Persist, PersistHasher, fingerprint, type_fingerprint};
+pub use roots::{Root, RootMut};
+
+use roots::{ROOTS, RootSlot, RootState};
+use space::Space;
 
 /// The first eight bytes of a store's header.
 const MAGIC: [u8; 8] = *b"MMAPVST\0";
 /// The header format this code reads and writes.
-const VERSION: u32 = 1;
+const VERSION: u32 = 2;
 /// The header file: its length is one page of the machine that made the store.
 const HEADER: &str = "header";
 /// The file whose `flock` says who has the store open.
 const LOCK: &str = "lock";
+/// The address space a store reserves unless told otherwise.
+#[cfg(target_pointer_width = "64")]
+pub const DEFAULT_RANGE: usize = 1 << 40;
+/// The address space a store reserves unless told otherwise.
+#[cfg(not(target_pointer_width = "64"))]
+pub const DEFAULT_RANGE: usize = 512 << 20;
+/// Where blocks start in the range: the header's page and the runtime page come first.
+const DATA: usize = CHUNK;
+
+/// Which compiler built this code (see `build.rs`), hashed.
+fn build_fingerprint() -> u64 {
+    persist::hash_str(env!("MMAPVEC_BUILD"))
+}
 
 /// The header, as it lies at the start of the store's range (and of the `header` file).
 #[repr(C)]
@@ -64,15 +127,20 @@ struct Header {
     flushes: AtomicU64,
     /// Snapshots taken so far.
     snapshots: AtomicU64,
+    /// The fingerprint of the compiler that made the store ([`build_fingerprint`]).
+    build: u64,
+    _reserved: [u64; 8],
+    /// The roots: written by the writer under `Shared::roots`, read under it.
+    roots: UnsafeCell<[RootSlot; ROOTS]>,
 }
 
 const _: () = assert!(size_of::<Header>() <= 4096);
 
 impl Header {
-    /// A header read from the start of a file: checked for the magic, the version and the
-    /// page size, not yet for being clean.
+    /// A header read from the start of a file: checked for the magic, the version, the page
+    /// size and the build, not yet for being clean.
     fn read(file: &File) -> Result<HeaderCopy, StoreError> {
-        let mut bytes = [0u8; size_of::<Header>()];
+        let mut bytes = [0u8; 64];
         file.read_exact_at(&mut bytes, 0)
             .map_err(|e| match e.kind() {
                 io::ErrorKind::UnexpectedEof => StoreError::NotAStore,
@@ -91,6 +159,7 @@ impl Header {
             dirty: word(32),
             flushes: word(40),
             snapshots: word(48),
+            build: word(56),
         };
         if copy.version != VERSION {
             return Err(StoreError::Version(copy.version));
@@ -98,19 +167,31 @@ impl Header {
         if copy.page_size as usize != sys::page_size() {
             return Err(StoreError::PageSize(copy.page_size));
         }
+        if file.metadata()?.len() < size_of::<Header>() as u64 {
+            return Err(StoreError::NotAStore);
+        }
+        if copy.build != build_fingerprint() {
+            return Err(StoreError::OtherBuild);
+        }
         Ok(copy)
     }
 
-    /// The bytes of a new store's header.
+    /// The first bytes of a new store's header (the roots that follow are zeros).
     fn bytes(base: usize, len: usize, dirty: bool) -> Vec<u8> {
-        let mut bytes = Vec::with_capacity(size_of::<Header>());
+        let mut bytes = Vec::with_capacity(64);
         bytes.extend_from_slice(&MAGIC);
         bytes.extend_from_slice(&VERSION.to_ne_bytes());
         bytes.extend_from_slice(&(sys::page_size() as u32).to_ne_bytes());
-        for word in [base as u64, len as u64, u64::from(dirty), 0, 0] {
+        for word in [
+            base as u64,
+            len as u64,
+            u64::from(dirty),
+            0,
+            0,
+            build_fingerprint(),
+        ] {
             bytes.extend_from_slice(&word.to_ne_bytes());
         }
-        debug_assert_eq!(bytes.len(), size_of::<Header>());
         bytes
     }
 }
@@ -125,29 +206,74 @@ struct HeaderCopy {
     dirty: u64,
     flushes: u64,
     snapshots: u64,
+    build: u64,
 }
 
-/// Why a store could not be created or opened.
+/// Why a store could not be created, opened or used.
 #[derive(Debug)]
-pub(crate) enum StoreError {
+#[non_exhaustive]
+pub enum StoreError {
     /// `create` on a path that exists.
     Exists(PathBuf),
-    /// The folder has no store header (or a truncated one).
+    /// The folder has no store header (or a truncated one), or its files are not a store's.
     NotAStore,
     /// The header is of a format version this build does not read.
     Version(u32),
     /// The store was made on a machine with another page size.
     PageSize(u32),
+    /// The store was made by code built with another compiler (or for another target): the
+    /// layout of the values in it may differ from this build's.
+    OtherBuild,
     /// Another process (or another handle of this one) has the store open in a way that
     /// excludes this one: a writer excludes everyone, readers exclude a writer.
     Locked,
     /// The store's address range is (partly) mapped already in this process.
-    AddressTaken { base: usize, len: usize },
-    /// This process has the store open already (a fork child inherits its parent's handles):
-    /// one handle per process, since each maps the whole range at its one address.
+    AddressTaken {
+        /// The range's start.
+        base: usize,
+        /// The range's length.
+        len: usize,
+    },
+    /// This process has this store open already.
     OpenHere,
+    /// This process has another store open: one at a time (see the module docs).
+    AnotherStoreOpen,
     /// A writer had the store open and did not close it (it crashed, or was killed).
-    Dirty { last_flush: u64, last_snapshot: u64 },
+    Dirty {
+        /// The number of the last durable point ([`Store::flush`]; a clean close is one).
+        last_flush: u64,
+        /// The number of the last snapshot.
+        last_snapshot: u64,
+    },
+    /// The store is open read-only.
+    ReadOnly,
+    /// The handle was inherited through `fork`: only the process that opened the store uses
+    /// it.
+    ForkChild,
+    /// No root has this name.
+    NoRoot(String),
+    /// A root of this name exists already.
+    RootExists(String),
+    /// A root's name is empty or longer than 64 bytes.
+    BadRootName(String),
+    /// Every root slot of the store is used.
+    RootsFull,
+    /// The root is in use by a [`Root`] or [`RootMut`] that excludes this one.
+    RootInUse(String),
+    /// The root was stored as another type.
+    WrongType {
+        /// The root's name.
+        name: String,
+        /// The type it was asked for as.
+        asked: &'static str,
+        /// The size and alignment of the type it was stored as.
+        stored_size: u64,
+        /// As above.
+        stored_align: u64,
+    },
+    /// A hasher of the root hashes differently from the one that built it (a new version of
+    /// the hash function): its maps would not find their keys.
+    HasherChanged(String),
     /// A system call failed.
     Io(io::Error),
 }
@@ -156,7 +282,7 @@ impl fmt::Display for StoreError {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
             StoreError::Exists(path) => write!(f, "{} exists already", path.display()),
-            StoreError::NotAStore => f.write_str("not a store: no valid header"),
+            StoreError::NotAStore => f.write_str("not a store: no valid header or segments"),
             StoreError::Version(v) => {
                 write!(f, "store format version {v}, this build reads {VERSION}")
             }
@@ -165,8 +291,17 @@ impl fmt::Display for StoreError {
                 "store made with {p}-byte pages, this machine has {}",
                 sys::page_size()
             ),
+            StoreError::OtherBuild => write!(
+                f,
+                "the store was made by code built with another compiler or for another target \
+                 (this build: {})",
+                env!("MMAPVEC_BUILD")
+            ),
             StoreError::Locked => f.write_str("the store is open elsewhere (locked)"),
             StoreError::OpenHere => f.write_str("this process has the store open already"),
+            StoreError::AnotherStoreOpen => {
+                f.write_str("this process has another store open (one at a time)")
+            }
             StoreError::AddressTaken { base, len } => write!(
                 f,
                 "the store's address range {base:#x}..{:#x} is taken in this process",
@@ -179,6 +314,31 @@ impl fmt::Display for StoreError {
                 f,
                 "the store was not closed cleanly (last flush: {last_flush}, last snapshot: \
                  {last_snapshot})"
+            ),
+            StoreError::ReadOnly => f.write_str("the store is open read-only"),
+            StoreError::ForkChild => {
+                f.write_str("the store handle was inherited through fork: unusable in a child")
+            }
+            StoreError::NoRoot(name) => write!(f, "no root named {name:?}"),
+            StoreError::RootExists(name) => write!(f, "a root named {name:?} exists already"),
+            StoreError::BadRootName(name) => {
+                write!(f, "bad root name {name:?}: 1 to 64 bytes")
+            }
+            StoreError::RootsFull => write!(f, "every one of the {ROOTS} root slots is used"),
+            StoreError::RootInUse(name) => write!(f, "the root {name:?} is in use"),
+            StoreError::WrongType {
+                name,
+                asked,
+                stored_size,
+                stored_align,
+            } => write!(
+                f,
+                "the root {name:?} was stored as another type than {asked} (stored: {stored_size} \
+                 bytes, aligned to {stored_align})"
+            ),
+            StoreError::HasherChanged(name) => write!(
+                f,
+                "a hasher of the root {name:?} hashes differently from the build that made it"
             ),
             StoreError::Io(e) => write!(f, "store I/O: {e}"),
         }
@@ -200,16 +360,16 @@ impl From<io::Error> for StoreError {
     }
 }
 
-/// The ranges of the stores this process has open (inherited by a fork child with the
-/// handles).
-static OPEN: Mutex<Vec<usize>> = Mutex::new(Vec::new());
+/// The range of the store this process has open, if any (inherited by a fork child with the
+/// handle).
+static OPEN: Mutex<Option<usize>> = Mutex::new(None);
 
-fn open_here() -> std::sync::MutexGuard<'static, Vec<usize>> {
-    // Pushes and removals only: a poisoned lock is consistent.
+fn open_here() -> MutexGuard<'static, Option<usize>> {
+    // Set and cleared only: a poisoned lock is consistent.
     OPEN.lock().unwrap_or_else(|e| e.into_inner())
 }
 
-/// Holds the list of open stores around a `fork` (the prepare handler), so that a child never
+/// Holds the open store's record around a `fork` (the prepare handler), so that a child never
 /// inherits it locked: a child's drop of an inherited handle takes it.
 pub(crate) fn lock_for_fork(held: &mut Vec<Box<dyn std::any::Any>>) {
     held.push(Box::new(open_here()));
@@ -250,10 +410,48 @@ pub(crate) enum Access {
     Read,
 }
 
-/// An open store: its folder, its lock, and its reserved range with the header mapped at
-/// its start. Dropping it closes it (a writer marks it clean first).
+/// What the store's allocators reach through the range's second page (the *runtime page*, a
+/// private page of this process): its blocks and its roots.
 #[derive(Debug)]
-pub(crate) struct Store {
+pub(crate) struct Shared {
+    space: Mutex<Space>,
+    /// This process's use of each root slot. Also the lock for the header's root table.
+    roots: Mutex<[RootState; ROOTS]>,
+    access: Access,
+    /// The process generation that opened the store: a fork child's copy never writes.
+    generation: u64,
+}
+
+impl Shared {
+    fn lock_space(&self) -> MutexGuard<'_, Space> {
+        // A panic inside `Space` leaves it consistent or a range marked lost: go on.
+        self.space.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn lock_roots(&self) -> MutexGuard<'_, [RootState; ROOTS]> {
+        self.roots.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Whether this process is the one that opened the store (not a fork child).
+    fn is_owner(&self) -> bool {
+        self.generation == fork::generation()
+    }
+}
+
+impl fork::ForkLocks for Shared {
+    fn lock_for_fork(&'static self, held: &mut Vec<Box<dyn std::any::Any>>, _epoch: u64) {
+        held.push(Box::new(self.lock_roots()));
+        held.push(Box::new(self.lock_space()));
+    }
+}
+
+/// An open store: a folder, its lock, and its range of address space with everything the
+/// store holds mapped in it. Dropping it closes it as [`close`](Self::close) does, logging
+/// an error instead of returning it.
+///
+/// See the [module docs](self) for what a store is and the rules that keep it sound.
+#[derive(Debug)]
+pub struct Store {
     path: PathBuf,
     /// Holds the `flock` for as long as the store is open.
     _lock: File,
@@ -269,22 +467,31 @@ pub(crate) struct Store {
     /// Mapping the header failed, and the first page may since hold someone else's mapping:
     /// the drop leaves it alone.
     first_page_lost: bool,
+    /// Made once the range's mappings are in place; its address is in the runtime page.
+    shared: Option<Box<Shared>>,
 }
 
 // SAFETY: the raw pointer is the start of the store's range, which this value owns (reserved
 // and mapped by it, unmapped only by its drop); the header it points to is only written
-// through atomics.
+// through atomics, or under `Shared::roots`; everything else is behind mutexes.
 unsafe impl Send for Store {}
-// SAFETY: as above; `&Store` gives only atomic access to the shared header.
+// SAFETY: as above.
 unsafe impl Sync for Store {}
 
 impl Store {
-    /// Makes a new store in the folder `path` (which must not exist), reserving `len` bytes of
-    /// address space (rounded up to whole chunks), and opens it for writing.
-    pub(crate) fn create(path: impl AsRef<Path>, len: usize) -> Result<Store, StoreError> {
+    /// Makes a new store in the folder `path`, which must not exist, and opens it for writing.
+    /// It reserves [`DEFAULT_RANGE`] bytes of address space (1 TiB on 64-bit systems), which
+    /// costs nothing until used and bounds what the store can hold.
+    pub fn create(path: impl AsRef<Path>) -> Result<Store, StoreError> {
+        Self::create_with_range(path, DEFAULT_RANGE)
+    }
+
+    /// As [`create`](Self::create), reserving `len` bytes of address space (rounded up to
+    /// whole 4 MiB).
+    pub fn create_with_range(path: impl AsRef<Path>, len: usize) -> Result<Store, StoreError> {
         let path = path.as_ref();
         let len = len
-            .max(CHUNK)
+            .max(2 * CHUNK)
             .checked_next_multiple_of(CHUNK)
             .ok_or_else(|| io::Error::from_raw_os_error(libc::ENOMEM))?;
         match fs::DirBuilder::new().mode_private().create(path) {
@@ -309,20 +516,20 @@ impl Store {
             return Err(StoreError::Locked);
         }
         let header_file = open_file(&path.join(HEADER), Access::Write, true)?;
+        fs::DirBuilder::new()
+            .mode_private()
+            .create(path.join(space::SEGS))?;
         fork::install();
-        let base = reserve_new_range(len)?;
-        open_here().push(base.as_ptr().addr());
-        let mut store = Store {
-            path: path.to_path_buf(),
-            _lock: lock,
-            header_file,
-            base,
-            len,
-            access: Access::Write,
-            generation: fork::generation(),
-            header_mapped: false,
-            first_page_lost: false,
+        let base = {
+            let mut open = open_here();
+            if open.is_some() {
+                return Err(StoreError::AnotherStoreOpen);
+            }
+            let base = reserve_new_range(len)?;
+            *open = Some(base.as_ptr().addr());
+            base
         };
+        let mut store = Store::unmapped(path, lock, header_file, base, len, Access::Write);
         // `store` owns the reservation from here: an error below unmaps it (its drop).
         let file = &store.header_file;
         file.set_len(sys::page_size() as u64)?;
@@ -330,13 +537,25 @@ impl Store {
         file.sync_all()?;
         File::open(path)?.sync_all()?;
         store.map_header()?;
+        store.start()?;
         Ok(store)
     }
 
-    /// Opens the store in the folder `path`: for writing (the only handle), or for reading
-    /// (one of any number of readers).
-    pub(crate) fn open(path: impl AsRef<Path>, access: Access) -> Result<Store, StoreError> {
-        let path = path.as_ref();
+    /// Opens the store in the folder `path` for writing: the only handle anywhere while it is
+    /// open. Refused if the store is open elsewhere, was not closed cleanly, or its address
+    /// range is taken in this process.
+    pub fn open(path: impl AsRef<Path>) -> Result<Store, StoreError> {
+        Self::open_with(path.as_ref(), Access::Write)
+    }
+
+    /// Opens the store in the folder `path` for reading: any number of processes may, while
+    /// no writer has it. Its roots are read through [`root`](Self::root); nothing can be
+    /// allocated.
+    pub fn open_read_only(path: impl AsRef<Path>) -> Result<Store, StoreError> {
+        Self::open_with(path.as_ref(), Access::Read)
+    }
+
+    pub(crate) fn open_with(path: &Path, access: Access) -> Result<Store, StoreError> {
         let lock = open_file(&path.join(LOCK), access, false).map_err(|e| match e.kind() {
             io::ErrorKind::NotFound => StoreError::NotAStore,
             _ => StoreError::Io(e),
@@ -357,69 +576,133 @@ impl Store {
             return Err(StoreError::NotAStore);
         };
         let at = NonNull::new(base as *mut u8).ok_or(StoreError::NotAStore)?;
-        if !len.is_multiple_of(CHUNK) || !base.is_multiple_of(CHUNK) || len == 0 {
+        if !len.is_multiple_of(CHUNK) || !base.is_multiple_of(CHUNK) || len < 2 * CHUNK {
             return Err(StoreError::NotAStore);
         }
         fork::install();
         {
             let mut open = open_here();
-            if open.contains(&base) {
-                return Err(StoreError::OpenHere);
+            match *open {
+                Some(b) if b == base => return Err(StoreError::OpenHere),
+                Some(_) => return Err(StoreError::AnotherStoreOpen),
+                None => {}
             }
             // Exactly there or not at all: never MAP_FIXED over what may be someone else's.
             sys::reserve_at(at, len).map_err(|e| match e.kind() {
                 io::ErrorKind::AlreadyExists => StoreError::AddressTaken { base, len },
                 _ => StoreError::Io(e),
             })?;
-            open.push(base);
+            *open = Some(base);
         }
-        let mut store = Store {
-            path: path.to_path_buf(),
-            _lock: lock,
-            header_file,
-            base: at,
-            len,
-            access,
-            generation: fork::generation(),
-            header_mapped: false,
-            first_page_lost: false,
-        };
+        let mut store = Store::unmapped(path, lock, header_file, at, len, access);
         store.map_header()?;
         if access == Access::Write {
             store.header().dirty.store(1, Ordering::Release);
             store.sync_header()?;
         }
+        store.start()?;
         Ok(store)
+    }
+
+    fn unmapped(
+        path: &Path,
+        lock: File,
+        header_file: File,
+        base: NonNull<u8>,
+        len: usize,
+        access: Access,
+    ) -> Store {
+        Store {
+            path: path.to_path_buf(),
+            _lock: lock,
+            header_file,
+            base,
+            len,
+            access,
+            generation: fork::generation(),
+            header_mapped: false,
+            first_page_lost: false,
+            shared: None,
+        }
     }
 
     /// Maps the header file over the first page of the range.
     fn map_header(&mut self) -> io::Result<()> {
         let page = sys::page_size();
+        let share = match self.access {
+            Access::Write => Share::Write,
+            Access::Read => Share::Read,
+        };
+        let mut views = fork::hold();
         // SAFETY: the range is our reservation (made by `create` or `open`, owned by `self`),
         // and nothing refers to its first page yet.
-        let mapped = unsafe {
-            sys::map_file_fixed_with(
-                self.base,
-                &self.header_file,
-                page,
-                self.access == Access::Write,
-            )
-        };
+        let mapped =
+            unsafe { sys::map_file_fixed_at(self.base, &self.header_file, 0, page, share) };
         match mapped {
-            Ok(()) => self.header_mapped = true,
+            Ok(()) => {
+                self.header_mapped = true;
+                views.add(self.base.as_ptr().addr(), page);
+                // SAFETY: the header's view, just mapped; DONTFORK leaves its contents alone.
+                unsafe { sys::advise(self.base, page, sys::Advice::DontFork) }
+            }
             // A failed MAP_FIXED may leave a gap (see `arena::chunk::MapFailure`): ours again
             // only if it can be reserved in place.
-            Err(_) => self.first_page_lost = sys::reserve_at(self.base, page).is_err(),
+            Err(e) => {
+                self.first_page_lost = sys::reserve_at(self.base, page).is_err();
+                Err(e)
+            }
         }
-        mapped
+    }
+
+    /// Makes the runtime page and maps every block back: the store is ready.
+    fn start(&mut self) -> Result<(), StoreError> {
+        let page = sys::page_size();
+        // SAFETY: the second page of the range is our reservation, which nothing refers to.
+        let runtime = unsafe { self.base.add(page) };
+        // SAFETY: as above; it becomes private read/write memory of this process.
+        unsafe { sys::protect(runtime, page, true) }?;
+        let segs = File::open(self.path.join(space::SEGS))?;
+        let share = match self.access {
+            Access::Write => Share::Write,
+            Access::Read => Share::Private,
+        };
+        let start = self.base.as_ptr().addr() + DATA;
+        let end = self.base.as_ptr().addr() + self.len;
+        let space = Space::open(segs, start, end, share).map_err(|e| match e.kind() {
+            io::ErrorKind::InvalidData => {
+                log::error!("mmapvec: store {}: {e}", self.path.display());
+                StoreError::NotAStore
+            }
+            _ => StoreError::Io(e),
+        });
+        let shared = Box::new(Shared {
+            space: Mutex::new(space?),
+            roots: Mutex::new([RootState::default(); ROOTS]),
+            access: self.access,
+            generation: self.generation,
+        });
+        // SAFETY: `shared` stays boxed (at its address) until the drop, which unregisters it
+        // first; its `lock_for_fork` only takes its own mutexes.
+        unsafe { fork::register(&*shared) };
+        // SAFETY: the runtime page is ours, read/write, aligned for a pointer.
+        unsafe { runtime.cast::<*const Shared>().write(&*shared) };
+        self.shared = Some(shared);
+        Ok(())
     }
 
     fn header(&self) -> &Header {
         // SAFETY: the header file is mapped at `base` for as long as `self` lives (see
         // `map_header`; unmapped by the drop), at least one page long and page aligned, so
-        // aligned for `Header`; its fields are plain integers and atomics, valid for any bytes.
-        // A reader's mapping is read-only, and a reader never writes through it.
+        // aligned for `Header`; its fields are plain integers, atomics and an `UnsafeCell`,
+        // valid for any bytes. A reader's mapping is read-only, and a reader never writes
+        // through it.
         unsafe { self.base.cast::<Header>().as_ref() }
+    }
+
+    pub(crate) fn shared(&self) -> &Shared {
+        self.shared
+            .as_deref()
+            .expect("a store handed out is started")
     }
 
     /// Writes the header to disk.
@@ -429,42 +712,94 @@ impl Store {
         self.header_file.sync_data()
     }
 
-    /// The store's address range.
-    pub(crate) fn range(&self) -> (usize, usize) {
+    /// Errors out in a fork child's copy of the handle, and for a reader when `write`.
+    fn check_use(&self, write: bool) -> Result<(), StoreError> {
+        if self.generation != fork::generation() {
+            Err(StoreError::ForkChild)
+        } else if write && self.access != Access::Write {
+            Err(StoreError::ReadOnly)
+        } else {
+            Ok(())
+        }
+    }
+
+    /// The allocator of this store: containers made with it live in the store, and cannot
+    /// outlive this handle.
+    pub fn allocator(&self) -> StoreAllocator<'_> {
+        StoreAllocator::new(self)
+    }
+
+    /// The store's folder.
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// The store's address range: start and length.
+    pub fn range(&self) -> (usize, usize) {
         (self.base.as_ptr().addr(), self.len)
     }
 
-    /// Durable points reached so far.
-    pub(crate) fn flushes(&self) -> u64 {
+    /// Whether the store is open for writing.
+    pub fn is_writable(&self) -> bool {
+        self.access == Access::Write
+    }
+
+    /// Durable points reached so far: flushes and clean closes, since the store was made.
+    pub fn flushes(&self) -> u64 {
         // Relaxed: a reader's mapping is read-only, where only small relaxed atomic loads are
         // allowed.
         self.header().flushes.load(Ordering::Relaxed)
     }
 
-    /// Closes the store: a writer marks it clean (on disk) first. Dropping it does the same,
-    /// without the error.
-    pub(crate) fn close(mut self) -> Result<(), StoreError> {
-        let marked = self.mark_clean();
-        drop(self);
-        marked.map_err(StoreError::Io)
+    /// How many blocks (files) the store holds now.
+    pub fn blocks(&self) -> usize {
+        self.shared().lock_space().blocks()
     }
 
-    /// Clears the dirty flag on disk, once; only in the process that opened the store for
-    /// writing (a fork child's copy leaves the parent's store alone).
-    fn mark_clean(&mut self) -> io::Result<()> {
+    /// Makes everything the store holds durable: every block's changed pages are written and
+    /// synced, then the header, with the count of flushes one higher. What other threads
+    /// change meanwhile may or may not be included: flush where the data is consistent.
+    pub fn flush(&self) -> Result<(), StoreError> {
+        self.check_use(true)?;
+        {
+            let _roots = self.shared().lock_roots();
+            let space = self.shared().lock_space();
+            space.sync()?;
+            self.header().flushes.fetch_add(1, Ordering::AcqRel);
+        }
+        File::open(&self.path)?.sync_all()?;
+        self.sync_header()?;
+        Ok(())
+    }
+
+    /// Closes the store: a writer makes its contents durable and marks it clean (on disk)
+    /// first. Dropping the handle does the same, without the error.
+    pub fn close(mut self) -> Result<(), StoreError> {
+        let marked = self.mark_clean();
+        drop(self);
+        marked
+    }
+
+    /// Syncs the blocks and clears the dirty flag on disk, once; only in the process that
+    /// opened the store for writing (a fork child's copy leaves the parent's store alone).
+    fn mark_clean(&mut self) -> Result<(), StoreError> {
         if self.access != Access::Write
             || self.generation != fork::generation()
             || !self.header_mapped
         {
             return Ok(());
         }
-        let header = self.header();
-        if header.dirty.load(Ordering::Acquire) == 0 {
+        if self.header().dirty.load(Ordering::Acquire) == 0 {
             return Ok(());
         }
+        if let Some(shared) = self.shared.as_deref() {
+            shared.lock_space().sync()?;
+            File::open(&self.path)?.sync_all()?;
+        }
+        let header = self.header();
         header.flushes.fetch_add(1, Ordering::AcqRel);
         header.dirty.store(0, Ordering::Release);
-        self.sync_header()
+        Ok(self.sync_header()?)
     }
 }
 
@@ -473,21 +808,42 @@ impl Drop for Store {
         if let Err(e) = self.mark_clean() {
             log::error!("mmapvec: closing the store {}: {e}", self.path.display());
         }
-        // A first page that may be someone else's now stays (see `map_header`).
-        let skip = if self.first_page_lost {
-            sys::page_size()
-        } else {
-            0
-        };
-        let mut open = open_here();
-        // SAFETY: the range (less a lost first page) is ours, reserved by `create` or `open`,
-        // and with `self` gone nothing refers to it.
-        let unmapped = unsafe { sys::unmap(self.base.add(skip), self.len - skip) };
         let base = self.base.as_ptr().addr();
-        open.retain(|&b| b != base);
+        let page = sys::page_size();
+        // Ranges that may be someone else's now stay mapped.
+        let mut keep = Vec::new();
+        if self.first_page_lost {
+            keep.push((base, page));
+        }
+        if let Some(shared) = self.shared.take() {
+            fork::unregister(&*shared);
+            keep.extend_from_slice(shared.lock_space().lost());
+        }
+        keep.sort_unstable();
+        let mut views = fork::hold();
+        let mut from = base;
+        let mut failed = None;
+        for (addr, len) in keep.into_iter().chain([(base + self.len, 0)]) {
+            if addr > from {
+                // SAFETY: the range (less the ranges kept) is ours, reserved by `create` or
+                // `open`, and with `self` gone nothing refers to it.
+                if let Err(e) =
+                    unsafe { sys::unmap(NonNull::new(from as *mut u8).unwrap(), addr - from) }
+                {
+                    failed = Some(e);
+                }
+            }
+            from = from.max(addr + len);
+        }
+        views.forget_range(base, self.len);
+        drop(views);
+        let mut open = open_here();
+        if *open == Some(base) {
+            *open = None;
+        }
         // Logged after the lock is let go: a logger may allocate, and a fork takes this lock.
         drop(open);
-        if let Err(e) = unmapped {
+        if let Some(e) = failed {
             log::error!("mmapvec: unmapping the store {}: {e}", self.path.display());
         }
     }

@@ -96,7 +96,7 @@ fn a_store_made_in_one_process_reopens_in_another_at_the_same_address() {
             let mut parts = role.split(':').map(|p| p.parse().unwrap());
             (parts.next().unwrap(), parts.next().unwrap())
         };
-        let store = Store::open(&path, Access::Write).unwrap();
+        let store = Store::open_with(&path, Access::Write).unwrap();
         assert_eq!(store.range(), (base, len));
         assert_eq!(dirty_on_disk(&path), 1, "open for writing marks it dirty");
         assert_eq!(store.flushes(), 1);
@@ -104,7 +104,7 @@ fn a_store_made_in_one_process_reopens_in_another_at_the_same_address() {
         return;
     }
     let path = TestPath::new("reopen");
-    let store = Store::create(&path.0, LEN).unwrap();
+    let store = Store::create_with_range(&path.0, LEN).unwrap();
     let range = store.range();
     assert_eq!(range.1, LEN);
     assert!(range.0.is_multiple_of(CHUNK));
@@ -121,7 +121,7 @@ fn a_store_made_in_one_process_reopens_in_another_at_the_same_address() {
     assert_eq!(dirty_on_disk(&path.0), 0);
     let code = in_child(|| {
         // A fork child of a process without the store open may open it too.
-        let store = Store::open(&path.0, Access::Read).unwrap();
+        let store = Store::open_with(&path.0, Access::Read).unwrap();
         assert_eq!((store.range(), store.flushes()), (range, 2));
     });
     assert_eq!(code, 0);
@@ -136,16 +136,16 @@ fn one_writer_or_many_readers() {
             "refused" => {
                 for access in [Access::Write, Access::Read] {
                     assert!(matches!(
-                        Store::open(&path, access),
+                        Store::open_with(&path, access),
                         Err(StoreError::Locked)
                     ));
                 }
             }
             "reader" => {
-                let _reader = Store::open(&path, Access::Read).unwrap();
-                let result = Store::open(&path, Access::Read);
+                let _reader = Store::open_with(&path, Access::Read).unwrap();
+                let result = Store::open_with(&path, Access::Read);
                 assert!(matches!(result, Err(StoreError::OpenHere)), "{result:?}");
-                let result = Store::open(&path, Access::Write);
+                let result = Store::open_with(&path, Access::Write);
                 assert!(matches!(result, Err(StoreError::Locked)), "{result:?}");
             }
             other => panic!("unknown role {other}"),
@@ -153,42 +153,45 @@ fn one_writer_or_many_readers() {
         return;
     }
     let path = TestPath::new("lock");
-    let writer = Store::create(&path.0, LEN).unwrap();
-    let result = Store::open(&path.0, Access::Write);
+    let writer = Store::create_with_range(&path.0, LEN).unwrap();
+    let result = Store::open_with(&path.0, Access::Write);
     assert!(matches!(result, Err(StoreError::Locked)), "{result:?}");
     // Another process sees the same.
     in_new_process(NAME, "refused", &path.0);
     drop(writer);
     // A reader here and one in another process at once (each maps the range in its own
     // address space); a writer is refused while they have it.
-    let reader = Store::open(&path.0, Access::Read).unwrap();
+    let reader = Store::open_with(&path.0, Access::Read).unwrap();
     in_new_process(NAME, "reader", &path.0);
-    let result = Store::open(&path.0, Access::Write);
+    let result = Store::open_with(&path.0, Access::Write);
     assert!(matches!(result, Err(StoreError::Locked)), "{result:?}");
     drop(reader);
-    Store::open(&path.0, Access::Write).unwrap();
+    Store::open_with(&path.0, Access::Write).unwrap();
 }
 
 #[test]
 fn a_writer_that_died_leaves_the_store_dirty() {
     let _serial = serial();
     let path = TestPath::new("dirty");
-    Store::create(&path.0, LEN).unwrap().close().unwrap();
+    Store::create_with_range(&path.0, LEN)
+        .unwrap()
+        .close()
+        .unwrap();
     let code = in_child(|| {
-        let store = Store::open(&path.0, Access::Write).unwrap();
+        let store = Store::open_with(&path.0, Access::Write).unwrap();
         std::mem::forget(store);
         // SAFETY: ends the child at once, as a crash would (no destructor runs).
         unsafe { libc::_exit(0) };
     });
     assert_eq!(code, 0);
-    match Store::open(&path.0, Access::Write) {
+    match Store::open_with(&path.0, Access::Write) {
         Err(StoreError::Dirty {
             last_flush,
             last_snapshot,
         }) => assert_eq!((last_flush, last_snapshot), (1, 0)),
         other => panic!("expected Dirty, got {other:?}"),
     }
-    let result = Store::open(&path.0, Access::Read);
+    let result = Store::open_with(&path.0, Access::Read);
     assert!(
         matches!(result, Err(StoreError::Dirty { .. })),
         "{result:?}"
@@ -199,7 +202,7 @@ fn a_writer_that_died_leaves_the_store_dirty() {
 fn a_fork_childs_copy_does_not_mark_the_store_clean() {
     let _serial = serial();
     let path = TestPath::new("fork");
-    let store = Store::create(&path.0, LEN).unwrap();
+    let store = Store::create_with_range(&path.0, LEN).unwrap();
     let code = in_child(|| {
         // The child's copy of the handle, dropped: the parent still has the store open.
         // SAFETY: fork copied the handle into the child; this bitwise copy is the only one the
@@ -220,14 +223,14 @@ fn a_fork_childs_copy_does_not_mark_the_store_clean() {
 fn a_taken_range_is_an_error_not_a_mapping_over_it() {
     let _serial = serial();
     let path = TestPath::new("taken");
-    let store = Store::create(&path.0, LEN).unwrap();
+    let store = Store::create_with_range(&path.0, LEN).unwrap();
     let (base, len) = store.range();
     store.close().unwrap();
     // Something of this process's occupies one page in the middle of the range.
     let page = sys::page_size();
     let at = NonNull::new((base + len / 2) as *mut u8).unwrap();
     sys::reserve_at(at, page).expect("the range is free after the close");
-    match Store::open(&path.0, Access::Write) {
+    match Store::open_with(&path.0, Access::Write) {
         Err(StoreError::AddressTaken { base: b, len: l }) => assert_eq!((b, l), (base, len)),
         other => panic!("expected AddressTaken, got {other:?}"),
     }
@@ -238,36 +241,39 @@ fn a_taken_range_is_an_error_not_a_mapping_over_it() {
     assert_eq!(dirty_on_disk(&path.0), 0, "a refused open writes nothing");
     // SAFETY: our reservation.
     unsafe { sys::unmap(at, page) }.unwrap();
-    Store::open(&path.0, Access::Write).unwrap();
+    Store::open_with(&path.0, Access::Write).unwrap();
 }
 
 #[test]
 fn bad_folders_and_headers_are_errors() {
     let _serial = serial();
     let path = TestPath::new("bad");
-    let result = Store::open(&path.0, Access::Read);
+    let result = Store::open_with(&path.0, Access::Read);
     assert!(matches!(result, Err(StoreError::NotAStore)), "{result:?}");
-    Store::create(&path.0, LEN).unwrap().close().unwrap();
-    let result = Store::create(&path.0, LEN);
+    Store::create_with_range(&path.0, LEN)
+        .unwrap()
+        .close()
+        .unwrap();
+    let result = Store::create_with_range(&path.0, LEN);
     assert!(matches!(result, Err(StoreError::Exists(_))), "{result:?}");
     let header = path.0.join(HEADER);
     let good = fs::read(&header).unwrap();
     let mut bad = good.clone();
     bad[0] ^= 1;
     fs::write(&header, &bad).unwrap();
-    let result = Store::open(&path.0, Access::Read);
+    let result = Store::open_with(&path.0, Access::Read);
     assert!(matches!(result, Err(StoreError::NotAStore)), "{result:?}");
     let mut newer = good.clone();
     newer[8..12].copy_from_slice(&(VERSION + 1).to_ne_bytes());
     fs::write(&header, &newer).unwrap();
-    let result = Store::open(&path.0, Access::Read);
+    let result = Store::open_with(&path.0, Access::Read);
     assert!(
         matches!(result, Err(StoreError::Version(v)) if v == VERSION + 1),
         "{result:?}"
     );
     fs::write(&header, &good[..20]).unwrap();
-    let result = Store::open(&path.0, Access::Read);
+    let result = Store::open_with(&path.0, Access::Read);
     assert!(matches!(result, Err(StoreError::NotAStore)), "{result:?}");
     fs::write(&header, &good).unwrap();
-    Store::open(&path.0, Access::Read).unwrap();
+    Store::open_with(&path.0, Access::Read).unwrap();
 }

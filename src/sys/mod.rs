@@ -85,20 +85,51 @@ pub(crate) unsafe fn map_file_fixed_with(
     len: usize,
     writable: bool,
 ) -> io::Result<()> {
-    let prot = if writable {
-        libc::PROT_READ | libc::PROT_WRITE
-    } else {
-        libc::PROT_READ
+    let share = if writable { Share::Write } else { Share::Read };
+    // SAFETY: the caller's guarantee, passed on.
+    unsafe { map_file_fixed_at(addr, file, 0, len, share) }
+}
+
+/// How a file is mapped by [`map_file_fixed_at`].
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum Share {
+    /// `MAP_SHARED`, read/write: writes reach the file.
+    Write,
+    /// `MAP_SHARED`, read-only.
+    Read,
+    /// `MAP_PRIVATE`, read/write: the file's pages, copied on a write, which never reaches the
+    /// file.
+    Private,
+}
+
+/// Maps `len` bytes of `file` from `offset` exactly at `addr`, replacing whatever was mapped
+/// there.
+///
+/// # Safety
+/// As for [`map_file_fixed`].
+pub(crate) unsafe fn map_file_fixed_at(
+    addr: NonNull<u8>,
+    file: &File,
+    offset: u64,
+    len: usize,
+    share: Share,
+) -> io::Result<()> {
+    let (prot, flags) = match share {
+        Share::Write => (libc::PROT_READ | libc::PROT_WRITE, libc::MAP_SHARED),
+        Share::Read => (libc::PROT_READ, libc::MAP_SHARED),
+        Share::Private => (libc::PROT_READ | libc::PROT_WRITE, libc::MAP_PRIVATE),
     };
+    let offset =
+        libc::off_t::try_from(offset).map_err(|_| io::Error::from_raw_os_error(libc::EOVERFLOW))?;
     // SAFETY: the caller guarantees the target range is its own to replace.
     let ret = unsafe {
         libc::mmap(
             addr.as_ptr().cast(),
             len,
             prot,
-            libc::MAP_SHARED | libc::MAP_FIXED,
+            flags | libc::MAP_FIXED,
             file.as_raw_fd(),
-            0,
+            offset,
         )
     };
     check_mapped(ret).map(drop)
@@ -137,6 +168,21 @@ pub(crate) unsafe fn reserve_fixed(addr: NonNull<u8>, len: usize) -> io::Result<
         )
     };
     check_mapped(ret).map(drop)
+}
+
+/// Makes `[addr, addr + len)` accessible (read/write, or read-only) or not.
+///
+/// # Safety
+/// The range must be the caller's mapping; making it inaccessible invalidates references into
+/// it.
+pub(crate) unsafe fn protect(addr: NonNull<u8>, len: usize, writable: bool) -> io::Result<()> {
+    let prot = if writable {
+        libc::PROT_READ | libc::PROT_WRITE
+    } else {
+        libc::PROT_READ
+    };
+    // SAFETY: the caller owns the range; mprotect changes only its access rights.
+    check_zero(unsafe { libc::mprotect(addr.as_ptr().cast(), len, prot) })
 }
 
 /// Reserves exactly `[addr, addr + len)` if all of it is unmapped, and touches nothing
@@ -494,6 +540,15 @@ pub(crate) fn remove_at(dir: &File, name: &OsStr, folder: bool) -> io::Result<()
     let flags = if folder { libc::AT_REMOVEDIR } else { 0 };
     // SAFETY: `name` is a valid C string; the descriptor is borrowed from `dir`.
     check_zero(unsafe { libc::unlinkat(dir.as_raw_fd(), name.as_ptr(), flags) })
+}
+
+/// Renames the entry `from` of `dir` to `to` in the same folder (replacing `to` if it exists).
+pub(crate) fn rename_at(dir: &File, from: &OsStr, to: &OsStr) -> io::Result<()> {
+    let (from, to) = (c_name(from)?, c_name(to)?);
+    // SAFETY: both names are valid C strings; the descriptor is borrowed from `dir`.
+    check_zero(unsafe {
+        libc::renameat(dir.as_raw_fd(), from.as_ptr(), dir.as_raw_fd(), to.as_ptr())
+    })
 }
 
 /// What kind of entry [`entry_at`] found.

@@ -1,0 +1,255 @@
+//! [`StoreAllocator`]: the allocator whose blocks live in a store.
+
+use std::fmt;
+use std::marker::PhantomData;
+use std::ptr::NonNull;
+
+use allocator_api2::alloc::{AllocError, Allocator, Layout};
+
+use super::{Shared, Store};
+use crate::sys;
+
+/// A vector whose elements live in a store: `allocator_api2`'s `Vec` with a
+/// [`StoreAllocator`]. Made with `StoreVec::new_in(store.allocator())`.
+pub type StoreVec<'s, T> = allocator_api2::vec::Vec<T, StoreAllocator<'s>>;
+
+/// A box whose value lives in a store.
+pub type StoreBox<'s, T> = allocator_api2::boxed::Box<T, StoreAllocator<'s>>;
+
+/// A hashbrown map whose table lives in a store. Its hasher must be one whose hashes are the
+/// same in every process ([`PersistHasher`](super::PersistHasher)), such as
+/// `foldhash::fast::FixedState`, for it to be kept as (part of) a root.
+#[cfg(feature = "hashbrown")]
+pub type StoreMap<'s, K, V, S = foldhash::fast::FixedState> =
+    hashbrown::HashMap<K, V, S, StoreAllocator<'s>>;
+
+/// A hashbrown set whose table lives in a store (see [`StoreMap`]).
+#[cfg(feature = "hashbrown")]
+pub type StoreSet<'s, T, S = foldhash::fast::FixedState> =
+    hashbrown::HashSet<T, S, StoreAllocator<'s>>;
+
+/// The allocator of a [`Store`]: every block is a file of the store, mapped at a fixed address
+/// of its range, so that the pointers to it are the same in every process that opens the
+/// store.
+///
+/// It is `Copy` and one pointer wide: the address of the store's range, which is the same in
+/// every process, so containers kept in the store hold an allocator that is valid again when
+/// the store is reopened. The lifetime ties every container made with it to the [`Store`]
+/// handle: none outlives it.
+///
+/// Blocks of up to a page take a page (a file each): this first version of the store has no
+/// small-block tier yet, so many small containers are better kept in one (a vector of
+/// fixed-size records rather than a vector of vectors).
+#[derive(Clone, Copy, PartialEq, Eq)]
+pub struct StoreAllocator<'s> {
+    /// The start of the store's range. The runtime page after the header holds the address
+    /// of the store's [`Shared`].
+    base: NonNull<u8>,
+    _store: PhantomData<&'s Store>,
+}
+
+// SAFETY: the allocator only reaches the store's `Shared`, whose state is behind mutexes, and
+// the store (which the lifetime keeps open) is `Sync`.
+unsafe impl Send for StoreAllocator<'_> {}
+// SAFETY: as above.
+unsafe impl Sync for StoreAllocator<'_> {}
+
+impl fmt::Debug for StoreAllocator<'_> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("StoreAllocator")
+            .field("base", &self.base)
+            .finish()
+    }
+}
+
+impl<'s> StoreAllocator<'s> {
+    pub(super) fn new(store: &'s Store) -> Self {
+        // The runtime page is written by `Store::start`, before a store is handed out.
+        let _ = store.shared();
+        StoreAllocator {
+            base: store.base,
+            _store: PhantomData,
+        }
+    }
+
+    fn shared(&self) -> &'s Shared {
+        // SAFETY: `base` is the range of a store that is open for `'s` (the lifetime borrows
+        // the handle); its runtime page, the range's second page, holds the address of the
+        // store's `Shared`, which lives (boxed) as long as the handle. A container reopened
+        // from the store holds this same `base`, and its lifetime is that of the handle it
+        // was reopened through.
+        unsafe {
+            let runtime = self.base.add(sys::page_size()).cast::<*const Shared>();
+            &*runtime.read()
+        }
+    }
+
+    fn usable(&self) -> Result<&'s Shared, AllocError> {
+        let shared = self.shared();
+        if shared.is_owner() && shared.access == super::Access::Write {
+            Ok(shared)
+        } else {
+            Err(AllocError)
+        }
+    }
+}
+
+fn dangling(align: usize) -> NonNull<[u8]> {
+    // `align` is a non-zero power of two (a `Layout`'s): a valid, aligned, dangling address.
+    let ptr = NonNull::new(std::ptr::without_provenance_mut::<u8>(align)).unwrap();
+    NonNull::slice_from_raw_parts(ptr, 0)
+}
+
+fn slice(addr: usize, len: usize) -> NonNull<[u8]> {
+    let ptr = NonNull::new(std::ptr::with_exposed_provenance_mut::<u8>(addr)).unwrap();
+    NonNull::slice_from_raw_parts(ptr, len)
+}
+
+// SAFETY: blocks are mapped files of the store, valid until freed (or the store closes, which
+// the lifetime orders after every container); a block is handed out once and never shared
+// with another; `grow`, `shrink` and `deallocate` accept exactly the blocks `allocate` made
+// (their address is looked up). Copies of the allocator are the same allocator (same store).
+unsafe impl Allocator for StoreAllocator<'_> {
+    fn allocate(&self, layout: Layout) -> Result<NonNull<[u8]>, AllocError> {
+        if layout.size() == 0 {
+            return Ok(dangling(layout.align()));
+        }
+        let shared = self.usable()?;
+        let (addr, len) = shared
+            .lock_space()
+            .allocate(layout.size(), layout.align())
+            .map_err(|e| {
+                log::debug!("mmapvec: store allocation of {layout:?}: {e}");
+                AllocError
+            })?;
+        Ok(slice(addr, len))
+    }
+
+    unsafe fn deallocate(&self, ptr: NonNull<u8>, layout: Layout) {
+        if layout.size() == 0 {
+            return;
+        }
+        let shared = self.shared();
+        // A fork child never touches its parent's store (its views are not even mapped here).
+        if shared.is_owner() {
+            shared.lock_space().free(ptr.as_ptr().expose_provenance());
+        }
+    }
+
+    unsafe fn grow(
+        &self,
+        ptr: NonNull<u8>,
+        old_layout: Layout,
+        new_layout: Layout,
+    ) -> Result<NonNull<[u8]>, AllocError> {
+        // SAFETY: forwarded.
+        unsafe { self.resize(ptr, old_layout, new_layout, false) }
+    }
+
+    unsafe fn grow_zeroed(
+        &self,
+        ptr: NonNull<u8>,
+        old_layout: Layout,
+        new_layout: Layout,
+    ) -> Result<NonNull<[u8]>, AllocError> {
+        // SAFETY: forwarded.
+        unsafe { self.resize(ptr, old_layout, new_layout, true) }
+    }
+
+    unsafe fn shrink(
+        &self,
+        ptr: NonNull<u8>,
+        old_layout: Layout,
+        new_layout: Layout,
+    ) -> Result<NonNull<[u8]>, AllocError> {
+        if new_layout.size() == 0 {
+            // SAFETY: the caller gives up the block.
+            unsafe { self.deallocate(ptr, old_layout) };
+            return Ok(dangling(new_layout.align()));
+        }
+        let addr = ptr.as_ptr().expose_provenance();
+        if !addr.is_multiple_of(new_layout.align()) {
+            // SAFETY: forwarded; a move keeps the first `new_layout.size()` bytes.
+            return unsafe { self.moved(ptr, old_layout, new_layout, false) };
+        }
+        let shared = self.usable()?;
+        let len = shared
+            .lock_space()
+            .shrink(addr, new_layout.size())
+            .map_err(|_| AllocError)?;
+        Ok(slice(addr, len))
+    }
+}
+
+impl StoreAllocator<'_> {
+    /// `grow` and `grow_zeroed`.
+    ///
+    /// # Safety
+    /// As for `Allocator::grow`.
+    unsafe fn resize(
+        &self,
+        ptr: NonNull<u8>,
+        old_layout: Layout,
+        new_layout: Layout,
+        zeroed: bool,
+    ) -> Result<NonNull<[u8]>, AllocError> {
+        if old_layout.size() == 0 {
+            return if zeroed {
+                self.allocate_zeroed(new_layout)
+            } else {
+                self.allocate(new_layout)
+            };
+        }
+        let addr = ptr.as_ptr().expose_provenance();
+        if !addr.is_multiple_of(new_layout.align()) {
+            // SAFETY: forwarded.
+            return unsafe { self.moved(ptr, old_layout, new_layout, zeroed) };
+        }
+        let shared = self.usable()?;
+        let mut space = shared.lock_space();
+        let old_len = space.len_of(addr).ok_or(AllocError)?;
+        let (to, len) = space
+            .grow(addr, new_layout.size(), new_layout.align())
+            .map_err(|e| {
+                log::debug!("mmapvec: growing a store block to {new_layout:?}: {e}");
+                AllocError
+            })?;
+        if zeroed {
+            // The bytes past the old layout that the old block had may have been written (a
+            // block may be used to its full length): zero them. The bytes past `old_len` are
+            // new file blocks, which read as zeros.
+            // SAFETY: `[to + old size, to + old_len)` is in the grown block, mapped, ours.
+            unsafe {
+                std::ptr::with_exposed_provenance_mut::<u8>(to + old_layout.size())
+                    .write_bytes(0, old_len - old_layout.size())
+            };
+        }
+        Ok(slice(to, len))
+    }
+
+    /// A resize to an alignment the block's address does not have: a new block, the bytes
+    /// copied, the old block freed.
+    ///
+    /// # Safety
+    /// As for `Allocator::grow` or `Allocator::shrink`.
+    unsafe fn moved(
+        &self,
+        ptr: NonNull<u8>,
+        old_layout: Layout,
+        new_layout: Layout,
+        zeroed: bool,
+    ) -> Result<NonNull<[u8]>, AllocError> {
+        let new = if zeroed {
+            self.allocate_zeroed(new_layout)?
+        } else {
+            self.allocate(new_layout)?
+        };
+        let keep = old_layout.size().min(new_layout.size());
+        // SAFETY: both blocks are valid for `keep` bytes and distinct (the new one was just
+        // handed out).
+        unsafe { std::ptr::copy_nonoverlapping(ptr.as_ptr(), new.cast::<u8>().as_ptr(), keep) };
+        // SAFETY: the caller gives up the old block.
+        unsafe { self.deallocate(ptr, old_layout) };
+        Ok(new)
+    }
+}

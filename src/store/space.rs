@@ -1,0 +1,645 @@
+//! The store's address space and the blocks in it: one file per block (a *store segment*),
+//! mapped at a fixed address of the store's range, and named after that address, so that
+//! reopening maps every block back where its pointers expect it without reading anything but
+//! the folder.
+//!
+//! * **Spans.** A block of `len` bytes gets a *span* of address space of its own, larger than
+//!   the block (twice the next power of two), reserved and unused: a vector that grows extends
+//!   its file and maps the new part right after the old one, in place. Beyond its span it moves
+//!   (`mremap` to a free span, on Linux: page tables move, no byte is copied) and its file is
+//!   renamed after the new address.
+//! * **Names.** `segs/<address>-<span>` in hexadecimal; the file's length is the block's mapped
+//!   length. Reopening lists the folder, checks that the spans lie in the range without
+//!   overlapping, and maps each file back.
+//! * **Free address space** is two ordered maps (by address, to merge neighbours; by length,
+//!   for the best fit), rebuilt at every open from the spans in use.
+//! * **Lost ranges.** A failed `MAP_FIXED` or `mremap` may leave a gap in the reservation that
+//!   another mapping of the process fills before it is reserved again. Such a range is never
+//!   used again, nor unmapped by the store: it may be someone else's.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::ffi::{OsStr, OsString};
+use std::fs::File;
+use std::io;
+use std::ptr::NonNull;
+
+use crate::fork;
+use crate::sys::{self, Share};
+
+/// The folder of the store's segments.
+pub(super) const SEGS: &str = "segs";
+
+/// The smallest span: 16 pages of 4 KiB.
+const MIN_SPAN: usize = 64 << 10;
+/// Spans are aligned to their length up to this (huge-page friendly), and to pages above it.
+const SPAN_ALIGN: usize = 2 << 20;
+
+/// One block: mapped `len` bytes at the start of `span` bytes of the store's range.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+struct Seg {
+    len: usize,
+    span: usize,
+}
+
+/// The blocks of one open store and its free address space. Used under the store's mutex.
+#[derive(Debug)]
+pub(super) struct Space {
+    /// The `segs` folder.
+    dir: File,
+    share: Share,
+    page: usize,
+    segs: BTreeMap<usize, Seg>,
+    /// Free ranges, start -> length, never adjacent (merged).
+    free: BTreeMap<usize, usize>,
+    /// The same ranges as (length, start), for the best fit.
+    by_len: BTreeSet<(usize, usize)>,
+    /// Ranges that may no longer be ours (see the module docs).
+    lost: Vec<(usize, usize)>,
+}
+
+fn seg_name(addr: usize, span: usize) -> OsString {
+    format!("{addr:x}-{span:x}").into()
+}
+
+fn parse_name(name: &OsStr) -> Option<(usize, usize)> {
+    let (addr, span) = name.to_str()?.split_once('-')?;
+    Some((
+        usize::from_str_radix(addr, 16).ok()?,
+        usize::from_str_radix(span, 16).ok()?,
+    ))
+}
+
+fn corrupt(what: String) -> io::Error {
+    io::Error::new(io::ErrorKind::InvalidData, what)
+}
+
+impl Space {
+    /// An empty space over `[start, end)`, which must be reserved by the caller's store.
+    pub(super) fn new(dir: File, start: usize, end: usize, share: Share) -> Space {
+        let mut space = Space {
+            dir,
+            share,
+            page: sys::page_size(),
+            segs: BTreeMap::new(),
+            free: BTreeMap::new(),
+            by_len: BTreeSet::new(),
+            lost: Vec::new(),
+        };
+        if end > start {
+            space.insert_free(start, end - start);
+        }
+        space
+    }
+
+    /// The space of a store being opened: every segment file of `dir` mapped back at its
+    /// address (`[start, end)` must be reserved by the caller, and nothing in it used yet).
+    /// On error, what was mapped stays mapped: the caller unmaps its whole range.
+    pub(super) fn open(dir: File, start: usize, end: usize, share: Share) -> io::Result<Space> {
+        let mut space = Space::new(dir, start, end, share);
+        let mut found = Vec::new();
+        for name in sys::names_in(&space.dir)? {
+            let (addr, span) = parse_name(&name)
+                .ok_or_else(|| corrupt(format!("unexpected file {name:?} in the store")))?;
+            let file = space.open_seg(addr, span)?;
+            let len = usize::try_from(file.metadata()?.len()).unwrap_or(usize::MAX);
+            let fits = addr >= start
+                && addr.is_multiple_of(space.page)
+                && span.is_multiple_of(space.page)
+                && len.is_multiple_of(space.page)
+                && len > 0
+                && len <= span
+                && span <= end - addr;
+            if !fits {
+                return Err(corrupt(format!(
+                    "segment {name:?} ({len} bytes) does not fit the store's range"
+                )));
+            }
+            found.push((addr, Seg { len, span }, file));
+        }
+        found.sort_by_key(|&(addr, ..)| addr);
+        for pair in found.windows(2) {
+            if pair[0].0 + pair[0].1.span > pair[1].0 {
+                return Err(corrupt(format!(
+                    "segments at {:#x} and {:#x} overlap",
+                    pair[0].0, pair[1].0
+                )));
+            }
+        }
+        for (addr, seg, file) in found {
+            space.take_range(addr, seg.span);
+            // SAFETY: `[addr, addr + span)` lies in the caller's reservation (checked above),
+            // which nothing uses yet, and no two spans overlap; the file is `len` bytes long.
+            unsafe { space.map_view(addr, &file, 0, seg.len, seg.len) }?;
+            space.segs.insert(addr, seg);
+        }
+        Ok(space)
+    }
+
+    /// Maps `len` bytes of `file` from `offset` at `addr`, kept out of fork children
+    /// (`MADV_DONTFORK`, recorded so that a child fills the hole with a reservation: see
+    /// `fork`); the block that starts at `block` is then `block_len` bytes long. A failed map
+    /// leaves the range reserved again, or marked lost.
+    ///
+    /// # Safety
+    /// `[addr, addr + len)` must be the caller's reservation, which nothing refers to.
+    unsafe fn map_view(
+        &mut self,
+        addr: usize,
+        file: &File,
+        offset: usize,
+        len: usize,
+        block_len: usize,
+    ) -> io::Result<()> {
+        let block = addr - offset;
+        let mut views = fork::hold();
+        // SAFETY: the caller's reservation, passed on.
+        let mapped =
+            unsafe { sys::map_file_fixed_at(at(addr), file, offset as u64, len, self.share) };
+        if let Err(e) = mapped {
+            drop(views);
+            self.after_failed_map(addr, len);
+            return Err(e);
+        }
+        // Recorded before the advice: a hole the child fills is harmless, a view it keeps is
+        // not.
+        views.add(block, block_len);
+        // SAFETY: the view just mapped; DONTFORK leaves its contents alone.
+        let advised = unsafe { sys::advise(at(addr), len, sys::Advice::DontFork) };
+        if let Err(e) = advised {
+            // SAFETY: the view just mapped, which nothing refers to yet.
+            let _ = unsafe { sys::reserve_fixed(at(addr), len) };
+            if offset == 0 {
+                views.remove(block);
+            } else {
+                views.add(block, offset);
+            }
+            return Err(e);
+        }
+        Ok(())
+    }
+
+    fn open_seg(&self, addr: usize, span: usize) -> io::Result<File> {
+        sys::open_at(&self.dir, &seg_name(addr, span), None)
+    }
+
+    /// How many blocks are mapped now.
+    pub(super) fn blocks(&self) -> usize {
+        self.segs.len()
+    }
+
+    /// Ranges that must not be unmapped when the store closes (see the module docs).
+    pub(super) fn lost(&self) -> &[(usize, usize)] {
+        &self.lost
+    }
+
+    fn writable(&self) -> io::Result<()> {
+        match self.share {
+            Share::Write => Ok(()),
+            _ => Err(io::Error::new(
+                io::ErrorKind::PermissionDenied,
+                "the store is open read-only",
+            )),
+        }
+    }
+
+    /// A new block of at least `size` bytes aligned to `align`, reading as zeros: its address
+    /// and mapped length.
+    pub(super) fn allocate(&mut self, size: usize, align: usize) -> io::Result<(usize, usize)> {
+        self.writable()?;
+        let len = self.round(size)?;
+        let (addr, span) = self.take_span(len, align)?;
+        let name = seg_name(addr, span);
+        let made = sys::open_at(&self.dir, &name, Some(0o600)).and_then(|file| {
+            sys::allocate_blocks(&file, 0, len as u64)?;
+            // SAFETY: `[addr, addr + span)` was just taken from the free ranges: our
+            // reservation, which nothing refers to.
+            unsafe { self.map_view(addr, &file, 0, len, len) }
+        });
+        match made {
+            Ok(()) => {
+                self.segs.insert(addr, Seg { len, span });
+                Ok((addr, len))
+            }
+            Err(e) => {
+                let _ = sys::remove_at(&self.dir, &name, false);
+                self.give_back_unless_lost(addr, span);
+                Err(e)
+            }
+        }
+    }
+
+    /// The mapped length of the block at `addr`.
+    pub(super) fn len_of(&self, addr: usize) -> Option<usize> {
+        self.segs.get(&addr).map(|s| s.len)
+    }
+
+    /// Grows the block at `addr` to at least `size` bytes (the new bytes read as zeros): in
+    /// place within its span, else moved to a new span. Returns its address and length. On
+    /// error the block is as it was.
+    pub(super) fn grow(
+        &mut self,
+        addr: usize,
+        size: usize,
+        align: usize,
+    ) -> io::Result<(usize, usize)> {
+        self.writable()?;
+        let seg = *self.segs.get(&addr).ok_or_else(not_ours)?;
+        let len = self.round(size)?;
+        if len <= seg.len {
+            return Ok((addr, seg.len));
+        }
+        let file = self.open_seg(addr, seg.span)?;
+        sys::allocate_blocks(&file, seg.len as u64, (len - seg.len) as u64)?;
+        let undo = |file: &File| {
+            let _ = file.set_len(seg.len as u64);
+        };
+        if len <= seg.span {
+            let tail = addr + seg.len;
+            let mut views = fork::hold();
+            // SAFETY: the block's view is ours, and `[tail, addr + len)` lies in its span, past
+            // the view: our reservation, which nothing refers to. The file has `len` bytes.
+            let extended = unsafe { extend_in_place(at(addr), seg.len, len, &file, self.share) };
+            if let Err(e) = extended {
+                drop(views);
+                self.after_failed_map(tail, len - seg.len);
+                undo(&file);
+                return Err(e);
+            }
+            views.add(addr, len);
+            drop(views);
+            self.segs.insert(
+                addr,
+                Seg {
+                    len,
+                    span: seg.span,
+                },
+            );
+            return Ok((addr, len));
+        }
+        let (to, span) = match self.take_span(len, align) {
+            Ok(taken) => taken,
+            Err(e) => {
+                undo(&file);
+                return Err(e);
+            }
+        };
+        let (old_name, new_name) = (seg_name(addr, seg.span), seg_name(to, span));
+        if let Err(e) = sys::rename_at(&self.dir, &old_name, &new_name) {
+            undo(&file);
+            self.give_back_unless_lost(to, span);
+            return Err(e);
+        }
+        let mut views = fork::hold();
+        // SAFETY: the block's mapping is ours, and `[to, to + span)` was just taken from the
+        // free ranges: our reservation, which nothing refers to. The file has `len` bytes.
+        let moved = unsafe { move_mapping(at(addr), seg.len, len, at(to), &file) };
+        if moved.is_ok() {
+            views.remove(addr);
+            views.add(to, len);
+        }
+        drop(views);
+        if let Err(e) = moved {
+            let _ = sys::rename_at(&self.dir, &new_name, &old_name);
+            undo(&file);
+            // The target may or may not still be our reservation (see `sys::remap`).
+            self.after_failed_map(to, len);
+            self.give_back_unless_lost(to, span);
+            return Err(e);
+        }
+        // The old view is gone: its range is a gap until reserved again.
+        self.segs.remove(&addr);
+        self.segs.insert(to, Seg { len, span });
+        self.after_failed_map(addr, seg.len);
+        self.give_back_unless_lost(addr, seg.span);
+        Ok((to, len))
+    }
+
+    /// Shrinks the block at `addr` to at least `size` (> 0) bytes, giving the rest of its file
+    /// back. Returns its mapped length (the old one if nothing could be given back).
+    pub(super) fn shrink(&mut self, addr: usize, size: usize) -> io::Result<usize> {
+        let seg = *self.segs.get(&addr).ok_or_else(not_ours)?;
+        let len = self.round(size.max(1))?;
+        if len >= seg.len || self.share != Share::Write {
+            return Ok(seg.len);
+        }
+        let mut views = fork::hold();
+        // SAFETY: `[addr + len, addr + seg.len)` is the end of the block's own mapping, which
+        // the caller gives up (it shrinks the block); MAP_FIXED replaces it with no gap.
+        if unsafe { sys::reserve_fixed(at(addr + len), seg.len - len) }.is_err() {
+            return Ok(seg.len);
+        }
+        views.add(addr, len);
+        drop(views);
+        self.segs.insert(
+            addr,
+            Seg {
+                len,
+                span: seg.span,
+            },
+        );
+        // The view ends at `len` now: cutting the file cannot leave a page past its end mapped.
+        if let Ok(file) = self.open_seg(addr, seg.span) {
+            let _ = file.set_len(len as u64);
+        }
+        Ok(len)
+    }
+
+    /// Frees the block at `addr`: its view becomes a reservation again, its file is removed.
+    pub(super) fn free(&mut self, addr: usize) {
+        let Some(seg) = self.segs.remove(&addr) else {
+            debug_assert!(false, "freeing {addr:#x}, not a block of the store");
+            return;
+        };
+        let mut views = fork::hold();
+        // SAFETY: the block's own mapping, which the caller frees: nothing refers to it.
+        let reserved = unsafe { sys::reserve_fixed(at(addr), seg.len) }.is_ok();
+        views.remove(addr);
+        drop(views);
+        if self.share == Share::Write {
+            let _ = sys::remove_at(&self.dir, &seg_name(addr, seg.span), false);
+        }
+        if reserved {
+            self.insert_free(addr, seg.span);
+        } else {
+            // The view may still be there: never reuse the span.
+            self.lost.push((addr, seg.span));
+        }
+    }
+
+    /// Writes every block's changed pages to its file and waits (`msync`), then the folder.
+    pub(super) fn sync(&self) -> io::Result<()> {
+        for (&addr, seg) in &self.segs {
+            // SAFETY: the block's mapping, ours while it is in `segs`.
+            unsafe { sys::sync(at(addr), seg.len) }?;
+        }
+        self.dir.sync_all()
+    }
+
+    fn round(&self, size: usize) -> io::Result<usize> {
+        size.max(1)
+            .checked_next_multiple_of(self.page)
+            .ok_or_else(|| io::Error::from_raw_os_error(libc::ENOMEM))
+    }
+
+    /// Takes a free span for a block of `len` bytes: twice the next power of two if there is
+    /// room (so that it can grow in place), else just `len`.
+    fn take_span(&mut self, len: usize, align: usize) -> io::Result<(usize, usize)> {
+        let align = align.max(self.page);
+        let roomy = len
+            .checked_next_power_of_two()
+            .and_then(|p| p.checked_mul(2))
+            .map(|s| s.max(MIN_SPAN));
+        let roomy = roomy.map(|span| (span, align.max(span.min(SPAN_ALIGN))));
+        for (span, align) in roomy.into_iter().chain([(len, align)]) {
+            if let Some(addr) = self.take_free(span, align) {
+                return Ok((addr, span));
+            }
+        }
+        Err(io::Error::new(
+            io::ErrorKind::OutOfMemory,
+            "the store's address range is full",
+        ))
+    }
+
+    /// Best fit: the shortest free range that holds `len` bytes at an `align`ed address.
+    fn take_free(&mut self, len: usize, align: usize) -> Option<usize> {
+        let (addr, _) = self
+            .by_len
+            .range((len, 0)..)
+            .map(|&(free_len, start)| (start.next_multiple_of(align), start + free_len))
+            .find(|&(addr, end)| addr.checked_add(len).is_some_and(|e| e <= end))?;
+        self.take_range(addr, len);
+        Some(addr)
+    }
+
+    /// Removes `[addr, addr + len)`, which must lie inside one free range, from the free ranges.
+    fn take_range(&mut self, addr: usize, len: usize) {
+        let Some((&start, &free_len)) = self.free.range(..=addr).next_back() else {
+            debug_assert!(false, "taking {addr:#x}, not free");
+            return;
+        };
+        debug_assert!(addr + len <= start + free_len, "taking {addr:#x}, not free");
+        self.free.remove(&start);
+        self.by_len.remove(&(free_len, start));
+        if addr > start {
+            self.free.insert(start, addr - start);
+            self.by_len.insert((addr - start, start));
+        }
+        let end = start + free_len;
+        if addr + len < end {
+            self.free.insert(addr + len, end - addr - len);
+            self.by_len.insert((end - addr - len, addr + len));
+        }
+    }
+
+    fn insert_free(&mut self, mut addr: usize, mut len: usize) {
+        if let Some((&before, &before_len)) = self.free.range(..addr).next_back()
+            && before + before_len == addr
+        {
+            self.free.remove(&before);
+            self.by_len.remove(&(before_len, before));
+            addr = before;
+            len += before_len;
+        }
+        if let Some(&after_len) = self.free.get(&(addr + len)) {
+            self.free.remove(&(addr + len));
+            self.by_len.remove(&(after_len, addr + len));
+            len += after_len;
+        }
+        self.free.insert(addr, len);
+        self.by_len.insert((len, addr));
+    }
+
+    /// After a `MAP_FIXED` or `mremap` over `[addr, addr + len)` failed, or a view moved away
+    /// from there: the range is ours again if it can be reserved in place; otherwise it is
+    /// either still our reservation or someone else's mapping, and is marked lost.
+    fn after_failed_map(&mut self, addr: usize, len: usize) {
+        if sys::reserve_at(at(addr), len).is_err() {
+            self.lost.push((addr, len));
+        }
+    }
+
+    /// Returns a span to the free ranges, less any part marked lost.
+    fn give_back_unless_lost(&mut self, addr: usize, span: usize) {
+        let end = addr + span;
+        let mut lost: Vec<(usize, usize)> = self
+            .lost
+            .iter()
+            .copied()
+            .filter(|&(a, l)| a < end && a + l > addr)
+            .collect();
+        lost.sort_unstable();
+        let mut from = addr;
+        for (a, l) in lost {
+            if a > from {
+                self.insert_free(from, a - from);
+            }
+            from = from.max(a + l);
+        }
+        if from < end {
+            self.insert_free(from, end - from);
+        }
+    }
+}
+
+fn not_ours() -> io::Error {
+    io::Error::new(io::ErrorKind::InvalidInput, "not a block of this store")
+}
+
+fn at(addr: usize) -> NonNull<u8> {
+    NonNull::new(addr as *mut u8).expect("store addresses are never null")
+}
+
+/// Extends the view `[addr, addr + old_len)` of `file` to `new_len` bytes in place. On error
+/// the view is as it was, and the range past it may be a gap.
+///
+/// `mremap`, after the reservation past the view is unmapped: one mapping (a view mapped in two
+/// parts from two descriptors would be two, and `mremap` cannot move two at once).
+///
+/// # Safety
+/// The view must be the caller's and `[addr + old_len, addr + new_len)` its reservation.
+#[cfg(target_os = "linux")]
+unsafe fn extend_in_place(
+    addr: NonNull<u8>,
+    old_len: usize,
+    new_len: usize,
+    _file: &File,
+    _share: Share,
+) -> io::Result<()> {
+    // SAFETY: the caller's reservation; for an instant it is a gap, which the caller
+    // reserves again (or marks lost) if the extension fails.
+    unsafe { sys::unmap(addr.add(old_len), new_len - old_len) }?;
+    // SAFETY: the caller's view; in place, so no other mapping moves.
+    unsafe { sys::remap(addr, old_len, new_len, sys::RemapTo::InPlace) }.map(drop)
+}
+
+/// Without `mremap`: the whole file mapped again over the view and the reservation past it
+/// (no byte copied: the pages are the file's).
+#[cfg(not(target_os = "linux"))]
+unsafe fn extend_in_place(
+    addr: NonNull<u8>,
+    _old_len: usize,
+    new_len: usize,
+    file: &File,
+    share: Share,
+) -> io::Result<()> {
+    // SAFETY: the view and the reservation past it are the caller's.
+    unsafe { sys::map_file_fixed_at(addr, file, 0, new_len, share) }
+}
+
+/// Moves the view `[from, from + old_len)` of `file` to `to`, `new_len` bytes long.
+///
+/// # Safety
+/// The view must be the caller's, and `[to, to + new_len)` the caller's reservation.
+#[cfg(target_os = "linux")]
+unsafe fn move_mapping(
+    from: NonNull<u8>,
+    old_len: usize,
+    new_len: usize,
+    to: NonNull<u8>,
+    _file: &File,
+) -> io::Result<()> {
+    // SAFETY: forwarded: both ranges are the caller's.
+    unsafe { sys::remap(from, old_len, new_len, sys::RemapTo::Fixed(to)) }.map(drop)
+}
+
+/// Without `mremap`: the file mapped again at `to`, the old view unmapped (no byte copied:
+/// both views are of the same file).
+#[cfg(not(target_os = "linux"))]
+unsafe fn move_mapping(
+    from: NonNull<u8>,
+    old_len: usize,
+    new_len: usize,
+    to: NonNull<u8>,
+    file: &File,
+) -> io::Result<()> {
+    // SAFETY: `[to, to + new_len)` is the caller's reservation.
+    unsafe { sys::map_file_fixed_at(to, file, 0, new_len, Share::Write) }?;
+    // SAFETY: the old view is the caller's; unmapped here, the caller reserves it again.
+    unsafe { sys::unmap(from, old_len) }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn space(len: usize) -> (Space, tempdir::Dir) {
+        let dir = tempdir::Dir::new();
+        let base = sys::reserve(len).unwrap().as_ptr().addr();
+        let handle = File::open(&dir.0).unwrap();
+        (Space::new(handle, base, base + len, Share::Write), dir)
+    }
+
+    mod tempdir {
+        pub(super) struct Dir(pub(super) std::path::PathBuf);
+        impl Dir {
+            pub(super) fn new() -> Dir {
+                use std::sync::atomic::{AtomicU64, Ordering};
+                static N: AtomicU64 = AtomicU64::new(0);
+                let path = std::env::temp_dir().join(format!(
+                    "mmapvec-space-{}-{}",
+                    std::process::id(),
+                    N.fetch_add(1, Ordering::Relaxed)
+                ));
+                std::fs::create_dir(&path).unwrap();
+                Dir(path)
+            }
+        }
+        impl Drop for Dir {
+            fn drop(&mut self) {
+                let _ = std::fs::remove_dir_all(&self.0);
+            }
+        }
+    }
+
+    fn fill(addr: usize, len: usize, byte: u8) {
+        // SAFETY: the test's own block, mapped read/write for `len` bytes.
+        unsafe { std::ptr::write_bytes(addr as *mut u8, byte, len) };
+    }
+
+    fn all(addr: usize, len: usize, byte: u8) -> bool {
+        // SAFETY: the test's own block, mapped for `len` bytes.
+        let bytes = unsafe { std::slice::from_raw_parts(addr as *const u8, len) };
+        bytes.iter().all(|&b| b == byte)
+    }
+
+    #[test]
+    fn blocks_grow_in_place_then_move_keeping_their_bytes() {
+        let (mut space, _dir) = space(1 << 30);
+        let (a, len) = space.allocate(100, 8).unwrap();
+        assert_eq!(len, sys::page_size());
+        fill(a, len, 7);
+        let (b, len2) = space.grow(a, 3 * len, 8).unwrap();
+        assert_eq!(b, a, "within its span: in place");
+        assert!(all(a, len, 7) && all(a + len, len2 - len, 0));
+        let (c, len3) = space.grow(b, 1 << 20, 8).unwrap();
+        assert_ne!(c, b, "past its span: moved");
+        assert!(all(c, len, 7) && all(c + len, len3 - len, 0));
+        assert_eq!(space.blocks(), 1);
+        assert_eq!(space.shrink(c, 10).unwrap(), sys::page_size());
+        assert!(all(c, 10, 7));
+        space.free(c);
+        assert_eq!(space.blocks(), 0);
+        assert_eq!(sys::names_in(&space.dir).unwrap().len(), 0);
+        assert_eq!(space.free.len(), 1, "every span merged back");
+    }
+
+    #[test]
+    fn a_full_range_is_an_error_not_a_panic() {
+        let (mut space, _dir) = space(1 << 20);
+        assert!(space.allocate(2 << 20, 8).is_err());
+        let (a, _) = space.allocate(1 << 20, 8).unwrap();
+        assert!(space.allocate(1, 8).is_err());
+        space.free(a);
+        assert!(space.allocate(1, 8).is_ok());
+    }
+
+    #[test]
+    fn alignment_is_kept() {
+        let (mut space, _dir) = space(1 << 30);
+        let (a, _) = space.allocate(1, 1 << 16).unwrap();
+        assert!(a.is_multiple_of(1 << 16));
+        let (b, _) = space.allocate(1, 1 << 21).unwrap();
+        assert!(b.is_multiple_of(1 << 21));
+    }
+}

@@ -83,6 +83,10 @@ mod tests;
 pub use alloc::{StoreAllocator, StoreBox, StoreVec};
 #[cfg(feature = "hashbrown")]
 pub use alloc::{StoreMap, StoreSet};
+/// foldhash's fast hash function (hashbrown's own) with a fixed seed: the default hasher of
+/// [`StoreMap`] and [`StoreSet`], re-exported so that no other dependency is needed.
+#[cfg(feature = "hashbrown")]
+pub use foldhash::fast::FixedState;
 pub use persist::{Persist, PersistHasher, fingerprint, type_fingerprint};
 pub use roots::{Root, RootMut};
 

@@ -1,0 +1,510 @@
+//! Persistent stores from the public API, each reopen in a new process: this test binary is
+//! started again with a role and the store's path (an address space of its own, with the
+//! program's statics elsewhere, as a program that reopens a store has).
+#![cfg(feature = "hashbrown")]
+
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Mutex, MutexGuard};
+
+use allocator_api2::alloc::{Allocator, Layout};
+use mmapvec::store::{FixedState, Store, StoreError, StoreMap, StoreSet, StoreVec};
+
+/// The environment variables that tell a test it runs as a new process of its own.
+const ROLE: &str = "MMAPVEC_STORE_ROLE";
+const PATH: &str = "MMAPVEC_STORE_PATH";
+
+/// A store path under the temp folder, removed at the end.
+struct TestPath(PathBuf);
+
+impl TestPath {
+    fn new(label: &str) -> TestPath {
+        static NEXT: AtomicU64 = AtomicU64::new(0);
+        let n = NEXT.fetch_add(1, Ordering::Relaxed);
+        let path = std::env::temp_dir().join(format!(
+            "mmapvec-store-it-{label}-{}-{n}",
+            std::process::id()
+        ));
+        let _ = std::fs::remove_dir_all(&path);
+        TestPath(path)
+    }
+}
+
+impl Drop for TestPath {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+/// A vector of the store holding `items`.
+fn vec_of<'s, T>(store: &'s Store, items: impl IntoIterator<Item = T>) -> StoreVec<'s, T> {
+    let mut v = StoreVec::new_in(store.allocator());
+    v.extend(items);
+    v
+}
+
+/// One store per process at a time: the tests of this binary take turns.
+fn serial() -> MutexGuard<'static, ()> {
+    static SERIAL: Mutex<()> = Mutex::new(());
+    SERIAL.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+/// The role and path this process was started with by [`in_new_process`], if it was.
+fn role() -> Option<(String, PathBuf)> {
+    Some((std::env::var(ROLE).ok()?, std::env::var_os(PATH)?.into()))
+}
+
+/// Runs the test `name` again in a new process with `role` and the store's `path`; asserts
+/// that it passed.
+fn in_new_process(name: &str, role: &str, path: &Path) {
+    let output = std::process::Command::new(std::env::current_exe().unwrap())
+        .args(["--exact", name, "--nocapture", "--test-threads=1"])
+        .env(ROLE, role)
+        .env(PATH, path)
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    assert!(
+        output.status.success() && stdout.contains("1 passed"),
+        "{name} as {role}: {}\n{stdout}\n{}",
+        output.status,
+        String::from_utf8_lossy(&output.stderr)
+    );
+}
+
+type Counts<'s> = StoreMap<'s, u64, u64, FixedState>;
+type Postings<'s> = StoreMap<'s, u64, StoreVec<'s, u32>, FixedState>;
+type Shards<'s> = StoreVec<'s, StoreMap<'s, u32, u32, FixedState>>;
+
+const N: u64 = 100_000;
+
+fn value(k: u64) -> u64 {
+    k.wrapping_mul(0x9e37_79b9_7f4a_7c15) >> 7
+}
+
+/// Builds the four roots: a vector, a map, a map of vectors, a vector of maps (some empty).
+fn build(store: &Store) {
+    let alloc = store.allocator();
+    let mut vec = StoreVec::new_in(alloc);
+    vec.extend(0..N);
+    store.set_root("vec", vec).unwrap();
+    let mut counts: Counts = StoreMap::with_hasher_in(FixedState::with_seed(1), alloc);
+    counts.extend((0..N).map(|k| (k, value(k))));
+    store.set_root("counts", counts).unwrap();
+    let mut postings: Postings = StoreMap::with_hasher_in(FixedState::with_seed(2), alloc);
+    for k in 0..50u64 {
+        let mut list = StoreVec::new_in(alloc);
+        list.extend((0..k as u32 * 10).map(|i| i * 3));
+        postings.insert(k, list);
+    }
+    store.set_root("postings", postings).unwrap();
+    let mut shards: Shards = StoreVec::new_in(alloc);
+    for s in 0..8u32 {
+        let mut m = StoreMap::with_hasher_in(FixedState::with_seed(3), alloc);
+        // Every other map stays empty: its table is hashbrown's static.
+        if s % 2 == 1 {
+            m.extend((0..1000).map(|i| (i, i + s)));
+        }
+        shards.push(m);
+    }
+    store.set_root("shards", shards).unwrap();
+}
+
+/// Checks every entry of the four roots, as `build` made them and `grow` changed them.
+fn verify(store: &Store, grown: bool) {
+    let vec = store.root::<StoreVec<u64>>("vec").unwrap();
+    let len = if grown { 2 * N } else { N };
+    assert_eq!(vec.len() as u64, len);
+    assert!(vec.iter().copied().eq(0..len));
+    let counts = store.root::<Counts>("counts").unwrap();
+    assert_eq!(counts.len() as u64, if grown { N / 2 } else { N });
+    for k in 0..N {
+        let expect = (!grown || k % 2 == 0).then(|| value(k));
+        assert_eq!(counts.get(&k).copied(), expect, "key {k}");
+    }
+    let postings = store.root::<Postings>("postings").unwrap();
+    assert_eq!(postings.len(), 50);
+    for k in 0..50u64 {
+        let list = &postings[&k];
+        let mut want: Vec<u32> = (0..k as u32 * 10).map(|i| i * 3).collect();
+        if grown {
+            want.extend(0..100);
+        }
+        assert!(list.iter().eq(want.iter()), "postings of {k}");
+    }
+    let shards = store.root::<Shards>("shards").unwrap();
+    assert_eq!(shards.len(), 8);
+    for (s, m) in shards.iter().enumerate() {
+        let s = s as u32;
+        let mut want: Vec<(u32, u32)> = if s % 2 == 1 {
+            (0..1000).map(|i| (i, i + s)).collect()
+        } else {
+            Vec::new()
+        };
+        if grown {
+            want.push((5000, s));
+        }
+        assert_eq!(m.len(), want.len(), "shard {s}");
+        for (k, v) in want {
+            assert_eq!(m.get(&k), Some(&v), "shard {s} key {k}");
+        }
+        // Lookups of absent keys read the control bytes, static or not.
+        assert_eq!(m.get(&9999), None);
+    }
+}
+
+/// Grows and shrinks every root: the vector doubles, half the map goes, every list and every
+/// shard (the empty ones too) gets new entries.
+fn grow(store: &Store) {
+    store
+        .root_mut::<StoreVec<u64>>("vec")
+        .unwrap()
+        .extend(N..2 * N);
+    let mut counts = store.root_mut::<Counts>("counts").unwrap();
+    counts.retain(|k, _| k % 2 == 0);
+    counts.shrink_to_fit();
+    drop(counts);
+    for list in store.root_mut::<Postings>("postings").unwrap().values_mut() {
+        list.extend(0..100);
+    }
+    for (s, m) in store
+        .root_mut::<Shards>("shards")
+        .unwrap()
+        .iter_mut()
+        .enumerate()
+    {
+        m.insert(5000, s as u32);
+    }
+}
+
+#[test]
+fn vectors_and_maps_are_kept_across_processes() {
+    let _serial = serial();
+    const NAME: &str = "vectors_and_maps_are_kept_across_processes";
+    if let Some((role, path)) = role() {
+        let store = Store::open(&path).unwrap();
+        match role.as_str() {
+            "verify-then-grow" => {
+                verify(&store, false);
+                grow(&store);
+                verify(&store, true);
+            }
+            "verify-grown" => verify(&store, true),
+            other => panic!("unknown role {other}"),
+        }
+        store.close().unwrap();
+        return;
+    }
+    let path = TestPath::new("kept");
+    let store = Store::create(&path.0).unwrap();
+    build(&store);
+    verify(&store, false);
+    let blocks = store.blocks();
+    store.close().unwrap();
+    in_new_process(NAME, "verify-then-grow", &path.0);
+    in_new_process(NAME, "verify-grown", &path.0);
+    let store = Store::open(&path.0).unwrap();
+    verify(&store, true);
+    assert!(store.blocks() >= blocks);
+    assert!(store.flushes() >= 3, "every clean close is a flush");
+}
+
+#[test]
+fn empty_maps_reopen_and_take_inserts() {
+    let _serial = serial();
+    const NAME: &str = "empty_maps_reopen_and_take_inserts";
+    type Sets<'s> = StoreVec<'s, StoreSet<'s, u64, FixedState>>;
+    if let Some((_, path)) = role() {
+        let store = Store::open(&path).unwrap();
+        let mut map = store.root_mut::<Counts>("empty").unwrap();
+        assert_eq!(map.get(&7), None);
+        map.insert(7, 70);
+        assert_eq!(map.get(&7), Some(&70));
+        let mut sets = store.root_mut::<Sets>("sets").unwrap();
+        for (i, set) in sets.iter_mut().enumerate() {
+            assert!(!set.contains(&1));
+            set.insert(i as u64);
+        }
+        drop((map, sets));
+        store.close().unwrap();
+        return;
+    }
+    let path = TestPath::new("empty");
+    let store = Store::create(&path.0).unwrap();
+    let alloc = store.allocator();
+    let empty: Counts = StoreMap::with_hasher_in(FixedState::default(), alloc);
+    store.set_root("empty", empty).unwrap();
+    let mut sets: Sets = StoreVec::new_in(alloc);
+    sets.resize_with(4, || StoreSet::with_hasher_in(FixedState::default(), alloc));
+    store.set_root("sets", sets).unwrap();
+    store.close().unwrap();
+    in_new_process(NAME, "insert", &path.0);
+    let store = Store::open(&path.0).unwrap();
+    assert_eq!(store.root::<Counts>("empty").unwrap().get(&7), Some(&70));
+    let sets = store.root::<Sets>("sets").unwrap();
+    assert!(
+        sets.iter()
+            .enumerate()
+            .all(|(i, s)| s.len() == 1 && s.contains(&(i as u64)))
+    );
+}
+
+#[test]
+fn a_root_opens_only_as_its_own_type() {
+    let _serial = serial();
+    let path = TestPath::new("types");
+    let store = Store::create(&path.0).unwrap();
+    let mut v = StoreVec::new_in(store.allocator());
+    v.extend([1u64, 2, 3]);
+    store.set_root("v", v).unwrap();
+    store.set_root("x", 5u64).unwrap();
+    store.close().unwrap();
+    let store = Store::open(&path.0).unwrap();
+    let wrong = |e: Result<(), StoreError>| {
+        assert!(matches!(e, Err(StoreError::WrongType { .. })), "{e:?}");
+    };
+    wrong(store.root::<StoreVec<u32>>("v").map(drop));
+    wrong(store.root::<StoreVec<i64>>("v").map(drop));
+    wrong(store.root::<Counts>("v").map(drop));
+    wrong(store.root::<i64>("x").map(drop));
+    wrong(store.root::<(u32, u32)>("x").map(drop));
+    wrong(store.root::<[u8; 8]>("x").map(drop));
+    assert!(matches!(
+        store.root::<u64>("nope"),
+        Err(StoreError::NoRoot(_))
+    ));
+    assert_eq!(*store.root::<u64>("x").unwrap(), 5);
+    assert_eq!(store.root::<StoreVec<u64>>("v").unwrap()[..], [1, 2, 3]);
+}
+
+#[test]
+fn roots_are_lent_like_refcells_and_taken_out() {
+    let _serial = serial();
+    let path = TestPath::new("lend");
+    let store = Store::create(&path.0).unwrap();
+    store.set_root("x", 1u32).unwrap();
+    assert!(matches!(
+        store.set_root("x", 2u32),
+        Err(StoreError::RootExists(_))
+    ));
+    assert!(matches!(
+        store.set_root("", 2u32),
+        Err(StoreError::BadRootName(_))
+    ));
+    assert!(matches!(
+        store.set_root(&"n".repeat(65), 2u32),
+        Err(StoreError::BadRootName(_))
+    ));
+    {
+        let a = store.root::<u32>("x").unwrap();
+        let b = store.root::<u32>("x").unwrap();
+        assert_eq!(*a + *b, 2);
+        assert!(matches!(
+            store.root_mut::<u32>("x"),
+            Err(StoreError::RootInUse(_))
+        ));
+    }
+    {
+        let mut m = store.root_mut::<u32>("x").unwrap();
+        *m = 9;
+        assert!(matches!(
+            store.root::<u32>("x"),
+            Err(StoreError::RootInUse(_))
+        ));
+        assert!(matches!(
+            store.take_root::<u32>("x"),
+            Err(StoreError::RootInUse(_))
+        ));
+    }
+    assert_eq!(store.take_root::<u32>("x").unwrap(), 9);
+    assert!(store.root_names().is_empty());
+    for i in 0..31 {
+        store.set_root(&format!("r{i}"), i).unwrap();
+    }
+    assert!(matches!(
+        store.set_root("one more", 0),
+        Err(StoreError::RootsFull)
+    ));
+    assert_eq!(store.root_names().len(), 31);
+}
+
+#[test]
+fn dropped_containers_give_their_blocks_back() {
+    let _serial = serial();
+    let path = TestPath::new("drop");
+    let store = Store::create(&path.0).unwrap();
+    let files = || std::fs::read_dir(path.0.join("segs")).unwrap().count();
+    let before = (store.blocks(), files());
+    {
+        let mut v = StoreVec::new_in(store.allocator());
+        v.extend(0..1_000_000u64);
+        let mut m: Counts = StoreMap::with_hasher_in(FixedState::default(), store.allocator());
+        m.extend((0..10_000).map(|k| (k, k)));
+        assert_eq!(store.blocks(), before.0 + 2);
+        v.truncate(10);
+        v.shrink_to_fit();
+        assert_eq!(v[..], [0, 1, 2, 3, 4, 5, 6, 7, 8, 9]);
+    }
+    assert_eq!((store.blocks(), files()), before);
+    let taken = {
+        store.set_root("v", vec_of(&store, 0..10u8)).unwrap();
+        store.take_root::<StoreVec<u8>>("v").unwrap()
+    };
+    assert_eq!(taken[..], [0, 1, 2, 3, 4, 5, 6, 7, 8, 9]);
+    drop(taken);
+    assert_eq!((store.blocks(), files()), before);
+}
+
+#[test]
+fn readers_share_a_store_and_cannot_change_it() {
+    let _serial = serial();
+    const NAME: &str = "readers_share_a_store_and_cannot_change_it";
+    let check = |store: &Store| {
+        assert!(!store.is_writable());
+        // The empty map is reattached in the reader's private copy.
+        assert_eq!(store.root::<Counts>("m").unwrap().get(&1), None);
+        assert_eq!(store.root::<StoreVec<u64>>("v").unwrap().len(), 100);
+        assert!(matches!(
+            store.root_mut::<Counts>("m"),
+            Err(StoreError::ReadOnly)
+        ));
+        assert!(matches!(
+            store.set_root("y", 1u8),
+            Err(StoreError::ReadOnly)
+        ));
+        assert!(matches!(store.flush(), Err(StoreError::ReadOnly)));
+        let layout = Layout::new::<u64>();
+        assert!(store.allocator().allocate(layout).is_err());
+    };
+    if let Some((_, path)) = role() {
+        check(&Store::open_read_only(&path).unwrap());
+        return;
+    }
+    let path = TestPath::new("readers");
+    let store = Store::create(&path.0).unwrap();
+    let m: Counts = StoreMap::with_hasher_in(FixedState::default(), store.allocator());
+    store.set_root("m", m).unwrap();
+    store.set_root("v", vec_of(&store, 0..100u64)).unwrap();
+    assert!(matches!(
+        Store::open_read_only(&path.0),
+        Err(StoreError::Locked)
+    ));
+    store.close().unwrap();
+    let reader = Store::open_read_only(&path.0).unwrap();
+    check(&reader);
+    // Another reader in another process at the same time; a writer is refused meanwhile.
+    in_new_process(NAME, "reader", &path.0);
+    assert!(matches!(Store::open(&path.0), Err(StoreError::Locked)));
+    drop(reader);
+    Store::open(&path.0).unwrap();
+}
+
+#[test]
+fn a_second_store_in_the_process_is_refused() {
+    let _serial = serial();
+    let (a, b) = (TestPath::new("a"), TestPath::new("b"));
+    let store = Store::create(&a.0).unwrap();
+    assert!(matches!(
+        Store::create(&b.0),
+        Err(StoreError::AnotherStoreOpen)
+    ));
+    assert!(!b.0.exists(), "a refused create leaves no folder");
+    drop(store);
+    Store::create(&b.0).unwrap().close().unwrap();
+    assert!(matches!(Store::open(&a.0).map(drop), Ok(())));
+}
+
+#[test]
+fn a_fork_child_never_writes_its_parents_store() {
+    let _serial = serial();
+    let path = TestPath::new("fork");
+    let store = Store::create(&path.0).unwrap();
+    store.set_root("v", vec_of(&store, 0..1000u64)).unwrap();
+    let files = || std::fs::read_dir(path.0.join("segs")).unwrap().count();
+    let before = files();
+    let addr = store.root::<StoreVec<u64>>("v").unwrap().as_ptr() as usize;
+    let child = |body: fn(&Store, usize)| {
+        // SAFETY: the child runs `body` and `_exit`s at once, never returning into the test
+        // harness; no other thread of this test binary holds a lock `body` takes (the tests
+        // take turns, and the store's locks are held across fork by its handlers).
+        let pid = unsafe { libc::fork() };
+        assert!(pid >= 0);
+        if pid == 0 {
+            let ok = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| body(&store, addr)));
+            // SAFETY: ends the child at once.
+            unsafe { libc::_exit(i32::from(ok.is_err())) };
+        }
+        let mut status = 0;
+        // SAFETY: our child; `status` is writable.
+        assert_eq!(unsafe { libc::waitpid(pid, &mut status, 0) }, pid);
+        status
+    };
+    // The child's handle refuses everything, and dropping it is harmless.
+    let status = child(|store, _| {
+        assert!(matches!(
+            store.root::<StoreVec<u64>>("v"),
+            Err(StoreError::ForkChild)
+        ));
+        assert!(matches!(
+            store.set_root("w", 1u8),
+            Err(StoreError::ForkChild)
+        ));
+        assert!(matches!(store.flush(), Err(StoreError::ForkChild)));
+        assert!(store.allocator().allocate(Layout::new::<u64>()).is_err());
+        // SAFETY: the child's own copy of the handle, dropped once (the child `_exit`s).
+        drop(unsafe { std::ptr::read(store) });
+    });
+    assert!(
+        libc::WIFEXITED(status) && libc::WEXITSTATUS(status) == 0,
+        "{status:#x}"
+    );
+    // Writing through a pointer taken before the fork faults in the child: the view is not
+    // there.
+    let status = child(|_, addr| {
+        // SAFETY: deliberately not: the test shows this write cannot reach the parent's store.
+        unsafe { (addr as *mut u64).write_volatile(42) };
+    });
+    assert!(
+        libc::WIFSIGNALED(status),
+        "the child's write did not fault: {status:#x}"
+    );
+    assert!(
+        store
+            .root::<StoreVec<u64>>("v")
+            .unwrap()
+            .iter()
+            .copied()
+            .eq(0..1000)
+    );
+    assert_eq!(files(), before);
+    store.close().unwrap();
+}
+
+#[test]
+fn a_changed_hash_function_or_compiler_is_refused_at_open() {
+    let _serial = serial();
+    let path = TestPath::new("probe");
+    let store = Store::create(&path.0).unwrap();
+    let mut m: Counts = StoreMap::with_hasher_in(FixedState::default(), store.allocator());
+    m.insert(1, 1);
+    store.set_root("m", m).unwrap();
+    store.close().unwrap();
+    let header = path.0.join("header");
+    let good = std::fs::read(&header).unwrap();
+    // The first root slot starts at byte 128; its hash probe is its seventh word. A build whose
+    // foldhash hashed differently would have stored another value there.
+    let mut bad = good.clone();
+    bad[128 + 6 * 8] ^= 1;
+    std::fs::write(&header, &bad).unwrap();
+    let store = Store::open(&path.0).unwrap();
+    assert!(matches!(
+        store.root::<Counts>("m"),
+        Err(StoreError::HasherChanged(_))
+    ));
+    store.close().unwrap();
+    // The compiler's fingerprint: byte 56.
+    let mut other = std::fs::read(&header).unwrap();
+    other[56] ^= 1;
+    std::fs::write(&header, &other).unwrap();
+    assert!(matches!(Store::open(&path.0), Err(StoreError::OtherBuild)));
+}

@@ -829,11 +829,11 @@ impl Drop for Store {
         let mut failed = None;
         for (addr, len) in keep.into_iter().chain([(base + self.len, 0)]) {
             if addr > from {
+                let at = NonNull::new(from as *mut u8).expect("inside the range");
                 // SAFETY: the range (less the ranges kept) is ours, reserved by `create` or
                 // `open`, and with `self` gone nothing refers to it.
-                if let Err(e) =
-                    unsafe { sys::unmap(NonNull::new(from as *mut u8).unwrap(), addr - from) }
-                {
+                let unmapped = unsafe { sys::unmap(at, addr - from) };
+                if let Err(e) = unmapped {
                     failed = Some(e);
                 }
             }

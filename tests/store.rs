@@ -508,3 +508,134 @@ fn a_changed_hash_function_or_compiler_is_refused_at_open() {
     std::fs::write(&header, &other).unwrap();
     assert!(matches!(Store::open(&path.0), Err(StoreError::OtherBuild)));
 }
+
+#[test]
+fn a_snapshot_is_what_recover_goes_back_to() {
+    let _serial = serial();
+    let path = TestPath::new("snapshot");
+    let store = Store::create(&path.0).unwrap();
+    store.set_root("v", vec_of(&store, 0..1000u64)).unwrap();
+    assert!(matches!(Store::recover(&path.0), Err(StoreError::Locked)));
+    let snap = store.snapshot().unwrap();
+    assert_eq!((snap.number, store.snapshots()), (1, 1));
+    assert!(snap.bytes >= 8000);
+    store
+        .root_mut::<StoreVec<u64>>("v")
+        .unwrap()
+        .extend(1000..2000);
+    store.set_root("w", 5u8).unwrap();
+    store.close().unwrap();
+    // A clean store can be put back too: the second half and the second root are gone.
+    let store = Store::recover(&path.0).unwrap();
+    assert!(
+        store
+            .root::<StoreVec<u64>>("v")
+            .unwrap()
+            .iter()
+            .copied()
+            .eq(0..1000)
+    );
+    assert!(matches!(store.root::<u8>("w"), Err(StoreError::NoRoot(_))));
+    store.close().unwrap();
+    let empty = TestPath::new("no-snapshot");
+    Store::create(&empty.0).unwrap().close().unwrap();
+    assert!(matches!(
+        Store::recover(&empty.0),
+        Err(StoreError::NoSnapshot)
+    ));
+}
+
+/// Batches the killed writers add: keys `[b * BATCH, (b + 1) * BATCH)`.
+const BATCH: u64 = 2000;
+/// The writers stop adding after this many batches (and only take snapshots).
+const MAX_BATCHES: u64 = 150;
+
+/// Checks that the store holds exactly `batches` batches: the map, the vector and the count.
+fn holds_exactly(store: &Store) -> u64 {
+    let batches = *store.root::<u64>("batches").unwrap();
+    let keys = batches * BATCH;
+    let map = store.root::<Counts>("m").unwrap();
+    assert_eq!(map.len() as u64, keys);
+    assert!((0..keys).all(|k| map.get(&k) == Some(&value(k))));
+    let vec = store.root::<StoreVec<u64>>("v").unwrap();
+    assert!(
+        vec.iter().copied().eq(0..keys),
+        "the vector of {batches} batches"
+    );
+    batches
+}
+
+#[test]
+fn writers_killed_at_random_leave_a_store_refused_then_recovered_exactly() {
+    let _serial = serial();
+    const NAME: &str = "writers_killed_at_random_leave_a_store_refused_then_recovered_exactly";
+    if let Some((_, path)) = role() {
+        // The writer: adds a batch, counts it, takes a snapshot; again, until it is killed.
+        let store = Store::open(&path).unwrap();
+        loop {
+            let batches = *store.root::<u64>("batches").unwrap();
+            if batches < MAX_BATCHES {
+                let keys = batches * BATCH..(batches + 1) * BATCH;
+                let mut map = store.root_mut::<Counts>("m").unwrap();
+                map.extend(keys.clone().map(|k| (k, value(k))));
+                store.root_mut::<StoreVec<u64>>("v").unwrap().extend(keys);
+                drop(map);
+                *store.root_mut::<u64>("batches").unwrap() += 1;
+            }
+            store.snapshot().unwrap();
+        }
+    }
+    let path = TestPath::new("killed");
+    let store = Store::create(&path.0).unwrap();
+    let m: Counts = StoreMap::with_hasher_in(FixedState::default(), store.allocator());
+    store.set_root("m", m).unwrap();
+    store.set_root("v", vec_of::<u64>(&store, [])).unwrap();
+    store.set_root("batches", 0u64).unwrap();
+    store.snapshot().unwrap();
+    store.close().unwrap();
+    let mut seed = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_nanos() as u64
+        | 1;
+    println!("seed {seed}");
+    let (mut refused, mut last) = (0, 0);
+    for run in 0..50 {
+        seed ^= seed << 13;
+        seed ^= seed >> 7;
+        seed ^= seed << 17;
+        let mut child = std::process::Command::new(std::env::current_exe().unwrap())
+            .args(["--exact", NAME, "--nocapture", "--test-threads=1"])
+            .env(ROLE, "writer")
+            .env(PATH, &path.0)
+            .stdout(std::process::Stdio::null())
+            .spawn()
+            .unwrap();
+        std::thread::sleep(std::time::Duration::from_millis(20 + seed % 200));
+        child.kill().unwrap();
+        child.wait().unwrap();
+        let store = match Store::open(&path.0) {
+            Err(StoreError::Dirty { last_snapshot, .. }) => {
+                refused += 1;
+                assert!(last_snapshot >= 1);
+                Store::recover(&path.0).unwrap()
+            }
+            // Killed before its open marked the store dirty.
+            Ok(store) => store,
+            Err(e) => panic!("run {run} (seed above): {e}"),
+        };
+        let batches = holds_exactly(&store);
+        assert!(
+            batches >= last,
+            "run {run}: went back from {last} to {batches} batches"
+        );
+        last = batches;
+        store.close().unwrap();
+    }
+    println!("{refused} of 50 writers refused (dirty), {last} batches kept");
+    assert!(
+        refused >= 40,
+        "only {refused} of 50 writers were killed while open"
+    );
+    assert!(last > 0, "no writer got a batch into a snapshot");
+}

@@ -76,6 +76,7 @@ use crate::sys::{self, Share};
 mod alloc;
 mod persist;
 mod roots;
+mod snapshot;
 mod space;
 #[cfg(test)]
 mod tests;
@@ -89,6 +90,7 @@ pub use alloc::{StoreMap, StoreSet};
 pub use foldhash::fast::FixedState;
 pub use persist::{Persist, PersistHasher, fingerprint, type_fingerprint};
 pub use roots::{Root, RootMut};
+pub use snapshot::Snapshot;
 
 use roots::{ROOTS, RootSlot, RootState};
 use space::Space;
@@ -251,6 +253,8 @@ pub enum StoreError {
     },
     /// The store is open read-only.
     ReadOnly,
+    /// [`Store::recover`] found no snapshot to go back to.
+    NoSnapshot,
     /// The handle was inherited through `fork`: only the process that opened the store uses
     /// it.
     ForkChild,
@@ -320,6 +324,7 @@ impl fmt::Display for StoreError {
                  {last_snapshot})"
             ),
             StoreError::ReadOnly => f.write_str("the store is open read-only"),
+            StoreError::NoSnapshot => f.write_str("the store has no snapshot to recover from"),
             StoreError::ForkChild => {
                 f.write_str("the store handle was inherited through fork: unusable in a child")
             }

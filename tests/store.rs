@@ -199,13 +199,13 @@ fn vectors_and_maps_are_kept_across_processes() {
     let store = Store::create(&path.0).unwrap();
     build(&store);
     verify(&store, false);
-    let blocks = store.blocks();
+    let stats = store.stats();
     store.close().unwrap();
     in_new_process(NAME, "verify-then-grow", &path.0);
     in_new_process(NAME, "verify-grown", &path.0);
     let store = Store::open(&path.0).unwrap();
     verify(&store, true);
-    assert!(store.blocks() >= blocks);
+    assert!(store.stats().small_in_use_bytes >= stats.small_in_use_bytes);
     assert!(store.flushes() >= 3, "every clean close is a flush");
 }
 
@@ -334,25 +334,94 @@ fn dropped_containers_give_their_blocks_back() {
     let path = TestPath::new("drop");
     let store = Store::create(&path.0).unwrap();
     let files = || std::fs::read_dir(path.0.join("segs")).unwrap().count();
-    let before = (store.blocks(), files());
+    let before = (store.stats(), files());
     {
         let mut v = StoreVec::new_in(store.allocator());
         v.extend(0..1_000_000u64);
         let mut m: Counts = StoreMap::with_hasher_in(FixedState::default(), store.allocator());
-        m.extend((0..10_000).map(|k| (k, k)));
-        assert_eq!(store.blocks(), before.0 + 2);
+        m.extend((0..100_000).map(|k| (k, k)));
+        let mut small: Counts = StoreMap::with_hasher_in(FixedState::default(), store.allocator());
+        small.extend((0..100).map(|k| (k, k)));
+        let stats = store.stats();
+        assert_eq!(stats.segments, before.0.segments + 2, "{stats:?}");
+        assert!(
+            stats.small_in_use_bytes > before.0.small_in_use_bytes,
+            "{stats:?}"
+        );
         v.truncate(10);
         v.shrink_to_fit();
         assert_eq!(v[..], [0, 1, 2, 3, 4, 5, 6, 7, 8, 9]);
+        assert_eq!(
+            store.stats().segments,
+            before.0.segments + 1,
+            "the vector is small now"
+        );
     }
-    assert_eq!((store.blocks(), files()), before);
+    let after = store.stats();
+    assert_eq!((after.segments, files()), (before.0.segments, before.1));
+    assert_eq!(after.small_in_use_bytes, before.0.small_in_use_bytes);
     let taken = {
         store.set_root("v", vec_of(&store, 0..10u8)).unwrap();
         store.take_root::<StoreVec<u8>>("v").unwrap()
     };
     assert_eq!(taken[..], [0, 1, 2, 3, 4, 5, 6, 7, 8, 9]);
     drop(taken);
-    assert_eq!((store.blocks(), files()), before);
+    assert_eq!(
+        store.stats().small_in_use_bytes,
+        before.0.small_in_use_bytes
+    );
+}
+
+#[test]
+fn a_million_small_vectors_are_kept_in_chunks_not_files() {
+    let _serial = serial();
+    const NAME: &str = "a_million_small_vectors_are_kept_in_chunks_not_files";
+    type Lists<'s> = StoreVec<'s, StoreVec<'s, u32>>;
+    const LISTS: u32 = 1_000_000;
+    let check = |store: &Store, grown: bool| {
+        let lists = store.root::<Lists>("lists").unwrap();
+        assert_eq!(lists.len() as u32, LISTS);
+        for (i, list) in lists.iter().enumerate() {
+            let i = i as u32;
+            let len = i % 7 + u32::from(grown && i % 3 == 0);
+            assert_eq!(list.len() as u32, len, "list {i}");
+            assert!(
+                list.iter().enumerate().all(|(j, &x)| x == i ^ j as u32),
+                "list {i}"
+            );
+        }
+    };
+    if let Some((role, path)) = role() {
+        let store = Store::open(&path).unwrap();
+        check(&store, false);
+        if role == "grow" {
+            let mut lists = store.root_mut::<Lists>("lists").unwrap();
+            for (i, list) in lists.iter_mut().enumerate().step_by(3) {
+                let len = list.len() as u32;
+                list.push(i as u32 ^ len);
+            }
+            drop(lists);
+            check(&store, true);
+        }
+        store.close().unwrap();
+        return;
+    }
+    let path = TestPath::new("million");
+    let store = Store::create(&path.0).unwrap();
+    let alloc = store.allocator();
+    let mut lists: Lists = StoreVec::new_in(alloc);
+    for i in 0..LISTS {
+        let mut list = StoreVec::new_in(alloc);
+        list.extend((0..i % 7).map(|j| i ^ j));
+        lists.push(list);
+    }
+    store.set_root("lists", lists).unwrap();
+    let stats = store.stats();
+    assert!(stats.segments <= 2, "{stats:?}");
+    store.close().unwrap();
+    in_new_process(NAME, "grow", &path.0);
+    let store = Store::open(&path.0).unwrap();
+    check(&store, true);
 }
 
 #[test]

@@ -113,40 +113,58 @@ impl ChunkMeta {
         self.lost.store(lost, Ordering::Release);
     }
 
-    /// Maps a new chunk file at `at` (a `CHUNK`-aligned, `CHUNK`-long part of the tier's
-    /// reservation) and marks this chunk mapped. On error no file is left behind (except a
-    /// non-empty file from a custom creator, which is never removed) and `[at, at + CHUNK)` is a
-    /// reservation again, unless [`MapFailure::range_kept`] says otherwise.
+    /// Maps a new chunk at `at` (a `CHUNK`-aligned, `CHUNK`-long part of the tier's
+    /// reservation) from `source`, and marks this chunk mapped. The chunk reads as zeros. On
+    /// error no file is left behind (except a non-empty file from a custom creator, which is
+    /// never removed) and `[at, at + CHUNK)` is a reservation again, unless
+    /// [`MapFailure::range_kept`] says otherwise.
     ///
     /// # Safety
     /// `[at, at + CHUNK)` must be a reservation of the caller's that nothing refers to.
     pub(super) unsafe fn map(
         &self,
         at: NonNull<u8>,
-        creator: &dyn SegmentCreator,
+        source: Source<'_>,
         reserve_disk: bool,
         dont_fork: bool,
     ) -> Result<(), MapFailure> {
         debug_assert!(!self.is_mapped());
-        // Checked empty before its name goes: a custom creator's file with data in it is the
-        // user's, never ours to delete.
-        let file = creator
-            .create(&SegmentRequest::new(CHUNK, false))?
-            .into_unnamed()?;
-        if reserve_disk {
-            sys::allocate_blocks(&file, 0, CHUNK as u64)?;
-        } else {
-            file.set_len(CHUNK as u64)?;
-        }
+        let made;
+        let (file, offset) = match source {
+            Source::Creator(creator) => {
+                // Checked empty before its name goes: a custom creator's file with data in it
+                // is the user's, never ours to delete.
+                made = creator
+                    .create(&SegmentRequest::new(CHUNK, false))?
+                    .into_unnamed()?;
+                if reserve_disk {
+                    sys::allocate_blocks(&made, 0, CHUNK as u64)?;
+                } else {
+                    made.set_len(CHUNK as u64)?;
+                }
+                (&made, 0)
+            }
+            Source::Store { file, offset } => {
+                // The range may hold an earlier chunk's bytes (kept empty at a close): zeros.
+                sys::punch_hole(file, offset, CHUNK as u64)?;
+                sys::allocate_blocks(file, offset, CHUNK as u64)?;
+                (file, offset)
+            }
+            Source::Existing { file, offset, .. } => (file, offset),
+        };
+        let share = match source {
+            Source::Existing { share, .. } => share,
+            _ => sys::Share::Write,
+        };
         // For a `dont_fork` chunk the view, its advice and the fork record change together
         // under the fork lock: a child never sees the view without its record (see `fork`).
         let mut no_fork = keeps_out_of_children(dont_fork).then(fork::hold);
         // SAFETY: the caller gives us the reservation `[at, at + CHUNK)`, which nothing refers
-        // to; the file is CHUNK bytes long, so every mapped page has a backing.
-        unsafe { sys::map_file_fixed(at, &file, CHUNK) }
-            .map_err(|e| MapFailure::after_map(e, at, &file))?;
-        // The mapping holds the file from now on; `file` (its descriptor) drops at the end of
-        // this function.
+        // to; the file has CHUNK bytes from `offset`, so every mapped page has a backing.
+        unsafe { sys::map_file_fixed_at(at, file, offset, CHUNK, share) }
+            .map_err(|e| MapFailure::after_map(e, at, file))?;
+        // The mapping holds the file from now on; a creator's file (its descriptor) drops at
+        // the end of this function.
         if let Some(views) = no_fork.as_mut() {
             if let Err(error) = keep_from_children(at) {
                 // SAFETY: the view was just mapped by us and nothing refers to it yet.
@@ -160,8 +178,9 @@ impl ChunkMeta {
         Ok(())
     }
 
-    /// Replaces the chunk's view at `at` with an inaccessible reservation: the file loses its
-    /// last reference and its blocks go back to the file system. The chunk is unmapped after
+    /// Replaces the chunk's view at `at` with an inaccessible reservation: a temporary chunk's
+    /// file loses its last reference and its blocks go back to the file system (a store's
+    /// chunk file has its range punched by the tier). The chunk is unmapped after
     /// this, even if the system call failed (the view then stays, unused, until the tier drops).
     ///
     /// # Safety
@@ -176,6 +195,22 @@ impl ChunkMeta {
         // SAFETY: the view is ours and, as the caller guarantees, unused from now on.
         unsafe { sys::reserve_fixed(at, CHUNK) }
     }
+}
+
+/// Where a chunk's file comes from.
+#[derive(Clone, Copy)]
+pub(crate) enum Source<'a> {
+    /// A new file of the creator's, unlinked once mapped (the temporary allocator).
+    Creator(&'a dyn SegmentCreator),
+    /// `CHUNK` bytes at `offset` of a store's chunk file, made to read as zeros.
+    Store { file: &'a File, offset: u64 },
+    /// A chunk of a store being reopened: `CHUNK` bytes at `offset` of its chunk file, as
+    /// they are.
+    Existing {
+        file: &'a File,
+        offset: u64,
+        share: sys::Share,
+    },
 }
 
 /// Whether chunks of a `dont_fork` tier are kept out of children here (Linux only: elsewhere
@@ -284,6 +319,38 @@ impl Blocks {
 
     pub(super) fn class(&self) -> usize {
         self.class
+    }
+
+    /// What a store keeps of the bitmap: next never-used block, blocks freed below it, the
+    /// bits.
+    pub(super) fn parts(&self) -> (usize, usize, &[u64]) {
+        (self.bump, self.freed, &self.used)
+    }
+
+    /// A bitmap a store kept (see [`parts`](Self::parts)); `None` if it is not consistent.
+    pub(super) fn restore(class: usize, bump: usize, freed: usize, used: Vec<u64>) -> Option<Self> {
+        let count = CHUNK / class::block_size(class);
+        let set: usize = used.iter().map(|w| w.count_ones() as usize).sum();
+        // No bit at or past `bump` (those blocks were never handed out).
+        let beyond = used.iter().enumerate().any(|(word, &bits)| {
+            let first = word * 64;
+            if first >= bump {
+                bits != 0
+            } else {
+                first + 64 > bump && bits >> (bump - first) != 0
+            }
+        });
+        let fits = used.len() == count.div_ceil(64) && bump <= count && freed <= bump;
+        (fits && !beyond && set == bump - freed).then_some(Blocks {
+            class,
+            count,
+            used,
+            bump,
+            freed,
+            hint: 0,
+            fresh: false,
+            listed: false,
+        })
     }
 
     #[cfg(test)]

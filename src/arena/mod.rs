@@ -47,10 +47,12 @@
 
 mod chunk;
 mod class;
+mod saved;
 mod shard;
 mod tcache;
 
 use std::fmt;
+use std::fs::File;
 use std::io;
 use std::ptr::NonNull;
 use std::sync::atomic::{AtomicPtr, AtomicU64, AtomicUsize, Ordering};
@@ -99,6 +101,8 @@ pub(crate) struct TierConfig {
     pub(crate) retain_empty: usize,
     /// The most address space the region may take ([`REGION`] unless a test wants less).
     pub(crate) max_region: usize,
+    /// Threads keep freed blocks of small classes for their next allocations (see `tcache`).
+    pub(crate) thread_cache: bool,
 }
 
 impl Default for TierConfig {
@@ -109,6 +113,7 @@ impl Default for TierConfig {
             dont_fork: false,
             retain_empty: 2,
             max_region: REGION,
+            thread_cache: true,
         }
     }
 }
@@ -169,6 +174,9 @@ pub(crate) struct SmallTier {
     counters: Counters,
     /// This tier's identity for the threads' caches (never reused, unlike an address).
     id: u64,
+    /// A store's tier: its chunk file (chunk *i* at offset *i* × `CHUNK`), and its region is
+    /// part of the store's range (see [`SmallTier::in_store`]).
+    store_file: Option<File>,
     /// The bytes each thread's cache of this tier holds (see `tcache`).
     caches: Mutex<Vec<Arc<AtomicU64>>>,
 }
@@ -213,7 +221,29 @@ impl SmallTier {
                 NEXT_ID.fetch_add(1, Ordering::Relaxed)
             },
             caches: Mutex::new(Vec::new()),
+            store_file: None,
         }
+    }
+
+    /// The tier of a persistent store: its region is `[base, base + len)` (part of the
+    /// store's range, reserved by the store, `CHUNK`-aligned), its chunks are ranges of `file`,
+    /// and no thread caches its blocks (a cached block would be kept as live in the store).
+    /// Fork epochs are not used: the store's allocator passes epoch 0, and its views are kept
+    /// out of children.
+    pub(crate) fn in_store(config: TierConfig, base: NonNull<u8>, len: usize, file: File) -> Self {
+        debug_assert!(base.as_ptr().addr().is_multiple_of(CHUNK) && len.is_multiple_of(CHUNK));
+        let mut tier = SmallTier::new(TierConfig {
+            thread_cache: false,
+            dont_fork: true,
+            ..config
+        });
+        let table = (0..len / CHUNK)
+            .map(|_| AtomicPtr::new(std::ptr::null_mut()))
+            .collect();
+        let _ = tier.table.set(table);
+        *tier.base.get_mut() = base.as_ptr();
+        tier.store_file = Some(file);
+        tier
     }
 
     fn lock_caches(&self) -> MutexGuard<'_, Vec<Arc<AtomicU64>>> {
@@ -330,7 +360,8 @@ impl SmallTier {
         })?;
         let epoch = self.observe_epoch(epoch);
         let block_size = class::block_size(class);
-        if class < tcache::CLASSES
+        if self.config.thread_cache
+            && class < tcache::CLASSES
             && let Some(ptr) = tcache::pop(self, class, epoch)
         {
             if zeroed {
@@ -441,7 +472,10 @@ impl SmallTier {
         let meta = self.meta(self.index_of(ptr));
         let class = meta.class();
         // Into this thread's cache, if it is a small class of a chunk of the current epoch.
-        if class < tcache::CLASSES && meta.epoch() == epoch && tcache::push(self, class, epoch, ptr)
+        if self.config.thread_cache
+            && class < tcache::CLASSES
+            && meta.epoch() == epoch
+            && tcache::push(self, class, epoch, ptr)
         {
             return;
         }
@@ -621,6 +655,11 @@ impl SmallTier {
             log::warn!("mmapvec: releasing a small-block chunk failed: {e}");
             return;
         }
+        if let Some(file) = &self.store_file
+            && let Err(e) = sys::punch_hole(file, index as u64 * CHUNK as u64, CHUNK as u64)
+        {
+            log::debug!("mmapvec: giving a store chunk's blocks back: {e}");
+        }
         let c = &self.counters;
         c.arena_bytes.fetch_sub(CHUNK as u64, Ordering::Relaxed);
         c.returned_bytes.fetch_add(CHUNK as u64, Ordering::Relaxed);
@@ -657,7 +696,7 @@ impl SmallTier {
         let mapped = unsafe {
             meta.map(
                 self.chunk_at(index),
-                creator,
+                self.source(index, creator),
                 cfg.reserve_disk,
                 cfg.dont_fork,
             )
@@ -679,6 +718,17 @@ impl SmallTier {
             .fetch_add(CHUNK as u64, Ordering::Relaxed);
         self.counters.chunks_created.fetch_add(1, Ordering::Relaxed);
         Ok(index)
+    }
+
+    /// Where chunk `index` gets its file.
+    fn source<'a>(&'a self, index: u32, creator: &'a dyn SegmentCreator) -> chunk::Source<'a> {
+        match &self.store_file {
+            Some(file) => chunk::Source::Store {
+                file,
+                offset: index as u64 * CHUNK as u64,
+            },
+            None => chunk::Source::Creator(creator),
+        }
     }
 
     /// Reserves the region and makes the chunk table, once. Called under `spare`, which
@@ -828,6 +878,11 @@ impl Drop for SmallTier {
             {
                 views.remove(self.chunk_at(index as u32).as_ptr().addr());
             }
+        }
+        if self.store_file.is_some() {
+            // The store unmaps its whole range, less `lost_ranges`.
+            drop(no_fork);
+            return;
         }
         // The region is unmapped around lost chunks, whose ranges may hold other mappings now
         // (their remains of our reservation stay reserved: address space, no memory).

@@ -7,6 +7,7 @@ use std::ptr::NonNull;
 use allocator_api2::alloc::{AllocError, Allocator, Layout};
 
 use super::{Shared, Store};
+use crate::creator::{SegmentCreator, SegmentFile, SegmentRequest};
 use crate::sys;
 
 /// A vector whose elements live in a store: `allocator_api2`'s `Vec` with a
@@ -37,9 +38,9 @@ pub type StoreSet<'s, T, S = foldhash::fast::FixedState> =
 /// the store is reopened. The lifetime ties every container made with it to the [`Store`]
 /// handle: none outlives it.
 ///
-/// Blocks of up to a page take a page (a file each): this first version of the store has no
-/// small-block tier yet, so many small containers are better kept in one (a vector of
-/// fixed-size records rather than a vector of vectors).
+/// Blocks of up to 512 KiB come from the small-block tier of the temporary allocator, run on the
+/// store's chunk file (`small`); larger ones are segments of their own, which grow in place or
+/// move without copying.
 #[derive(Clone, Copy, PartialEq, Eq)]
 pub struct StoreAllocator<'s> {
     /// The start of the store's range. The runtime page after the header holds the address
@@ -111,18 +112,11 @@ fn slice(addr: usize, len: usize) -> NonNull<[u8]> {
 // (their address is looked up). Copies of the allocator are the same allocator (same store).
 unsafe impl Allocator for StoreAllocator<'_> {
     fn allocate(&self, layout: Layout) -> Result<NonNull<[u8]>, AllocError> {
-        if layout.size() == 0 {
-            return Ok(dangling(layout.align()));
-        }
-        let shared = self.usable()?;
-        let (addr, len) = shared
-            .lock_space()
-            .allocate(layout.size(), layout.align())
-            .map_err(|e| {
-                log::debug!("mmapvec: store allocation of {layout:?}: {e}");
-                AllocError
-            })?;
-        Ok(slice(addr, len))
+        self.allocate_with(layout, false)
+    }
+
+    fn allocate_zeroed(&self, layout: Layout) -> Result<NonNull<[u8]>, AllocError> {
+        self.allocate_with(layout, true)
     }
 
     unsafe fn deallocate(&self, ptr: NonNull<u8>, layout: Layout) {
@@ -131,7 +125,14 @@ unsafe impl Allocator for StoreAllocator<'_> {
         }
         let shared = self.shared();
         // A fork child never touches its parent's store (its views are not even mapped here).
-        if shared.is_owner() {
+        if !shared.is_owner() {
+            return;
+        }
+        if shared.tier.contains(ptr) {
+            // SAFETY: a live block of the tier (the caller's promise: it came from `allocate`,
+            // and the tier's region holds only its own blocks).
+            unsafe { shared.tier.deallocate(ptr, STORE_EPOCH) };
+        } else {
             shared.lock_space().free(ptr.as_ptr().expose_provenance());
         }
     }
@@ -168,11 +169,30 @@ unsafe impl Allocator for StoreAllocator<'_> {
             return Ok(dangling(new_layout.align()));
         }
         let addr = ptr.as_ptr().expose_provenance();
+        let shared = self.usable()?;
+        if shared.tier.contains(ptr) {
+            // SAFETY: a live block of the tier (see `deallocate`).
+            let len = unsafe { shared.tier.block_len(ptr) };
+            let same_class = shared.tier.serves(new_layout)
+                && shared.tier.class_len(new_layout) == Some(len)
+                && addr.is_multiple_of(new_layout.align());
+            if same_class {
+                return Ok(NonNull::slice_from_raw_parts(ptr, len));
+            }
+            // SAFETY: forwarded.
+            return unsafe { self.moved(ptr, old_layout, new_layout, false) };
+        }
         if !addr.is_multiple_of(new_layout.align()) {
             // SAFETY: forwarded; a move keeps the first `new_layout.size()` bytes.
             return unsafe { self.moved(ptr, old_layout, new_layout, false) };
         }
-        let shared = self.usable()?;
+        if shared.tier.serves(new_layout) {
+            // Small enough for the tier: its file goes (copying at most 512 KiB).
+            // SAFETY: forwarded.
+            if let Ok(block) = unsafe { self.moved(ptr, old_layout, new_layout, false) } {
+                return Ok(block);
+            }
+        }
         let len = shared
             .lock_space()
             .shrink(addr, new_layout.size())
@@ -181,7 +201,49 @@ unsafe impl Allocator for StoreAllocator<'_> {
     }
 }
 
+/// The fork epoch the store's tier runs in: always the first. Its views are kept out of fork
+/// children and a child never allocates or frees in the store, so no chunk is ever shared with
+/// a child, and none needs closing at a fork.
+const STORE_EPOCH: u64 = 0;
+
+/// The creator the store's tier is given: never used (the tier's chunks are ranges of the
+/// store's chunk file).
+#[derive(Debug)]
+struct NoFiles;
+
+// SAFETY: it never returns a file.
+unsafe impl SegmentCreator for NoFiles {
+    fn create(&self, _: &SegmentRequest) -> std::io::Result<SegmentFile> {
+        Err(std::io::Error::other(
+            "a store's chunks are not made by a creator",
+        ))
+    }
+}
+
 impl StoreAllocator<'_> {
+    /// A new block: from the small-block tier if it serves the layout (and has room), else a
+    /// segment of the store. Zeroed if asked (a new segment's file reads as zeros already).
+    fn allocate_with(&self, layout: Layout, zeroed: bool) -> Result<NonNull<[u8]>, AllocError> {
+        if layout.size() == 0 {
+            return Ok(dangling(layout.align()));
+        }
+        let shared = self.usable()?;
+        if shared.tier.serves(layout) {
+            match shared.tier.allocate(layout, zeroed, STORE_EPOCH, &NoFiles) {
+                Ok(block) => return Ok(block),
+                Err(e) => log::debug!("mmapvec: store small block of {layout:?}: {e}"),
+            }
+        }
+        let (addr, len) = shared
+            .lock_space()
+            .allocate(layout.size(), layout.align())
+            .map_err(|e| {
+                log::debug!("mmapvec: store allocation of {layout:?}: {e}");
+                AllocError
+            })?;
+        Ok(slice(addr, len))
+    }
+
     /// `grow` and `grow_zeroed`.
     ///
     /// # Safety
@@ -201,11 +263,25 @@ impl StoreAllocator<'_> {
             };
         }
         let addr = ptr.as_ptr().expose_provenance();
-        if !addr.is_multiple_of(new_layout.align()) {
+        let shared = self.usable()?;
+        if shared.tier.contains(ptr) {
+            // SAFETY: a live block of the tier (see `deallocate`).
+            let len = unsafe { shared.tier.block_len(ptr) };
+            if new_layout.size() <= len && addr.is_multiple_of(new_layout.align()) {
+                if zeroed {
+                    // SAFETY: the rest of the caller's block, which may have been written.
+                    unsafe {
+                        ptr.add(old_layout.size())
+                            .write_bytes(0, len - old_layout.size())
+                    };
+                }
+                return Ok(NonNull::slice_from_raw_parts(ptr, len));
+            }
+        }
+        if shared.tier.contains(ptr) || !addr.is_multiple_of(new_layout.align()) {
             // SAFETY: forwarded.
             return unsafe { self.moved(ptr, old_layout, new_layout, zeroed) };
         }
-        let shared = self.usable()?;
         let mut space = shared.lock_space();
         let old_len = space.len_of(addr).ok_or(AllocError)?;
         let (to, len) = space

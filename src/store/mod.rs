@@ -66,9 +66,9 @@ use std::os::unix::fs::{FileExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
 use std::ptr::NonNull;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Mutex, MutexGuard};
+use std::sync::{Arc, Mutex, MutexGuard};
 
-use crate::arena::CHUNK;
+use crate::arena::{CHUNK, SmallTier, TierConfig};
 use crate::fork;
 use crate::segment;
 use crate::sys::{self, Share};
@@ -111,6 +111,15 @@ pub const DEFAULT_RANGE: usize = 1 << 40;
 pub const DEFAULT_RANGE: usize = 512 << 20;
 /// Where blocks start in the range: the header's page and the runtime page come first.
 const DATA: usize = CHUNK;
+/// The file of the small blocks' chunks, and the file of their metadata.
+const SMALL: &str = "small";
+const SMALL_META: &str = "small.meta";
+
+/// The part of a store's range (of `len` bytes) given to small blocks: an eighth, at most
+/// 64 GiB.
+fn small_region(len: usize) -> usize {
+    (len / 8).min(crate::arena::REGION) / CHUNK * CHUNK
+}
 
 /// Which compiler built this code (see `build.rs`), hashed.
 fn build_fingerprint() -> u64 {
@@ -135,7 +144,9 @@ struct Header {
     snapshots: AtomicU64,
     /// The fingerprint of the compiler that made the store ([`build_fingerprint`]).
     build: u64,
-    _reserved: [u64; 8],
+    /// The length of the small blocks' region, which follows the first chunk of the range.
+    small: u64,
+    _reserved: [u64; 7],
     /// The roots: written by the writer under `Shared::roots`, read under it.
     roots: UnsafeCell<[RootSlot; ROOTS]>,
 }
@@ -146,7 +157,7 @@ impl Header {
     /// A header read from the start of a file: checked for the magic, the version, the page
     /// size and the build, not yet for being clean.
     fn read(file: &File) -> Result<HeaderCopy, StoreError> {
-        let mut bytes = [0u8; 64];
+        let mut bytes = [0u8; 72];
         file.read_exact_at(&mut bytes, 0)
             .map_err(|e| match e.kind() {
                 io::ErrorKind::UnexpectedEof => StoreError::NotAStore,
@@ -166,6 +177,7 @@ impl Header {
             flushes: word(40),
             snapshots: word(48),
             build: word(56),
+            small: word(64),
         };
         if copy.version != VERSION {
             return Err(StoreError::Version(copy.version));
@@ -183,8 +195,8 @@ impl Header {
     }
 
     /// The first bytes of a new store's header (the roots that follow are zeros).
-    fn bytes(base: usize, len: usize, dirty: bool) -> Vec<u8> {
-        let mut bytes = Vec::with_capacity(64);
+    fn bytes(base: usize, len: usize, small: usize, dirty: bool) -> Vec<u8> {
+        let mut bytes = Vec::with_capacity(72);
         bytes.extend_from_slice(&MAGIC);
         bytes.extend_from_slice(&VERSION.to_ne_bytes());
         bytes.extend_from_slice(&(sys::page_size() as u32).to_ne_bytes());
@@ -195,6 +207,7 @@ impl Header {
             0,
             0,
             build_fingerprint(),
+            small as u64,
         ] {
             bytes.extend_from_slice(&word.to_ne_bytes());
         }
@@ -213,6 +226,7 @@ struct HeaderCopy {
     flushes: u64,
     snapshots: u64,
     build: u64,
+    small: u64,
 }
 
 /// Why a store could not be created, opened or used.
@@ -369,6 +383,20 @@ impl From<io::Error> for StoreError {
     }
 }
 
+/// What a store holds ([`Store::stats`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct StoreStats {
+    /// Blocks larger than the small-block tier serves: one file each.
+    pub segments: usize,
+    /// Their mapped bytes.
+    pub segment_bytes: u64,
+    /// Bytes of live small blocks, each counted at its size class.
+    pub small_in_use_bytes: u64,
+    /// Bytes of the small blocks' chunks in use (4 MiB each).
+    pub small_chunk_bytes: u64,
+}
+
 /// The range of the store this process has open, if any (inherited by a fork child with the
 /// handle).
 static OPEN: Mutex<Option<usize>> = Mutex::new(None);
@@ -424,6 +452,10 @@ pub(crate) enum Access {
 #[derive(Debug)]
 pub(crate) struct Shared {
     space: Mutex<Space>,
+    /// The small blocks: the tier of the temporary allocator, on the store's chunk file.
+    tier: Arc<SmallTier>,
+    /// Where the tier is saved at every durable point.
+    small_meta: File,
     /// This process's use of each root slot. Also the lock for the header's root table.
     roots: Mutex<[RootState; ROOTS]>,
     access: Access,
@@ -432,6 +464,14 @@ pub(crate) struct Shared {
 }
 
 impl Shared {
+    /// Makes the blocks durable: the small blocks' metadata saved, their chunk file and every
+    /// segment synced. Call with the roots' lock held (the root table is then one state with
+    /// the blocks).
+    fn sync(&self, space: &Space) -> io::Result<()> {
+        self.tier.save(&self.small_meta)?;
+        space.sync()
+    }
+
     fn lock_space(&self) -> MutexGuard<'_, Space> {
         // A panic inside `Space` leaves it consistent or a range marked lost: go on.
         self.space.lock().unwrap_or_else(|e| e.into_inner())
@@ -478,6 +518,8 @@ pub struct Store {
     first_page_lost: bool,
     /// Made once the range's mappings are in place; its address is in the runtime page.
     shared: Option<Box<Shared>>,
+    /// Chunks lost while a failed open restored the small blocks (see `Drop`).
+    lost_at_start: Vec<(usize, usize)>,
 }
 
 // SAFETY: the raw pointer is the start of the store's range, which this value owns (reserved
@@ -528,6 +570,9 @@ impl Store {
         fs::DirBuilder::new()
             .mode_private()
             .create(path.join(space::SEGS))?;
+        for name in [SMALL, SMALL_META] {
+            open_file(&path.join(name), Access::Write, true)?;
+        }
         fork::install();
         let base = {
             let mut open = open_here();
@@ -542,7 +587,8 @@ impl Store {
         // `store` owns the reservation from here: an error below unmaps it (its drop).
         let file = &store.header_file;
         file.set_len(sys::page_size() as u64)?;
-        file.write_all_at(&Header::bytes(base.as_ptr().addr(), len, true), 0)?;
+        let header = Header::bytes(base.as_ptr().addr(), len, small_region(len), true);
+        file.write_all_at(&header, 0)?;
         file.sync_all()?;
         File::open(path)?.sync_all()?;
         store.map_header()?;
@@ -585,7 +631,13 @@ impl Store {
             return Err(StoreError::NotAStore);
         };
         let at = NonNull::new(base as *mut u8).ok_or(StoreError::NotAStore)?;
-        if !len.is_multiple_of(CHUNK) || !base.is_multiple_of(CHUNK) || len < 2 * CHUNK {
+        let small = usize::try_from(header.small).unwrap_or(usize::MAX);
+        if !len.is_multiple_of(CHUNK)
+            || !base.is_multiple_of(CHUNK)
+            || len < 2 * CHUNK
+            || !small.is_multiple_of(CHUNK)
+            || small > len - DATA
+        {
             return Err(StoreError::NotAStore);
         }
         fork::install();
@@ -632,6 +684,7 @@ impl Store {
             header_mapped: false,
             first_page_lost: false,
             shared: None,
+            lost_at_start: Vec::new(),
         }
     }
 
@@ -675,17 +728,35 @@ impl Store {
             Access::Write => Share::Write,
             Access::Read => Share::Private,
         };
-        let start = self.base.as_ptr().addr() + DATA;
+        let small = self.header().small as usize;
+        let chunks = open_file(&self.path.join(SMALL), self.access, false)?;
+        let small_meta = open_file(&self.path.join(SMALL_META), self.access, false)?;
+        // SAFETY: the small region follows the first chunk of the range (checked to fit at
+        // open), CHUNK-aligned.
+        let region = unsafe { self.base.add(DATA) };
+        let tier = SmallTier::in_store(TierConfig::default(), region, small, chunks);
+        let tier = Arc::new(tier);
+        let restored = tier.restore(&small_meta, share);
+        let start = self.base.as_ptr().addr() + DATA + small;
         let end = self.base.as_ptr().addr() + self.len;
-        let space = Space::open(segs, start, end, share).map_err(|e| match e.kind() {
+        let corrupt = |e: io::Error| match e.kind() {
             io::ErrorKind::InvalidData => {
                 log::error!("mmapvec: store {}: {e}", self.path.display());
                 StoreError::NotAStore
             }
             _ => StoreError::Io(e),
-        });
+        };
+        // Whatever failed, what was mapped is unmapped with the range by the drop.
+        let lost = tier.lost_ranges();
+        let space = Space::open(segs, start, end, share);
+        if let Err(e) = restored {
+            self.lost_at_start = lost;
+            return Err(corrupt(e));
+        }
         let shared = Box::new(Shared {
-            space: Mutex::new(space?),
+            space: Mutex::new(space.map_err(corrupt)?),
+            tier,
+            small_meta,
             roots: Mutex::new([RootState::default(); ROOTS]),
             access: self.access,
             generation: self.generation,
@@ -760,9 +831,17 @@ impl Store {
         self.header().flushes.load(Ordering::Relaxed)
     }
 
-    /// How many blocks (files) the store holds now.
-    pub fn blocks(&self) -> usize {
-        self.shared().lock_space().blocks()
+    /// What the store holds now.
+    pub fn stats(&self) -> StoreStats {
+        let shared = self.shared();
+        let tier = shared.tier.stats();
+        let space = shared.lock_space();
+        StoreStats {
+            segments: space.blocks(),
+            segment_bytes: space.mapped_bytes() as u64,
+            small_in_use_bytes: tier.in_use_bytes,
+            small_chunk_bytes: tier.arena_bytes,
+        }
     }
 
     /// Makes everything the store holds durable: every block's changed pages are written and
@@ -771,9 +850,10 @@ impl Store {
     pub fn flush(&self) -> Result<(), StoreError> {
         self.check_use(true)?;
         {
-            let _roots = self.shared().lock_roots();
-            let space = self.shared().lock_space();
-            space.sync()?;
+            let shared = self.shared();
+            let _roots = shared.lock_roots();
+            let space = shared.lock_space();
+            shared.sync(&space)?;
             self.header().flushes.fetch_add(1, Ordering::AcqRel);
         }
         File::open(&self.path)?.sync_all()?;
@@ -802,7 +882,8 @@ impl Store {
             return Ok(());
         }
         if let Some(shared) = self.shared.as_deref() {
-            shared.lock_space().sync()?;
+            let _roots = shared.lock_roots();
+            shared.sync(&shared.lock_space())?;
             File::open(&self.path)?.sync_all()?;
         }
         let header = self.header();
@@ -824,9 +905,11 @@ impl Drop for Store {
         if self.first_page_lost {
             keep.push((base, page));
         }
+        keep.append(&mut self.lost_at_start);
         if let Some(shared) = self.shared.take() {
             fork::unregister(&*shared);
             keep.extend_from_slice(shared.lock_space().lost());
+            keep.extend(shared.tier.lost_ranges());
         }
         keep.sort_unstable();
         let mut views = fork::hold();

@@ -14,7 +14,9 @@ use std::path::{Path, PathBuf};
 use std::sync::atomic::Ordering;
 
 use super::space::SEGS;
-use super::{Access, HEADER, Header, LOCK, Store, StoreError, lock_file, open_file};
+use super::{
+    Access, HEADER, Header, LOCK, SMALL, SMALL_META, Store, StoreError, lock_file, open_file,
+};
 use crate::sys;
 
 /// The folder of the snapshots.
@@ -105,13 +107,18 @@ impl Store {
         let shared = self.shared();
         let _roots = shared.lock_roots();
         let space = shared.lock_space();
-        space.sync()?;
+        shared.sync(&space)?;
         let header = self.header();
         let number = header.snapshots.load(Ordering::Acquire) + 1;
         let partial = folder.join(format!("partial-{number}"));
         let _ = fs::remove_dir_all(&partial);
         fs::create_dir(&partial)?;
-        let (bytes, reflinked) = clone_folder(&self.path.join(SEGS), &partial.join(SEGS))?;
+        let (mut bytes, mut reflinked) = clone_folder(&self.path.join(SEGS), &partial.join(SEGS))?;
+        for name in [SMALL, SMALL_META] {
+            let (b, r) = clone_into(&self.path, &partial, OsStr::new(name))?;
+            bytes += b;
+            reflinked &= r;
+        }
         // The header as it will be once this snapshot is counted, marked clean.
         header.snapshots.store(number, Ordering::Release);
         header.flushes.fetch_add(1, Ordering::AcqRel);
@@ -189,6 +196,12 @@ impl Store {
         fs::rename(&fresh, &segs)?;
         sync_folder(path)?;
         let _ = fs::remove_dir_all(&old);
+        for name in [SMALL, SMALL_META] {
+            let fresh = path.join(format!("{name}.recovering"));
+            let _ = fs::remove_file(&fresh);
+            clone_path(&snapshot.join(name), &fresh)?;
+            fs::rename(&fresh, path.join(name))?;
+        }
         let header = path.join("header.recovering");
         let _ = fs::remove_file(&header);
         clone_path(&snapshot.join(HEADER), &header)?;

@@ -187,6 +187,11 @@ impl Space {
         self.segs.len()
     }
 
+    /// The bytes of every block's mapping.
+    pub(super) fn mapped_bytes(&self) -> usize {
+        self.segs.values().map(|s| s.len).sum()
+    }
+
     /// Ranges that must not be unmapped when the store closes (see the module docs).
     pub(super) fn lost(&self) -> &[(usize, usize)] {
         &self.lost

@@ -370,6 +370,38 @@ pub(crate) fn allocate_blocks(file: &File, offset: u64, len: u64) -> io::Result<
     }
 }
 
+/// Gives back the file blocks of `[offset, offset + len)`: the range reads as zeros after, and
+/// the file keeps its length.
+#[cfg(target_os = "linux")]
+pub(crate) fn punch_hole(file: &File, offset: u64, len: u64) -> io::Result<()> {
+    let too_big = || io::Error::from_raw_os_error(libc::EFBIG);
+    let offset = libc::off_t::try_from(offset).map_err(|_| too_big())?;
+    let len = libc::off_t::try_from(len).map_err(|_| too_big())?;
+    let mode = libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE;
+    loop {
+        // SAFETY: fallocate only acts on the valid descriptor borrowed from `file`.
+        match check_zero(unsafe { libc::fallocate(file.as_raw_fd(), mode, offset, len) }) {
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+            other => return other,
+        }
+    }
+}
+
+/// Portable stand-in: zeros written over the range (within the file's length).
+#[cfg(not(target_os = "linux"))]
+pub(crate) fn punch_hole(file: &File, offset: u64, len: u64) -> io::Result<()> {
+    use std::os::unix::fs::FileExt;
+    let end = offset.saturating_add(len).min(file.metadata()?.len());
+    let zeros = vec![0u8; 1 << 16];
+    let mut at = offset;
+    while at < end {
+        let n = ((end - at) as usize).min(zeros.len());
+        file.write_all_at(&zeros[..n], at)?;
+        at += n as u64;
+    }
+    Ok(())
+}
+
 /// The magic number (`statfs::f_type`) of the file system holding `file`.
 #[cfg(target_os = "linux")]
 fn fs_magic(file: &File) -> io::Result<u32> {

@@ -1,0 +1,164 @@
+//! A store's tier, kept in the store's metadata file at every durable point and read back when
+//! the store is reopened: which chunks are in use, their classes and their block bitmaps.
+//!
+//! The file: a header (magic, the number of chunk indices used), then one 16-byte record per
+//! index (class, next never-used block, blocks freed below it, in use), then one bitmap slot
+//! per index, large enough for the smallest class. Chunks kept empty are saved as unused:
+//! their range is made to read as zeros when it is used again.
+//!
+//! Reopening reads the records and the bitmaps of the chunks in use: work in proportion to
+//! the small blocks' bytes (one bit per block), not a pass over the data.
+
+use std::fs::File;
+use std::io;
+use std::os::unix::fs::FileExt;
+use std::ptr::NonNull;
+use std::sync::atomic::Ordering;
+
+use super::chunk::{Blocks, Source};
+use super::{CHUNK, SHARDS, SmallTier, class};
+use crate::sys;
+
+const MAGIC: u64 = u64::from_ne_bytes(*b"MMAPVSM1");
+/// Where the records start.
+const RECORDS: u64 = 4096;
+const RECORD: usize = 16;
+/// The bitmap of the smallest class, in words.
+const MAX_WORDS: usize = (CHUNK / class::block_size(0)).div_ceil(64);
+
+fn bitmaps_at(chunks: usize) -> u64 {
+    (RECORDS + (chunks * RECORD) as u64).next_multiple_of(4096)
+}
+
+fn bitmap_at(chunks: usize, index: usize) -> u64 {
+    bitmaps_at(chunks) + (index * MAX_WORDS * 8) as u64
+}
+
+fn invalid(what: &str) -> io::Error {
+    io::Error::new(
+        io::ErrorKind::InvalidData,
+        format!("store chunk metadata: {what}"),
+    )
+}
+
+impl SmallTier {
+    /// Writes which chunks are in use and their bitmaps to `meta`, and syncs it and the chunk
+    /// file. Every shard and `spare` are held meanwhile: the state saved is one state.
+    pub(crate) fn save(&self, meta: &File) -> io::Result<()> {
+        let chunks = self.table().len();
+        let shards: Vec<_> = (0..SHARDS).map(|i| self.lock_shard(i)).collect();
+        let spare = self.lock_spare();
+        let next = spare.next as usize;
+        let mut records = vec![0u8; next * RECORD];
+        for shard in &shards {
+            for (&index, blocks) in &shard.chunks {
+                let (bump, freed, used) = blocks.parts();
+                let index = index as usize;
+                let record = &mut records[index * RECORD..(index + 1) * RECORD];
+                for (i, word) in [blocks.class(), bump, freed, 1].into_iter().enumerate() {
+                    record[i * 4..i * 4 + 4].copy_from_slice(&(word as u32).to_ne_bytes());
+                }
+                let bytes: Vec<u8> = used.iter().flat_map(|w| w.to_ne_bytes()).collect();
+                meta.write_all_at(&bytes, bitmap_at(chunks, index))?;
+            }
+        }
+        drop(spare);
+        drop(shards);
+        meta.write_all_at(&records, RECORDS)?;
+        let mut header = MAGIC.to_ne_bytes().to_vec();
+        header.extend_from_slice(&(next as u64).to_ne_bytes());
+        meta.write_all_at(&header, 0)?;
+        meta.sync_data()?;
+        if let Some(file) = &self.store_file {
+            file.sync_data()?;
+        }
+        Ok(())
+    }
+
+    /// Reads back what [`save`](Self::save) wrote to `meta`, mapping every chunk in use
+    /// (`share`: the store's access). Only on a tier just made with `in_store`.
+    pub(crate) fn restore(&self, meta: &File, share: sys::Share) -> io::Result<()> {
+        let chunks = self.table().len();
+        if meta.metadata()?.len() == 0 {
+            return Ok(()); // a new store
+        }
+        let mut header = [0u8; 16];
+        meta.read_exact_at(&mut header, 0)?;
+        let word = |at: usize| u64::from_ne_bytes(header[at..at + 8].try_into().unwrap());
+        if word(0) != MAGIC {
+            return Err(invalid("bad magic"));
+        }
+        let next = usize::try_from(word(8)).unwrap_or(usize::MAX);
+        if next > chunks {
+            return Err(invalid("more chunks than the region holds"));
+        }
+        let file = self
+            .store_file
+            .as_ref()
+            .ok_or_else(|| invalid("not a store's tier"))?;
+        let mut records = vec![0u8; next * RECORD];
+        meta.read_exact_at(&mut records, RECORDS)?;
+        let mut free = Vec::new();
+        for index in 0..next {
+            let record = &records[index * RECORD..(index + 1) * RECORD];
+            let field = |i: usize| u32::from_ne_bytes(record[i * 4..i * 4 + 4].try_into().unwrap());
+            if field(3) == 0 {
+                free.push(index as u32);
+                continue;
+            }
+            let class = field(0) as usize;
+            if class >= class::COUNT {
+                return Err(invalid("bad class"));
+            }
+            let words = (CHUNK / class::block_size(class)).div_ceil(64);
+            let mut bytes = vec![0u8; words * 8];
+            meta.read_exact_at(&mut bytes, bitmap_at(chunks, index))?;
+            let used = bytes
+                .chunks_exact(8)
+                .map(|w| u64::from_ne_bytes(w.try_into().unwrap()))
+                .collect();
+            let (bump, freed) = (field(1) as usize, field(2) as usize);
+            let blocks =
+                Blocks::restore(class, bump, freed, used).ok_or_else(|| invalid("bad bitmap"))?;
+            let meta = self.meta_or_new(index as u32);
+            let at: NonNull<u8> = self.chunk_at(index as u32);
+            let source = Source::Existing {
+                file,
+                offset: (index * CHUNK) as u64,
+                share,
+            };
+            // SAFETY: the region is part of the store's range, reserved by the store and not
+            // used yet; each index is mapped once.
+            unsafe { meta.map(at, source, false, self.config.dont_fork) }
+                .map_err(|failure| failure.error)?;
+            let home = index % SHARDS;
+            meta.assign(class, 0, home);
+            let mut shard = self.lock_shard(home);
+            let live = blocks.live();
+            shard.in_use += (live * class::block_size(class)) as u64;
+            let mut blocks = blocks;
+            let (bump, freed, _) = blocks.parts();
+            if freed > 0 || bump < CHUNK / class::block_size(class) {
+                blocks.listed = true;
+                shard.classes[class].partial.push(index as u32);
+            }
+            shard.chunks.insert(index as u32, blocks);
+            drop(shard);
+            self.counters
+                .arena_bytes
+                .fetch_add(CHUNK as u64, Ordering::Relaxed);
+        }
+        let mut spare = self.lock_spare();
+        spare.next = next as u32;
+        spare.free = free;
+        Ok(())
+    }
+
+    /// The ranges of chunks lost (see `ChunkMeta::is_lost`), which the store must not unmap.
+    pub(crate) fn lost_ranges(&self) -> Vec<(usize, usize)> {
+        (0..self.table().len() as u32)
+            .filter(|&index| self.lost(index))
+            .map(|index| (self.chunk_at(index).as_ptr().addr(), CHUNK))
+            .collect()
+    }
+}

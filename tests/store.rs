@@ -383,7 +383,7 @@ fn a_million_small_vectors_are_kept_in_chunks_not_files() {
         assert_eq!(lists.len() as u32, LISTS);
         for (i, list) in lists.iter().enumerate() {
             let i = i as u32;
-            let len = i % 7 + u32::from(grown && i % 3 == 0);
+            let len = i % 7 + u32::from(grown && i.is_multiple_of(3));
             assert_eq!(list.len() as u32, len, "list {i}");
             assert!(
                 list.iter().enumerate().all(|(j, &x)| x == i ^ j as u32),

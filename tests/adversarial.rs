@@ -298,10 +298,11 @@ fn churn(a: &MmapAllocator, pool: &Pool, seed: u64, ops: usize, max_live: usize)
             8 if !mine.is_empty() => {
                 let i = rng.below(mine.len() as u64) as usize;
                 let old = mine[i].layout.size();
-                let new_size = match rng.below(3) {
-                    0 => old.saturating_sub(rng.range(0, 16)).max(1),
-                    1 => rng.range(1, old),
-                    _ => old / 2 + 1,
+                let new_size = match rng.below(7) {
+                    0..=1 => old.saturating_sub(rng.range(0, 16)).max(1),
+                    2..=3 => rng.range(1, old.max(1)),
+                    4..=5 => old / 2 + 1,
+                    _ => 0, // to a dangling block; the next grow is an allocation
                 };
                 let new = Layout::from_size_align(new_size, align(&mut rng)).unwrap();
                 resize(a, &mut mine[i], new, false);
@@ -326,6 +327,7 @@ fn churn(a: &MmapAllocator, pool: &Pool, seed: u64, ops: usize, max_live: usize)
                     mine.push(block);
                 }
             }
+            14 if rng.below(16) == 0 => a.trim(),
             _ => {}
         }
         if op % 64 == 0 {
@@ -1236,4 +1238,59 @@ fn a_segment_shrink_with_no_new_file_keeps_the_block() {
 #[ignore = "bug: a small-block shrink fails (abort in shrink_to_fit) where keeping the block would do"]
 fn a_small_block_shrink_with_no_new_chunk_keeps_the_block() {
     assert!(shrink_with_a_failing_creator(None));
+}
+
+/// Under `RLIMIT_AS` the tier's region is 64 MiB (16 chunks): blocks of more classes than
+/// that fall back to segments while the region is full, and come back to the tier as chunks
+/// empty. Small blocks as segments and as tier blocks, side by side, grown, shrunk and freed.
+/// In a child process (the limit is process-wide).
+#[test]
+fn a_full_region_falls_back_to_segments() {
+    let dir = TestDir::new("adv-region");
+    let pid = fork_child(|| {
+        let status = std::fs::read_to_string("/proc/self/status").unwrap();
+        let vm_kib: u64 = status
+            .lines()
+            .find_map(|l| l.strip_prefix("VmSize:"))
+            .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+            .unwrap();
+        let limit = vm_kib * 1024 + (600 << 20);
+        let rl = libc::rlimit {
+            rlim_cur: limit,
+            rlim_max: libc::RLIM_INFINITY,
+        };
+        // SAFETY: a valid rlimit.
+        assert_eq!(unsafe { libc::setrlimit(libc::RLIMIT_AS, &rl) }, 0);
+        let a = allocator(&dir);
+        let mut rng = Rng::new(5);
+        let mut blocks: Vec<Block> = Vec::new();
+        // One block of each of 40 sizes spread over the classes: more chunks than the region.
+        for i in 0..40usize {
+            let s = 16usize << (i % 16) | (i * 8);
+            let l = Layout::from_size_align(s.min(512 << 10), 16).unwrap();
+            blocks.push(allocate(&a, l, i % 2 == 0));
+        }
+        let stats = a.stats();
+        assert!(stats.small.arena_bytes <= 64 << 20, "region above 64 MiB: {stats:#?}");
+        assert!(stats.live_segments > 0, "no small block fell back to a segment: {stats:#?}");
+        let pool: Pool = Arc::new(Mutex::new(Vec::new()));
+        let mut left = churn(&a, &pool, 17, 3000, 40);
+        for b in blocks.iter_mut().step_by(3) {
+            let new = Layout::from_size_align(b.layout.size() / 3 + 1, 16).unwrap();
+            resize(&a, b, new, false);
+        }
+        left.extend(std::mem::take(&mut *pool.lock().unwrap()));
+        blocks.iter().for_each(|b| b.check("region child"));
+        blocks.into_iter().for_each(|b| free(&a, b));
+        left.into_iter().for_each(|b| free(&a, b));
+        let more: Vec<Block> = (0..2000)
+            .map(|_| {
+                let l = Layout::from_size_align(rng.range(1, 600), 8).unwrap();
+                allocate(&a, l, true)
+            })
+            .collect();
+        more.into_iter().for_each(|b| free(&a, b));
+        assert_all_given_back(&a);
+    });
+    wait_child(pid);
 }

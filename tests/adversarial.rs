@@ -70,7 +70,7 @@ fn size(rng: &mut Rng) -> usize {
 
 fn align(rng: &mut Rng) -> usize {
     match rng.below(10) {
-        0..=5 => 1 << rng.below(5),  // 1 .. 16
+        0..=5 => 1 << rng.below(5),     // 1 .. 16
         6..=8 => 1 << rng.range(5, 12), // 32 .. 4096
         _ => 1 << rng.range(0, 12),
     }
@@ -117,7 +117,8 @@ fn unclaim(start: usize, len: usize) {
         return;
     }
     let mut live = live_map();
-    live.remove(&start).expect("unclaim of a block never claimed");
+    live.remove(&start)
+        .expect("unclaim of a block never claimed");
 }
 
 static NEXT_ID: AtomicU64 = AtomicU64::new(1);
@@ -166,7 +167,10 @@ impl Block {
 fn check_returned(ptr: NonNull<[u8]>, layout: Layout, what: &str) -> (NonNull<u8>, usize) {
     let len = ptr.len();
     let p = ptr.cast::<u8>();
-    assert!(len >= layout.size(), "{what}: {len} B returned for {layout:?}");
+    assert!(
+        len >= layout.size(),
+        "{what}: {len} B returned for {layout:?}"
+    );
     assert!(
         p.as_ptr().addr().is_multiple_of(layout.align()),
         "{what}: {p:p} not aligned for {layout:?}"
@@ -176,7 +180,11 @@ fn check_returned(ptr: NonNull<[u8]>, layout: Layout, what: &str) -> (NonNull<u8
 
 fn assert_zero(bytes: &[u8], what: &str) {
     if let Some(at) = bytes.iter().position(|&b| b != 0) {
-        panic!("{what}: byte {at} of {} is {:#x}, not zero", bytes.len(), bytes[at]);
+        panic!(
+            "{what}: byte {at} of {} is {:#x}, not zero",
+            bytes.len(),
+            bytes[at]
+        );
     }
 }
 
@@ -356,7 +364,10 @@ fn assert_all_given_back(a: &MmapAllocator) {
     assert_eq!(stats.live_segments, 0, "{stats:#?}");
     a.trim();
     let stats = a.stats();
-    assert_eq!(stats.small.arena_bytes, 0, "chunks left after trim: {stats:#?}");
+    assert_eq!(
+        stats.small.arena_bytes, 0,
+        "chunks left after trim: {stats:#?}"
+    );
     assert_eq!(stats.kept_segments, 0, "{stats:#?}");
 }
 
@@ -481,7 +492,8 @@ fn blocks_freed_on_other_threads() {
                 match rng.below(4) {
                     0 => {
                         let s = block.layout.size();
-                        let new = Layout::from_size_align(s + rng.range(1, s), block.layout.align());
+                        let new =
+                            Layout::from_size_align(s + rng.range(1, s), block.layout.align());
                         resize(&a, &mut block, new.unwrap(), true);
                     }
                     1 => {
@@ -577,6 +589,7 @@ fn zeroed_blocks_read_zero_whatever_was_there() {
             blocks.iter().for_each(dirty);
             blocks.into_iter().rev().for_each(|b| {
                 unclaim(b.ptr.as_ptr().addr(), b.len);
+                // SAFETY: a live block of this allocator, with the layout it was allocated with.
                 unsafe { a.deallocate(b.ptr, b.layout) }
             });
             let again: Vec<Block> = (0..40).map(|_| allocate(&a, layout, true)).collect();
@@ -588,6 +601,7 @@ fn zeroed_blocks_read_zero_whatever_was_there() {
                 blocks.iter().for_each(dirty);
                 for b in blocks {
                     unclaim(b.ptr.as_ptr().addr(), b.len);
+                    // SAFETY: a live block of this allocator, with the layout it was allocated with.
                     unsafe { a2.deallocate(b.ptr, b.layout) }
                 }
             })
@@ -599,13 +613,21 @@ fn zeroed_blocks_read_zero_whatever_was_there() {
     }
     // Fill whole chunks of one class with dirt, free them, then take them with other classes
     // (idle current chunks and retained empty chunks change class).
-    for (from, to) in [(64usize, 48usize), (4096, 16), (100_000, 200), (16, 524_288)] {
+    for (from, to) in [
+        (64usize, 48usize),
+        (4096, 16),
+        (100_000, 200),
+        (16, 524_288),
+    ] {
         let lf = Layout::from_size_align(from, 8).unwrap();
         let n = (12 << 20) / from.max(64);
-        let blocks: Vec<Block> = (0..n.min(20_000)).map(|_| allocate(&a, lf, false)).collect();
+        let blocks: Vec<Block> = (0..n.min(20_000))
+            .map(|_| allocate(&a, lf, false))
+            .collect();
         blocks.iter().for_each(dirty);
         for b in blocks {
             unclaim(b.ptr.as_ptr().addr(), b.len);
+            // SAFETY: a live block of this allocator, with the layout it was allocated with.
             unsafe { a.deallocate(b.ptr, b.layout) }
         }
         let lt = Layout::from_size_align(to, 8).unwrap();
@@ -679,8 +701,16 @@ fn wait_child(pid: libc::pid_t) {
     assert!(
         libc::WIFEXITED(status) && libc::WEXITSTATUS(status) == 0,
         "child failed: status {status:#x} (signal {}, exit {})",
-        if libc::WIFSIGNALED(status) { libc::WTERMSIG(status) } else { 0 },
-        if libc::WIFEXITED(status) { libc::WEXITSTATUS(status) } else { -1 },
+        if libc::WIFSIGNALED(status) {
+            libc::WTERMSIG(status)
+        } else {
+            0
+        },
+        if libc::WIFEXITED(status) {
+            libc::WEXITSTATUS(status)
+        } else {
+            -1
+        },
     );
 }
 
@@ -750,21 +780,26 @@ fn child_program(a: &MmapAllocator, inherited: Vec<Block>, seed: u64, dont_fork:
     join_all(handles);
     // Held while the parent's threads go on writing their own blocks.
     thread::sleep(Duration::from_millis(30));
-    mine.iter().for_each(|b| b.check("child: own block after a while"));
+    mine.iter()
+        .for_each(|b| b.check("child: own block after a while"));
     mine.into_iter().for_each(|b| free(a, b));
     std::mem::take(&mut *pool.lock().unwrap())
         .into_iter()
         .for_each(|b| free(a, b));
     let stats = a.stats();
-    assert!(stats.small.in_use_bytes <= stats.small.arena_bytes, "{stats:#?}");
+    assert!(
+        stats.small.in_use_bytes <= stats.small.arena_bytes,
+        "{stats:#?}"
+    );
 }
 
-/// A resize in the child of an inherited block whose contents are the parent's: the id has
-/// been changed (the old pattern is the parent's), so check the kept prefix against the old
-/// pattern by hand, then fill with the new one.
+/// A resize in the child of an inherited block (checked by the caller before), under a new id:
+/// the child's block is then filled with the child's own pattern, so a resize done in place in
+/// memory shared with the parent would show in the parent's checks.
 fn resize_as_new(a: &MmapAllocator, b: &mut Block, new: Layout) {
     let (old_ptr, old_len, old) = (b.ptr.as_ptr().addr(), b.len, b.layout);
     unclaim(old_ptr, old_len);
+    // SAFETY: a live block of this allocator, with the layout it was allocated with.
     let got = unsafe {
         if new.size() >= old.size() {
             a.grow(b.ptr, old, new)
@@ -796,7 +831,8 @@ fn fork_in_the_middle(dont_fork: bool) {
                 let mut seed = 500 + t;
                 let mut kept: Vec<Block> = Vec::new();
                 while !stop.load(Ordering::Relaxed) {
-                    kept.iter().for_each(|b| b.check("parent worker: kept across forks"));
+                    kept.iter()
+                        .for_each(|b| b.check("parent worker: kept across forks"));
                     let mut left = churn(&a, &pool, seed, 200, 32);
                     // Some blocks live across the next forks; the rest go.
                     let keep = left.len() / 2;
@@ -850,8 +886,12 @@ fn fork_in_the_middle(dont_fork: bool) {
             resize(&a, b, new, true);
         }
         wait_child(pid);
-        blocks.iter().for_each(|b| b.check("parent: after the child exited"));
-        extra.iter().for_each(|b| b.check("parent: made while the child ran"));
+        blocks
+            .iter()
+            .for_each(|b| b.check("parent: after the child exited"));
+        extra
+            .iter()
+            .for_each(|b| b.check("parent: made while the child ran"));
         blocks.into_iter().for_each(|b| free(&a, b));
         for b in extra.iter_mut().step_by(2) {
             let new = Layout::from_size_align(b.layout.size() * 2, b.layout.align()).unwrap();
@@ -891,10 +931,8 @@ fn hashbrown_tables_across_fork() {
             let (a, stop) = (a.clone(), stop.clone());
             thread::spawn(move || {
                 let mut rng = Rng::new(t + 31);
-                let mut m: Map<ApiVec<u8, MmapAllocator>> = Map::with_hasher_in(
-                    hashbrown::DefaultHashBuilder::default(),
-                    a.clone(),
-                );
+                let mut m: Map<ApiVec<u8, MmapAllocator>> =
+                    Map::with_hasher_in(hashbrown::DefaultHashBuilder::default(), a.clone());
                 while !stop.load(Ordering::Relaxed) {
                     let k = rng.below(5000);
                     if rng.below(3) == 0 {
@@ -919,7 +957,8 @@ fn hashbrown_tables_across_fork() {
 
     let mut small: Map<u64> = Map::with_hasher_in(Default::default(), a.clone());
     let mut big: Map<u64> = Map::with_hasher_in(Default::default(), a.clone());
-    let mut vals: Map<ApiVec<u8, MmapAllocator>> = Map::with_hasher_in(Default::default(), a.clone());
+    let mut vals: Map<ApiVec<u8, MmapAllocator>> =
+        Map::with_hasher_in(Default::default(), a.clone());
     for k in 0..500u64 {
         small.insert(k, k * 3);
     }
@@ -933,10 +972,17 @@ fn hashbrown_tables_across_fork() {
     }
     let check = |small: &Map<u64>, big: &Map<u64>, vals: &Map<ApiVec<u8, MmapAllocator>>, who| {
         assert_eq!(small.len(), 500, "{who}");
-        assert!((0..500u64).all(|k| small.get(&k) == Some(&(k * 3))), "{who}: small");
+        assert!(
+            (0..500u64).all(|k| small.get(&k) == Some(&(k * 3))),
+            "{who}: small"
+        );
         assert!(big.iter().all(|(k, v)| *v == !*k), "{who}: big");
         for (k, v) in vals.iter() {
-            assert_eq!(v.len(), (*k as usize * 37) % 20_000 + 1, "{who}: len of {k}");
+            assert_eq!(
+                v.len(),
+                (*k as usize * 37) % 20_000 + 1,
+                "{who}: len of {k}"
+            );
             assert!(v.iter().all(|&b| b == pattern(*k)), "{who}: value {k}");
         }
     };
@@ -956,7 +1002,11 @@ fn hashbrown_tables_across_fork() {
             }
             small2.shrink_to_fit();
             let mut big2: Map<u64> = Map::with_hasher_in(Default::default(), a.clone());
-            big2.extend(big.iter().filter(|(k, _)| *k % 3 == round % 3).map(|(k, v)| (*k, *v)));
+            big2.extend(
+                big.iter()
+                    .filter(|(k, _)| *k % 3 == round % 3)
+                    .map(|(k, v)| (*k, *v)),
+            );
             for k in 0..50_000u64 {
                 big2.insert(k << 20, k);
             }
@@ -1035,7 +1085,13 @@ fn child_threads_first_then_forking_thread() {
     let mut forks = 0;
     while forks < 3 * scale().min(8) && start.elapsed() < Duration::from_secs(20) {
         let mut held: Vec<Block> = (0..50)
-            .map(|i| allocate(&a, Layout::from_size_align(16 << (i % 15), 16).unwrap(), false))
+            .map(|i| {
+                allocate(
+                    &a,
+                    Layout::from_size_align(16 << (i % 15), 16).unwrap(),
+                    false,
+                )
+            })
             .collect();
         // Into the forking thread's cache just before the fork.
         for _ in 0..20 {
@@ -1049,7 +1105,8 @@ fn child_threads_first_then_forking_thread() {
                         let pool: Pool = Arc::new(Mutex::new(Vec::new()));
                         let left = churn(&a, &pool, 10_000 + t, 400, 32);
                         thread::sleep(Duration::from_millis(20));
-                        left.iter().for_each(|b| b.check("child thread after a while"));
+                        left.iter()
+                            .for_each(|b| b.check("child thread after a while"));
                         left.into_iter().for_each(|b| free(&a, b));
                         let v = std::mem::take(&mut *pool.lock().unwrap());
                         v.into_iter().for_each(|b| free(&a, b));
@@ -1059,7 +1116,13 @@ fn child_threads_first_then_forking_thread() {
             join_all(hs);
             // Now the forking thread: its cache is from before the fork.
             let mine: Vec<Block> = (0..50)
-                .map(|i| allocate(&a, Layout::from_size_align(16 << (i % 15), 16).unwrap(), true))
+                .map(|i| {
+                    allocate(
+                        &a,
+                        Layout::from_size_align(16 << (i % 15), 16).unwrap(),
+                        true,
+                    )
+                })
                 .collect();
             held.iter().for_each(|b| b.check("child: inherited"));
             mine.into_iter().for_each(|b| free(&a, b));
@@ -1208,7 +1271,9 @@ fn shrink_with_a_failing_creator(small_threshold: Option<usize>) -> bool {
         Ok(block) => {
             let p = block.cast::<u8>();
             // SAFETY: the shrunk block holds at least 100 bytes.
-            let kept = unsafe { std::slice::from_raw_parts(p.as_ptr(), 100) }.iter().all(|&x| x == 7);
+            let kept = unsafe { std::slice::from_raw_parts(p.as_ptr(), 100) }
+                .iter()
+                .all(|&x| x == 7);
             // SAFETY: allocated with `new` now.
             unsafe { a.deallocate(p, new) };
             kept
@@ -1271,8 +1336,14 @@ fn a_full_region_falls_back_to_segments() {
             blocks.push(allocate(&a, l, i % 2 == 0));
         }
         let stats = a.stats();
-        assert!(stats.small.arena_bytes <= 64 << 20, "region above 64 MiB: {stats:#?}");
-        assert!(stats.live_segments > 0, "no small block fell back to a segment: {stats:#?}");
+        assert!(
+            stats.small.arena_bytes <= 64 << 20,
+            "region above 64 MiB: {stats:#?}"
+        );
+        assert!(
+            stats.live_segments > 0,
+            "no small block fell back to a segment: {stats:#?}"
+        );
         let pool: Pool = Arc::new(Mutex::new(Vec::new()));
         let mut left = churn(&a, &pool, 17, 3000, 40);
         for b in blocks.iter_mut().step_by(3) {

@@ -686,7 +686,16 @@ impl Inner {
         }
         let keep = old.size().min(new.size());
         // SAFETY: the old block is valid for `old.size() >= keep` reads; `keep <= new.size()`.
-        let block = unsafe { self.copy_into_new_block(ptr, keep, new, zeroed) }?;
+        let block = match unsafe { self.copy_into_new_block(ptr, keep, new, zeroed) } {
+            Ok(block) => block,
+            // A shrink that cannot move (no new chunk: full disk, a failing creator) keeps the
+            // block whole, as a segment's does: `Vec::shrink_to_fit` aborts on an error.
+            // Nothing is written to it, so a pre-fork chunk is fine too.
+            Err(_) if aligned_within && shrink => {
+                return Ok(NonNull::slice_from_raw_parts(ptr, len));
+            }
+            Err(e) => return Err(e),
+        };
         // SAFETY: the old block is currently allocated and is not used again.
         unsafe { self.tier.deallocate(ptr, epoch) };
         if new.size() > old.size() {

@@ -57,6 +57,38 @@
 //! * **fork.** A child gets none of the store's views (`MADV_DONTFORK`), and every call on
 //!   its copy of the handle is [`StoreError::ForkChild`]: it can never write its parent's
 //!   store.
+//!
+//! # Nothing outlives its store
+//! Containers, guards and the allocator borrow the [`Store`]: closing (or dropping) it while
+//! one is alive does not compile.
+//!
+//! ```compile_fail,E0505
+//! # use mmapvec::store::{Store, StoreVec};
+//! # fn f(dir: &std::path::Path) -> Result<(), mmapvec::store::StoreError> {
+//! let store = Store::create(dir)?;
+//! let v: StoreVec<u64> = StoreVec::new_in(store.allocator());
+//! store.close()?; // `v` still borrows the store
+//! drop(v);
+//! # Ok(()) }
+//! ```
+//! ```compile_fail,E0505
+//! # use mmapvec::store::Store;
+//! # fn f(dir: &std::path::Path) -> Result<(), mmapvec::store::StoreError> {
+//! let store = Store::open(dir)?;
+//! let x = store.root::<u64>("x")?;
+//! drop(store); // the guard still borrows the store
+//! println!("{}", *x);
+//! # Ok(()) }
+//! ```
+//!
+//! Nor can a container be given a longer lifetime than the handle it came from:
+//!
+//! ```compile_fail,E0521
+//! # use mmapvec::store::{Store, StoreVec};
+//! fn smuggle(store: &Store) -> StoreVec<'static, u64> {
+//!     store.take_root::<StoreVec<'static, u64>>("v").unwrap()
+//! }
+//! ```
 
 use std::cell::UnsafeCell;
 use std::fmt;

@@ -168,7 +168,10 @@ fn query(dir: &PathBuf, words: &[String]) -> Result<(), StoreError> {
         match found {
             None => println!("{word}: not found (looked up in {took:.1?})"),
             Some(places) => {
-                let docs = places.iter().map(|p| p.0).collect::<std::collections::HashSet<_>>();
+                let docs = places
+                    .iter()
+                    .map(|p| p.0)
+                    .collect::<std::collections::HashSet<_>>();
                 let first: Vec<String> = places
                     .iter()
                     .take(5)

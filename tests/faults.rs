@@ -38,5 +38,7 @@ mod no_one_let_in;
 mod os_limits;
 #[path = "faults/small_blocks.rs"]
 mod small_blocks;
+#[path = "faults/store_disk.rs"]
+mod store_disk;
 #[path = "faults/tier_holes.rs"]
 mod tier_holes;

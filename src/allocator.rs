@@ -285,7 +285,7 @@ impl MmapAllocator {
 }
 
 /// The aligned dangling pointer answered for zero-size requests: never reaches the OS.
-fn dangling(align: usize) -> NonNull<[u8]> {
+pub(crate) fn dangling(align: usize) -> NonNull<[u8]> {
     // `Layout` guarantees a non-zero power-of-two alignment.
     let ptr = NonNull::new(ptr::without_provenance_mut::<u8>(align)).unwrap_or(NonNull::dangling());
     NonNull::slice_from_raw_parts(ptr, 0)

@@ -7,6 +7,7 @@ use std::ptr::NonNull;
 use allocator_api2::alloc::{AllocError, Allocator, Layout};
 
 use super::{Shared, Store};
+use crate::allocator::dangling;
 use crate::creator::{SegmentCreator, SegmentFile, SegmentRequest};
 use crate::sys;
 
@@ -93,12 +94,6 @@ impl<'s> StoreAllocator<'s> {
             Err(AllocError)
         }
     }
-}
-
-fn dangling(align: usize) -> NonNull<[u8]> {
-    // `align` is a non-zero power of two (a `Layout`'s): a valid, aligned, dangling address.
-    let ptr = NonNull::new(std::ptr::without_provenance_mut::<u8>(align)).unwrap();
-    NonNull::slice_from_raw_parts(ptr, 0)
 }
 
 fn slice(addr: usize, len: usize) -> NonNull<[u8]> {

@@ -272,13 +272,7 @@ impl Space {
             }
             views.add(addr, len);
             drop(views);
-            self.segs.insert(
-                addr,
-                Seg {
-                    len,
-                    span: seg.span,
-                },
-            );
+            self.set_len(addr, len);
             return Ok((addr, len));
         }
         let (to, span) = match self.take_span(len, align) {
@@ -335,13 +329,7 @@ impl Space {
         }
         views.add(addr, len);
         drop(views);
-        self.segs.insert(
-            addr,
-            Seg {
-                len,
-                span: seg.span,
-            },
-        );
+        self.set_len(addr, len);
         // The view ends at `len` now: cutting the file cannot leave a page past its end mapped.
         if let Ok(file) = self.open_seg(addr, seg.span) {
             let _ = file.set_len(len as u64);
@@ -378,6 +366,13 @@ impl Space {
             unsafe { sys::sync(at(addr), seg.len) }?;
         }
         self.dir.sync_all()
+    }
+
+    /// Records the new mapped length of the block at `addr`.
+    fn set_len(&mut self, addr: usize, len: usize) {
+        if let Some(seg) = self.segs.get_mut(&addr) {
+            seg.len = len;
+        }
     }
 
     fn round(&self, size: usize) -> io::Result<usize> {

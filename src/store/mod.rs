@@ -778,13 +778,11 @@ impl Store {
             }
             _ => StoreError::Io(e),
         };
-        // Whatever failed, what was mapped is unmapped with the range by the drop.
-        let lost = tier.lost_ranges();
-        let space = Space::open(segs, start, end, share);
-        if let Err(e) = restored {
-            self.lost_at_start = lost;
-            return Err(corrupt(e));
-        }
+        // Whatever fails, what was mapped is unmapped with the range by the drop, less the
+        // ranges that may no longer be ours.
+        self.lost_at_start = tier.lost_ranges();
+        restored.map_err(corrupt)?;
+        let space = Space::open(segs, start, end, share, &mut self.lost_at_start);
         let shared = Box::new(Shared {
             space: Mutex::new(space.map_err(corrupt)?),
             tier,

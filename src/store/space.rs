@@ -93,28 +93,66 @@ impl Space {
 
     /// The space of a store being opened: every segment file of `dir` mapped back at its
     /// address (`[start, end)` must be reserved by the caller, and nothing in it used yet).
-    /// On error, what was mapped stays mapped: the caller unmaps its whole range.
-    pub(super) fn open(dir: File, start: usize, end: usize, share: Share) -> io::Result<Space> {
+    /// On error, what was mapped stays mapped (the caller unmaps its whole range), less the
+    /// ranges that may no longer be ours, which are added to `lost`.
+    pub(super) fn open(
+        dir: File,
+        start: usize,
+        end: usize,
+        share: Share,
+        lost: &mut Vec<(usize, usize)>,
+    ) -> io::Result<Space> {
         let mut space = Space::new(dir, start, end, share);
+        let mapped = space.map_all();
+        match mapped {
+            Ok(()) => Ok(space),
+            Err(e) => {
+                lost.append(&mut space.lost);
+                Err(e)
+            }
+        }
+    }
+
+    /// Checks every name and file of the folder, then maps them one at a time (one descriptor
+    /// open at a time, whatever the number of segments).
+    fn map_all(&mut self) -> io::Result<()> {
+        let (start, end) = self
+            .free
+            .iter()
+            .next()
+            .map_or((0, 0), |(&a, &l)| (a, a + l));
         let mut found = Vec::new();
-        for name in sys::names_in(&space.dir)? {
+        let mut seen = std::collections::HashSet::new();
+        for name in sys::names_in(&self.dir)? {
             let (addr, span) = parse_name(&name)
+                .filter(|&(addr, span)| seg_name(addr, span) == name)
                 .ok_or_else(|| corrupt(format!("unexpected file {name:?} in the store")))?;
-            let file = space.open_seg(addr, span)?;
-            let len = usize::try_from(file.metadata()?.len()).unwrap_or(usize::MAX);
+            let entry = sys::entry_at(&self.dir, &name)?;
+            // A name of its own, a regular file: two names of one file would be two blocks
+            // sharing their bytes.
+            if entry.kind != sys::EntryKind::File
+                || entry.links != 1
+                || !seen.insert((entry.dev, entry.ino))
+            {
+                return Err(corrupt(format!(
+                    "segment {name:?} is not a regular file with one name"
+                )));
+            }
+            let len = usize::try_from(entry.len).unwrap_or(usize::MAX);
             let fits = addr >= start
-                && addr.is_multiple_of(space.page)
-                && span.is_multiple_of(space.page)
-                && len.is_multiple_of(space.page)
+                && addr < end
+                && span <= end - addr
+                && addr.is_multiple_of(self.page)
+                && span.is_multiple_of(self.page)
+                && len.is_multiple_of(self.page)
                 && len > 0
-                && len <= span
-                && span <= end - addr;
+                && len <= span;
             if !fits {
                 return Err(corrupt(format!(
                     "segment {name:?} ({len} bytes) does not fit the store's range"
                 )));
             }
-            found.push((addr, Seg { len, span }, file));
+            found.push((addr, Seg { len, span }, name, entry.ino));
         }
         found.sort_by_key(|&(addr, ..)| addr);
         for pair in found.windows(2) {
@@ -125,14 +163,21 @@ impl Space {
                 )));
             }
         }
-        for (addr, seg, file) in found {
-            space.take_range(addr, seg.span);
+        for (addr, seg, name, ino) in found {
+            if !self.take_range(addr, seg.span) {
+                return Err(corrupt(format!("segment {name:?} is not in free space")));
+            }
+            let file = sys::open_at(&self.dir, &name, None)?;
+            let meta = std::os::unix::fs::MetadataExt::ino(&file.metadata()?);
+            if meta != ino || file.metadata()?.len() != seg.len as u64 {
+                return Err(corrupt(format!("segment {name:?} changed while opening")));
+            }
             // SAFETY: `[addr, addr + span)` lies in the caller's reservation (checked above),
             // which nothing uses yet, and no two spans overlap; the file is `len` bytes long.
-            unsafe { space.map_view(addr, &file, 0, seg.len, seg.len) }?;
-            space.segs.insert(addr, seg);
+            unsafe { self.map_view(addr, &file, 0, seg.len, seg.len) }?;
+            self.segs.insert(addr, seg);
         }
-        Ok(space)
+        Ok(())
     }
 
     /// Maps `len` bytes of `file` from `offset` at `addr`, kept out of fork children
@@ -167,7 +212,9 @@ impl Space {
         let advised = unsafe { sys::advise(at(addr), len, sys::Advice::DontFork) };
         if let Err(e) = advised {
             // SAFETY: the view just mapped, which nothing refers to yet.
-            let _ = unsafe { sys::reserve_fixed(at(addr), len) };
+            if unsafe { sys::reserve_fixed(at(addr), len) }.is_err() {
+                self.lost.push((addr, len));
+            }
             if offset == 0 {
                 views.remove(block);
             } else {
@@ -258,7 +305,8 @@ impl Space {
         let undo = |file: &File| {
             let _ = file.set_len(seg.len as u64);
         };
-        if len <= seg.span {
+        // In place: within the span, unless part of it was lost (see `after_failed_map`).
+        if len <= seg.span && !self.overlaps_lost(addr + seg.len, len - seg.len) {
             let tail = addr + seg.len;
             let mut views = fork::hold();
             // SAFETY: the block's view is ours, and `[tail, addr + len)` lies in its span, past
@@ -323,12 +371,16 @@ impl Space {
         }
         let mut views = fork::hold();
         // SAFETY: `[addr + len, addr + seg.len)` is the end of the block's own mapping, which
-        // the caller gives up (it shrinks the block); MAP_FIXED replaces it with no gap.
-        if unsafe { sys::reserve_fixed(at(addr + len), seg.len - len) }.is_err() {
-            return Ok(seg.len);
-        }
+        // the caller gives up (it shrinks the block).
+        let reserved = unsafe { sys::reserve_fixed(at(addr + len), seg.len - len) };
         views.add(addr, len);
         drop(views);
+        if reserved.is_err() {
+            // A failed MAP_FIXED may have unmapped the tail (a gap): it is ours again if it can
+            // be reserved in place, else it is never touched again. The block ends at `len`
+            // either way.
+            self.after_failed_map(addr + len, seg.len - len);
+        }
         self.set_len(addr, len);
         // The view ends at `len` now: cutting the file cannot leave a page past its end mapped.
         if let Ok(file) = self.open_seg(addr, seg.span) {
@@ -351,12 +403,11 @@ impl Space {
         if self.share == Share::Write {
             let _ = sys::remove_at(&self.dir, &seg_name(addr, seg.span), false);
         }
-        if reserved {
-            self.insert_free(addr, seg.span);
-        } else {
-            // The view may still be there: never reuse the span.
-            self.lost.push((addr, seg.span));
+        if !reserved {
+            // The view may still be there, or someone else's mapping: never reuse it.
+            self.lost.push((addr, seg.len));
         }
+        self.give_back_unless_lost(addr, seg.span);
     }
 
     /// Writes every block's changed pages to its file and waits (`msync`), then the folder.
@@ -408,17 +459,24 @@ impl Space {
             .range((len, 0)..)
             .map(|&(free_len, start)| (start.next_multiple_of(align), start + free_len))
             .find(|&(addr, end)| addr.checked_add(len).is_some_and(|e| e <= end))?;
-        self.take_range(addr, len);
+        let taken = self.take_range(addr, len);
+        debug_assert!(taken, "a best fit is free");
         Some(addr)
     }
 
-    /// Removes `[addr, addr + len)`, which must lie inside one free range, from the free ranges.
-    fn take_range(&mut self, addr: usize, len: usize) {
+    /// Removes `[addr, addr + len)` from the free ranges: `false` (and nothing removed) unless
+    /// it lies inside one of them.
+    #[must_use]
+    fn take_range(&mut self, addr: usize, len: usize) -> bool {
         let Some((&start, &free_len)) = self.free.range(..=addr).next_back() else {
-            debug_assert!(false, "taking {addr:#x}, not free");
-            return;
+            return false;
         };
-        debug_assert!(addr + len <= start + free_len, "taking {addr:#x}, not free");
+        if addr
+            .checked_add(len)
+            .is_none_or(|end| end > start + free_len)
+        {
+            return false;
+        }
         self.free.remove(&start);
         self.by_len.remove(&(free_len, start));
         if addr > start {
@@ -430,6 +488,7 @@ impl Space {
             self.free.insert(addr + len, end - addr - len);
             self.by_len.insert((end - addr - len, addr + len));
         }
+        true
     }
 
     fn insert_free(&mut self, mut addr: usize, mut len: usize) {
@@ -457,6 +516,13 @@ impl Space {
         if sys::reserve_at(at(addr), len).is_err() {
             self.lost.push((addr, len));
         }
+    }
+
+    /// Whether any part of `[addr, addr + len)` is marked lost.
+    fn overlaps_lost(&self, addr: usize, len: usize) -> bool {
+        self.lost
+            .iter()
+            .any(|&(a, l)| a < addr + len && a + l > addr)
     }
 
     /// Returns a span to the free ranges, less any part marked lost.

@@ -631,6 +631,10 @@ pub(crate) struct Entry {
     pub(crate) ino: u64,
     pub(crate) kind: EntryKind,
     pub(crate) modified: std::time::SystemTime,
+    /// Its length in bytes.
+    pub(crate) len: u64,
+    /// How many names it has (hard links).
+    pub(crate) links: u64,
 }
 
 /// The entry `name` of `dir` itself (a link is not followed).
@@ -660,6 +664,8 @@ pub(crate) fn entry_at(dir: &File, name: &OsStr) -> io::Result<Entry> {
         ino: stat.st_ino as u64,
         kind,
         modified: std::time::UNIX_EPOCH + std::time::Duration::from_secs(secs),
+        len: u64::try_from(stat.st_size).unwrap_or(0),
+        links: stat.st_nlink as u64,
     })
 }
 

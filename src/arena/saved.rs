@@ -154,6 +154,22 @@ impl SmallTier {
         Ok(())
     }
 
+    /// The length of the block at `ptr` if `ptr` is the start of a block of a chunk mapped
+    /// now (of the class the chunk has), whether or not the block is live. For checking an
+    /// address read from a store's files before it is used.
+    pub(crate) fn mapped_block_len(&self, ptr: NonNull<u8>) -> Option<usize> {
+        if !self.contains(ptr) {
+            return None;
+        }
+        let index = self.index_of(ptr);
+        let slot = self.table()[index as usize].load(Ordering::Acquire);
+        // SAFETY: a non-null entry is a leaked `Box<ChunkMeta>`, freed only with the tier.
+        let meta = unsafe { slot.as_ref() }?;
+        let offset = ptr.as_ptr().addr() - self.chunk_at(index).as_ptr().addr();
+        let len = meta.block_size();
+        (meta.is_mapped() && offset.is_multiple_of(len)).then_some(len)
+    }
+
     /// The ranges of chunks lost (see `ChunkMeta::is_lost`), which the store must not unmap.
     pub(crate) fn lost_ranges(&self) -> Vec<(usize, usize)> {
         (0..self.table().len() as u32)

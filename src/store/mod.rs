@@ -504,6 +504,28 @@ impl Shared {
         space.sync()
     }
 
+    /// Whether a value of `size` bytes aligned to `align` at `addr` (read from the store's
+    /// files) lies inside one block of the store, mapped now: the address a zero-size value
+    /// gets, or inside a small block or a segment.
+    fn holds(&self, addr: usize, size: usize, align: usize) -> bool {
+        if size == 0 {
+            return addr == align;
+        }
+        if !addr.is_multiple_of(align) {
+            return false;
+        }
+        match NonNull::new(std::ptr::without_provenance_mut::<u8>(addr)) {
+            Some(ptr) if self.tier.contains(ptr) => {
+                // A value starts a small block (`set_root` allocates one per root).
+                self.tier
+                    .mapped_block_len(ptr)
+                    .is_some_and(|len| size <= len)
+            }
+            Some(_) => self.lock_space().holds(addr, size),
+            None => false,
+        }
+    }
+
     fn lock_space(&self) -> MutexGuard<'_, Space> {
         // A panic inside `Space` leaves it consistent or a range marked lost: go on.
         self.space.lock().unwrap_or_else(|e| e.into_inner())

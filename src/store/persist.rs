@@ -324,7 +324,7 @@ unsafe impl<'s, T: Persist<'s>> Persist<'s> for StoreBox<'s, T> {
 
 #[cfg(feature = "hashbrown")]
 mod maps {
-    use std::hash::BuildHasher;
+    use std::hash::{BuildHasher, Hash};
 
     use super::*;
     use crate::store::alloc::{StoreMap, StoreSet};
@@ -360,7 +360,7 @@ mod maps {
     // SAFETY: the table (control bytes and buckets) is a block of the store; keys, values and
     // the hasher are `Persist`; `reattach` replaces the static pointer of an empty table and
     // reaches every value.
-    unsafe impl<'s, K: Persist<'s>, V: Persist<'s>, S: PersistHasher> Persist<'s>
+    unsafe impl<'s, K: Persist<'s> + Eq + Hash, V: Persist<'s>, S: PersistHasher> Persist<'s>
         for StoreMap<'s, K, V, S>
     {
         const LAYOUT: u64 = fingerprint(&[
@@ -374,10 +374,12 @@ mod maps {
 
         unsafe fn reattach(&mut self) {
             const { assert!(!K::HAS_STATICS, "map keys that hold maps cannot be kept") };
-            if self.capacity() == 0 {
-                // `capacity`, `hasher` and `allocator` read the table's counts and fields,
-                // never its control bytes (which are the static). The old table is not
-                // dropped: with no allocation its drop frees nothing.
+            if self.allocation_size() == 0 {
+                // No allocation: the table points to the static. (`capacity() == 0` is also
+                // true of an allocated table whose every slot was deleted, which must be
+                // kept, or its block would leak.) `allocation_size`, `hasher` and `allocator`
+                // read the table's counts and fields, never its control bytes. The old table
+                // is not dropped: with no allocation its drop frees nothing.
                 // SAFETY: `self` is valid for reads and writes; the hasher is moved out once
                 // and into the new table, the allocator is `Copy`.
                 unsafe {
@@ -399,7 +401,7 @@ mod maps {
     }
 
     // SAFETY: as for the map (a set is a map with `()` values).
-    unsafe impl<'s, T: Persist<'s>, S: PersistHasher> Persist<'s> for StoreSet<'s, T, S> {
+    unsafe impl<'s, T: Persist<'s> + Eq + Hash, S: PersistHasher> Persist<'s> for StoreSet<'s, T, S> {
         const LAYOUT: u64 = fingerprint(&[
             hash_str("hashbrown::HashSet"),
             T::LAYOUT,
@@ -415,7 +417,7 @@ mod maps {
                     "set elements that hold maps cannot be kept"
                 )
             };
-            if self.capacity() == 0 {
+            if self.allocation_size() == 0 {
                 // SAFETY: as for the map.
                 unsafe {
                     let hasher = std::ptr::read(self.hasher());

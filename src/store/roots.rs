@@ -174,10 +174,13 @@ impl Store {
         if !free {
             return Err(StoreError::RootInUse(name.to_owned()));
         }
-        let ptr = NonNull::new(std::ptr::with_exposed_provenance_mut::<T>(
-            slot.addr as usize,
-        ))
-        .ok_or(StoreError::NotAStore)?;
+        // The address comes from a file: it must be inside a block of this store.
+        let addr = usize::try_from(slot.addr).map_err(|_| StoreError::NotAStore)?;
+        if !shared.holds(addr, size_of::<T>(), align_of::<T>()) {
+            return Err(StoreError::NotAStore);
+        }
+        let ptr = NonNull::new(std::ptr::with_exposed_provenance_mut::<T>(addr))
+            .ok_or(StoreError::NotAStore)?;
         if T::HAS_STATICS && !state.reattached {
             // SAFETY: the root is a `T` (checked above) in a block of the store, mapped
             // read/write in this process (shared for the writer, private for a reader); no

@@ -280,6 +280,17 @@ impl Space {
         }
     }
 
+    /// Whether `[addr, addr + len)` lies inside one block.
+    pub(super) fn holds(&self, addr: usize, len: usize) -> bool {
+        self.segs
+            .range(..=addr)
+            .next_back()
+            .is_some_and(|(&start, seg)| {
+                addr.checked_add(len)
+                    .is_some_and(|end| end <= start + seg.len)
+            })
+    }
+
     /// The mapped length of the block at `addr`.
     pub(super) fn len_of(&self, addr: usize) -> Option<usize> {
         self.segs.get(&addr).map(|s| s.len)

@@ -246,6 +246,7 @@ extern "C" fn child() {
             let _ = unsafe { sys::reserve_fixed(ptr, len) };
         }
     }
+    crate::store::in_child();
     drop(held);
 }
 

@@ -1,6 +1,7 @@
 //! Outside review of the store's unsafe code (issue 13): adversarial tests.
 //!
-//! Tests marked `#[ignore]` expose a finding of the review and fail today (each says which);
+//! Tests named after a finding of the review failed before its fix (each says which; all are
+//! fixed now);
 //! the others pin down behaviour the review checked and found sound. Reopens that must happen
 //! in a fresh address space re-run this binary (as `tests/store.rs` does).
 #![cfg(feature = "hashbrown")]
@@ -119,7 +120,7 @@ fn seg_at(path: &Path, addr: usize) -> PathBuf {
 // Findings (ignored: they fail today).
 // ---------------------------------------------------------------------------------------------
 
-/// FINDING (soundness, hostile folder): `Space::open` checks `span <= end - addr` after
+/// FINDING, fixed since (soundness, hostile folder): `Space::open` checks `span <= end - addr` after
 /// `addr >= start` but never `addr < end`. A segment named after an address past the range
 /// makes `end - addr` underflow: a panic (arithmetic overflow) in debug builds, and in release
 /// builds the check passes, the file is mapped with `MAP_FIXED` outside the store's range
@@ -171,7 +172,7 @@ fn a_segment_past_the_range_is_refused() {
 /// A static of this process that a hostile header points a root at.
 static TARGET: AtomicU64 = AtomicU64::new(0x5EC2_E7DA_7A00_0001);
 
-/// FINDING (soundness, hostile/corrupt header): `borrow_root` trusts the slot's `addr`: it is
+/// FINDING, fixed since (soundness, hostile/corrupt header): `borrow_root` trusts the slot's `addr`: it is
 /// neither checked to lie in a block of the store (or even in the range) nor to be aligned for
 /// `T`. A header whose root slot points anywhere makes `root`/`root_mut` hand out references to
 /// arbitrary memory of the process (here: a static of the program; `root_mut` would write it).
@@ -198,7 +199,7 @@ fn a_root_slot_pointing_outside_the_store_is_refused() {
     );
 }
 
-/// FINDING (soundness, hostile folder): two segment names that are hard links to one file are
+/// FINDING, fixed since (soundness, hostile folder): two segment names that are hard links to one file are
 /// mapped as two blocks that alias. Here a `Root` and a `RootMut` of two roots see each other's
 /// writes (a `&` and a `&mut` to the same bytes). Expected: refused at open (`st_nlink != 1`,
 /// or two names with one inode).
@@ -245,11 +246,10 @@ fn hard_linked_segments_are_refused() {
     panic!("open accepted hard-linked segments (aliasing seen through a shared root: {aliased})");
 }
 
-/// FINDING (minor): `Store::flushes` reads the header without `check_use`: in a fork child the
+/// FINDING, fixed since (minor): `Store::flushes` reads the header without `check_use`: in a fork child the
 /// header's page is a hole filled with an inaccessible reservation (`MADV_DONTFORK`), so a safe
 /// call dies of `SIGSEGV` (a reference to unmapped memory) instead of answering or erroring.
 #[test]
-#[ignore = "review finding: Store::flushes faults in a fork child (mod.rs, Store::flushes)"]
 fn flushes_in_a_fork_child_does_not_fault() {
     let _serial = serial();
     let path = TestPath::new("flushes");
@@ -264,14 +264,13 @@ fn flushes_in_a_fork_child_does_not_fault() {
     );
 }
 
-/// FINDING (contract, minor): a fork child inherits the store's `lock` descriptor, which holds
+/// FINDING, fixed since (contract, minor): a fork child inherits the store's `lock` descriptor, which holds
 /// the writer's `flock` (a lock belongs to the open file description the child shares). After
 /// the parent closes the store cleanly, nobody (the parent included) can open it until every
 /// such child exits or closes it: `Locked`, although no handle that opened it is left. The lock
 /// file could be opened again (a new description) after fork in the parent, or the child
 /// handler could close it (`FD_CLOEXEC` does not help a child that does not exec).
 #[test]
-#[ignore = "review finding: fork children keep the writer's flock after the parent closes"]
 fn a_fork_child_does_not_keep_the_store_locked() {
     let _serial = serial();
     let path = TestPath::new("flock");
@@ -334,7 +333,7 @@ fn all_deleted_map(store: &Store) -> Wide<'_> {
     m
 }
 
-/// FINDING (leak, fixed): `reattach` told an empty table by `capacity() == 0`, which is also
+/// FINDING, fixed since (leak, fixed): `reattach` told an empty table by `capacity() == 0`, which is also
 /// true of an allocated table whose every slot is DELETED (items 0, growth_left 0). Such a
 /// table was overwritten with a fresh empty one without being freed: its block (a file of the
 /// store) leaked for good. `allocation_size() == 0` tells the static singleton exactly.
@@ -850,7 +849,7 @@ fn one_store_at_a_time_and_taken_ranges() {
     Store::open(&a.0).unwrap().close().unwrap();
 }
 
-/// FINDING (data availability): `Space::open` keeps every segment file open until all are
+/// FINDING, fixed since (data availability): `Space::open` keeps every segment file open until all are
 /// checked (`found` holds the `File`s), so a store of more blocks than the soft
 /// `RLIMIT_NOFILE` (1024 by default on Linux) is written fine (a writer opens files one at a
 /// time) but can never be opened again under the default limit: `EMFILE`. Checking names and

@@ -94,10 +94,11 @@ use std::cell::UnsafeCell;
 use std::fmt;
 use std::fs::{self, File, OpenOptions};
 use std::io;
+use std::os::fd::AsRawFd;
 use std::os::unix::fs::{FileExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
 use std::ptr::NonNull;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicI32, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 
 use crate::arena::{CHUNK, SmallTier, TierConfig};
@@ -429,6 +430,20 @@ pub struct StoreStats {
     pub small_chunk_bytes: u64,
 }
 
+/// The descriptor of the open store's lock file, -1 if none. Set and cleared under
+/// `fork::hold`, which the fork handlers hold: a fork child finds it exact.
+static LOCK_FD: AtomicI32 = AtomicI32::new(-1);
+
+/// The fork child handler's part: the child's copy of the lock's descriptor is pointed at
+/// `/dev/null`, so the child does not keep the store locked after its parent closes it (a
+/// `flock` belongs to the open file, which a child shares until it closes its copy).
+pub(crate) fn in_child() {
+    let fd = LOCK_FD.swap(-1, Ordering::AcqRel);
+    if fd >= 0 {
+        sys::point_at_null(fd);
+    }
+}
+
 /// The range of the store this process has open, if any (inherited by a fork child with the
 /// handle).
 static OPEN: Mutex<Option<usize>> = Mutex::new(None);
@@ -556,8 +571,9 @@ impl fork::ForkLocks for Shared {
 #[derive(Debug)]
 pub struct Store {
     path: PathBuf,
-    /// Holds the `flock` for as long as the store is open.
-    _lock: File,
+    /// Holds the `flock` for as long as the store is open (closed by the drop, under
+    /// `fork::hold`).
+    lock: Option<File>,
     header_file: File,
     /// The reserved range; the header is mapped over its first page.
     base: NonNull<u8>,
@@ -711,11 +727,13 @@ impl Store {
         }
         let mut store = Store::unmapped(path, lock, header_file, at, len, access);
         store.map_header()?;
+        // Everything mapped and checked before the store is marked open for writing: a store
+        // refused here is left as it was.
+        store.start()?;
         if access == Access::Write {
             store.header().dirty.store(1, Ordering::Release);
             store.sync_header()?;
         }
-        store.start()?;
         Ok(store)
     }
 
@@ -727,9 +745,13 @@ impl Store {
         len: usize,
         access: Access,
     ) -> Store {
+        {
+            let _no_fork = fork::hold();
+            LOCK_FD.store(lock.as_raw_fd(), Ordering::Release);
+        }
         Store {
             path: path.to_path_buf(),
-            _lock: lock,
+            lock: Some(lock),
             header_file,
             base,
             len,
@@ -758,8 +780,8 @@ impl Store {
             Ok(()) => {
                 self.header_mapped = true;
                 views.add(self.base.as_ptr().addr(), page);
-                // SAFETY: the header's view, just mapped; DONTFORK leaves its contents alone.
-                unsafe { sys::advise(self.base, page, sys::Advice::DontFork) }
+                // SAFETY: the header's view, just mapped.
+                unsafe { space::keep_out_of_children(self.base, page) }
             }
             // A failed MAP_FIXED may leave a gap (see `arena::chunk::MapFailure`): ours again
             // only if it can be reserved in place.
@@ -777,7 +799,11 @@ impl Store {
         let runtime = unsafe { self.base.add(page) };
         // SAFETY: as above; it becomes private read/write memory of this process.
         unsafe { sys::protect(runtime, page, true) }?;
-        let segs = File::open(self.path.join(space::SEGS))?;
+        // The folder itself, never a link to elsewhere.
+        let segs = OpenOptions::new()
+            .read(true)
+            .custom_flags(libc::O_NOFOLLOW | libc::O_DIRECTORY)
+            .open(self.path.join(space::SEGS))?;
         let share = match self.access {
             Access::Write => Share::Write,
             Access::Read => Share::Private,
@@ -878,6 +904,9 @@ impl Store {
 
     /// Durable points reached so far: flushes and clean closes, since the store was made.
     pub fn flushes(&self) -> u64 {
+        if self.generation != fork::generation() {
+            return 0; // a fork child has no view of the header
+        }
         // Relaxed: a reader's mapping is read-only, where only small relaxed atomic loads are
         // allowed.
         self.header().flushes.load(Ordering::Relaxed)
@@ -927,6 +956,7 @@ impl Store {
         if self.access != Access::Write
             || self.generation != fork::generation()
             || !self.header_mapped
+            || self.shared.is_none()
         {
             return Ok(());
         }
@@ -980,6 +1010,12 @@ impl Drop for Store {
             from = from.max(addr + len);
         }
         views.forget_range(base, self.len);
+        if let Some(lock) = self.lock.take() {
+            if LOCK_FD.load(Ordering::Acquire) == lock.as_raw_fd() {
+                LOCK_FD.store(-1, Ordering::Release);
+            }
+            drop(lock);
+        }
         drop(views);
         let mut open = open_here();
         if *open == Some(base) {

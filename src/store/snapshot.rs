@@ -87,6 +87,9 @@ fn sync_folder(path: &Path) -> io::Result<()> {
 impl Store {
     /// Snapshots taken so far.
     pub fn snapshots(&self) -> u64 {
+        if self.generation != crate::fork::generation() {
+            return 0; // a fork child has no view of the header
+        }
         // Relaxed: see `flushes`.
         self.header().snapshots.load(Ordering::Relaxed)
     }

@@ -208,8 +208,8 @@ impl Space {
         // Recorded before the advice: a hole the child fills is harmless, a view it keeps is
         // not.
         views.add(block, block_len);
-        // SAFETY: the view just mapped; DONTFORK leaves its contents alone.
-        let advised = unsafe { sys::advise(at(addr), len, sys::Advice::DontFork) };
+        // SAFETY: the view just mapped.
+        let advised = unsafe { keep_out_of_children(at(addr), len) };
         if let Err(e) = advised {
             // SAFETY: the view just mapped, which nothing refers to yet.
             if unsafe { sys::reserve_fixed(at(addr), len) }.is_err() {
@@ -556,6 +556,24 @@ impl Space {
         if from < end {
             self.insert_free(from, end - from);
         }
+    }
+}
+
+/// `MADV_DONTFORK` on a view of the store (Linux; elsewhere children see the view, and the
+/// store's rule that a child's handle refuses every call is what protects the store).
+///
+/// # Safety
+/// `[addr, addr + len)` must be the caller's mapping; the advice leaves its contents alone.
+pub(super) unsafe fn keep_out_of_children(addr: NonNull<u8>, len: usize) -> io::Result<()> {
+    #[cfg(target_os = "linux")]
+    {
+        // SAFETY: the caller's mapping; DONTFORK changes no content.
+        unsafe { sys::advise(addr, len, sys::Advice::DontFork) }
+    }
+    #[cfg(not(target_os = "linux"))]
+    {
+        let _ = (addr, len);
+        Ok(())
     }
 }
 

@@ -574,6 +574,24 @@ pub(crate) fn remove_at(dir: &File, name: &OsStr, folder: bool) -> io::Result<()
     check_zero(unsafe { libc::unlinkat(dir.as_raw_fd(), name.as_ptr(), flags) })
 }
 
+/// Points the descriptor `fd` at `/dev/null` (close-on-exec): the file it referred to loses
+/// this process's reference (a fork child's copy of a lock, say), and the number stays valid
+/// for whoever closes it later. Only async-signal-safe calls: for a fork child handler.
+pub(crate) fn point_at_null(fd: std::os::fd::RawFd) {
+    // SAFETY: a NUL-terminated path; open, dup2, fcntl and close are async-signal-safe and act
+    // on descriptors only.
+    unsafe {
+        let null = libc::open(c"/dev/null".as_ptr(), libc::O_RDONLY | libc::O_CLOEXEC);
+        if null < 0 {
+            return;
+        }
+        if libc::dup2(null, fd) >= 0 {
+            libc::fcntl(fd, libc::F_SETFD, libc::FD_CLOEXEC);
+        }
+        libc::close(null);
+    }
+}
+
 /// Renames the entry `from` of `dir` to `to` in the same folder (replacing `to` if it exists).
 pub(crate) fn rename_at(dir: &File, from: &OsStr, to: &OsStr) -> io::Result<()> {
     let (from, to) = (c_name(from)?, c_name(to)?);

@@ -167,7 +167,11 @@ impl Space {
             if !self.take_range(addr, seg.span) {
                 return Err(corrupt(format!("segment {name:?} is not in free space")));
             }
-            let file = sys::open_at(&self.dir, &name, None)?;
+            // A reader's views are private: the file is only read.
+            let file = match self.share {
+                Share::Write => sys::open_at(&self.dir, &name, None)?,
+                _ => sys::open_read_at(&self.dir, &name)?,
+            };
             let meta = std::os::unix::fs::MetadataExt::ino(&file.metadata()?);
             if meta != ino || file.metadata()?.len() != seg.len as u64 {
                 return Err(corrupt(format!("segment {name:?} changed while opening")));

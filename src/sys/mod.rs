@@ -551,6 +551,14 @@ pub(crate) fn open_at(dir: &File, name: &OsStr, create: Option<u32>) -> io::Resu
     }
 }
 
+/// Opens the existing regular file `name` inside `dir` for reading only (never through a
+/// symbolic link, close-on-exec).
+pub(crate) fn open_read_at(dir: &File, name: &OsStr) -> io::Result<File> {
+    let name = c_name(name)?;
+    // SAFETY: `name` is a valid C string; the descriptor is borrowed from `dir`.
+    check_fd(unsafe { libc::openat(dir.as_raw_fd(), name.as_ptr(), libc::O_RDONLY | OPEN_FLAGS) })
+}
+
 /// Opens the folder `name` inside `dir` for reading, without following a link.
 pub(crate) fn open_dir_at(dir: &File, name: &OsStr) -> io::Result<File> {
     let name = c_name(name)?;

@@ -14,6 +14,7 @@
 mod core_support;
 
 use std::collections::BTreeMap;
+use std::hint::black_box;
 use std::ptr::NonNull;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Barrier, Mutex};
@@ -27,6 +28,15 @@ use mmapvec::allocator_api2::vec::Vec as ApiVec;
 
 // ---------------------------------------------------------------------------------------------
 // Tools
+
+/// One test at a time: several tests `fork`, and a fork starts a new fork epoch for every
+/// allocator of the process (chunks and segments made before it are handled as possibly
+/// shared), which changes what the tests beside it measure (kept segments, chunks after
+/// `trim`). The review ran them in parallel and saw no failure, but CI repeats every binary.
+fn serial() -> std::sync::MutexGuard<'static, ()> {
+    static SERIAL: Mutex<()> = Mutex::new(());
+    SERIAL.lock().unwrap_or_else(|e| e.into_inner())
+}
 
 fn scale() -> usize {
     std::env::var("MMAPVEC_ADV_SCALE")
@@ -378,6 +388,7 @@ fn assert_all_given_back(a: &MmapAllocator) {
 /// in a loop.
 #[test]
 fn threads_churn_across_classes_with_trim_and_exits() {
+    let _serial = serial();
     let dir = TestDir::new("adv-churn");
     churn_with_trim_and_exits(allocator(&dir));
 }
@@ -386,6 +397,7 @@ fn threads_churn_across_classes_with_trim_and_exits() {
 /// slots and the reuse cache).
 #[test]
 fn threads_churn_with_default_settings() {
+    let _serial = serial();
     let dir = TestDir::new("adv-churn-default");
     churn_with_trim_and_exits(dir.allocator());
 }
@@ -401,8 +413,11 @@ fn churn_with_trim_and_exits(a: MmapAllocator) {
             let mut n = 0u64;
             while !stop.load(Ordering::Relaxed) {
                 a.trim();
-                let s = a.stats();
-                assert!(s.small.in_use_bytes <= s.small.arena_bytes, "{s:#?}");
+                // Not compared with each other here: `stats` reads the tier's counters one
+                // after another while other threads allocate, so `in_use_bytes` may count a
+                // block whose new chunk `arena_bytes` was read before (RELIABILITY.md: the
+                // stats snapshot is not atomic). Checked once the threads are done.
+                black_box(a.stats());
                 n += 1;
                 thread::yield_now();
             }
@@ -449,6 +464,8 @@ fn churn_with_trim_and_exits(a: MmapAllocator) {
     join_all(handles);
     stop.store(true, Ordering::Relaxed);
     trimmer.join().expect("trimmer");
+    let s = a.stats();
+    assert!(s.small.in_use_bytes <= s.small.arena_bytes, "{s:#?}");
     let left: Vec<Block> = std::mem::take(&mut *pool.lock().unwrap());
     for b in left {
         free(&a, b);
@@ -460,6 +477,7 @@ fn churn_with_trim_and_exits(a: MmapAllocator) {
 /// shrink, and free them: every block dies on a thread other than the one that made it.
 #[test]
 fn blocks_freed_on_other_threads() {
+    let _serial = serial();
     let dir = TestDir::new("adv-cross");
     let a = allocator(&dir);
     let n = 300 * scale();
@@ -523,6 +541,7 @@ fn blocks_freed_on_other_threads() {
 /// the thread goes on with a second allocator whose region may take the same addresses.
 #[test]
 fn cache_outlives_its_allocator() {
+    let _serial = serial();
     let dir = TestDir::new("adv-outlive");
     for round in 0..(scale() as u64).max(2) {
         let first = allocator(&dir);
@@ -573,6 +592,7 @@ fn cache_outlives_its_allocator() {
 /// class, a retained empty chunk, and an in-place grow over bytes written into the slack.
 #[test]
 fn zeroed_blocks_read_zero_whatever_was_there() {
+    let _serial = serial();
     let dir = TestDir::new("adv-zero");
     let a = allocator(&dir);
     let dirty = |b: &Block| {
@@ -910,11 +930,13 @@ fn fork_in_the_middle(dont_fork: bool) {
 
 #[test]
 fn fork_in_the_middle_of_threaded_allocation() {
+    let _serial = serial();
     fork_in_the_middle(false);
 }
 
 #[test]
 fn fork_in_the_middle_of_threaded_allocation_dont_fork() {
+    let _serial = serial();
     fork_in_the_middle(true);
 }
 
@@ -923,6 +945,7 @@ fn fork_in_the_middle_of_threaded_allocation_dont_fork() {
 /// removes and drops the parent's tables; the parent's must read the same after.
 #[test]
 fn hashbrown_tables_across_fork() {
+    let _serial = serial();
     type Map<V> = hashbrown::HashMap<u64, V, hashbrown::DefaultHashBuilder, MmapAllocator>;
     let dir = TestDir::new("adv-hb");
     let a = dir.allocator();
@@ -1065,6 +1088,7 @@ fn hashbrown_tables_across_fork() {
 /// continuously while the child lives and check them after.
 #[test]
 fn child_threads_first_then_forking_thread() {
+    let _serial = serial();
     let dir = TestDir::new("adv-child-threads");
     let a = allocator(&dir);
     let stop = Arc::new(AtomicBool::new(false));
@@ -1213,6 +1237,7 @@ fn orphaned_caches_in_child(other_threads_alive: bool) -> (u64, u64) {
 
 #[test]
 fn child_keeps_no_chunk_when_the_other_threads_had_exited() {
+    let _serial = serial();
     let (arena, in_use) = orphaned_caches_in_child(false);
     assert_eq!((arena, in_use), (0, 0));
 }
@@ -1222,6 +1247,7 @@ fn child_keeps_no_chunk_when_the_other_threads_had_exited() {
 #[test]
 #[ignore = "bug: a fork child never gives back the parent's other threads' cached small blocks"]
 fn child_gives_back_blocks_cached_by_the_parents_other_threads() {
+    let _serial = serial();
     let (arena, in_use) = orphaned_caches_in_child(true);
     assert_eq!(in_use, 0);
     assert_eq!(arena, 0, "chunk bytes the child keeps with nothing in use");
@@ -1289,6 +1315,7 @@ fn shrink_with_a_failing_creator(small_threshold: Option<usize>) -> bool {
 
 #[test]
 fn a_segment_shrink_with_no_new_file_keeps_the_block() {
+    let _serial = serial();
     // The segment tier's own rule: a shrink that cannot move keeps the block (an error would
     // make `Vec::shrink_to_fit` abort).
     assert!(shrink_with_a_failing_creator(Some(0)));
@@ -1302,6 +1329,7 @@ fn a_segment_shrink_with_no_new_file_keeps_the_block() {
 /// block in the parent (never in place). Now the block is kept.
 #[test]
 fn a_small_block_shrink_with_no_new_chunk_keeps_the_block() {
+    let _serial = serial();
     assert!(shrink_with_a_failing_creator(None));
 }
 
@@ -1311,6 +1339,7 @@ fn a_small_block_shrink_with_no_new_chunk_keeps_the_block() {
 /// In a child process (the limit is process-wide).
 #[test]
 fn a_full_region_falls_back_to_segments() {
+    let _serial = serial();
     let dir = TestDir::new("adv-region");
     let pid = fork_child(|| {
         let status = std::fs::read_to_string("/proc/self/status").unwrap();

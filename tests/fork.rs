@@ -5,6 +5,16 @@ use std::path::PathBuf;
 
 use mmapvec::{MmapAllocator, MmapVec};
 
+/// One test at a time: a `fork` by one test starts a new fork epoch for every allocator of the
+/// process, and a segment made before it is never kept for reuse (a child may map it). Another
+/// test's fork between a worker's allocation and its free made
+/// `a_child_gives_back_the_segments_its_parents_other_threads_kept` see no kept segment (CI,
+/// the third of five repeated runs).
+fn serial() -> std::sync::MutexGuard<'static, ()> {
+    static SERIAL: std::sync::Mutex<()> = std::sync::Mutex::new(());
+    SERIAL.lock().unwrap_or_else(|e| e.into_inner())
+}
+
 fn fresh_dir(name: &str) -> PathBuf {
     let dir = std::env::temp_dir().join(format!("mmapvec-fork-{name}-{}", std::process::id()));
     let _ = std::fs::remove_dir_all(&dir);
@@ -32,6 +42,7 @@ fn in_child(child: impl FnOnce()) -> i32 {
 
 #[test]
 fn child_resizing_and_dropping_inherited_vectors_leaves_the_parent_intact() {
+    let _serial = serial();
     for budget in [None, Some(0)] {
         let dir = fresh_dir(if budget.is_some() { "named" } else { "held" });
         let mut builder = MmapAllocator::builder().small_threshold(0).dir(&dir);
@@ -93,6 +104,7 @@ fn mappings_under(dir: &std::path::Path) -> usize {
 /// parent keeps its slot.
 #[test]
 fn a_child_gives_back_the_segments_its_parents_other_threads_kept() {
+    let _serial = serial();
     let dir = fresh_dir("slots");
     let alloc = MmapAllocator::builder().dir(&dir).build().unwrap();
     let (kept_tx, kept_rx) = std::sync::mpsc::channel();
@@ -151,6 +163,7 @@ fn a_child_gives_back_the_segments_its_parents_other_threads_kept() {
 /// finding; before the fix the pass spared only the calling thread's slot).
 #[test]
 fn a_childs_new_thread_leaves_the_forking_threads_slot_alone() {
+    let _serial = serial();
     let dir = fresh_dir("slots-survivor");
     let alloc = MmapAllocator::builder().dir(&dir).build().unwrap();
     // This thread's slot keeps a freed 1 MiB segment.

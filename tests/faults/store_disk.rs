@@ -79,3 +79,71 @@ fn a_full_disk_is_an_alloc_error_and_the_store_reopens_after() {
     let map = store.root::<Map>("map").unwrap();
     assert!((0..1000).all(|k| map.get(&k) == Some(&!k)));
 }
+
+/// Where the file system can share blocks between files (XFS, btrfs), a snapshot is a reflink:
+/// O(1) in the data. On a loop-mounted image of one, made here with `mkfs.xfs` or `mkfs.btrfs`;
+/// skipped with a message where neither exists or mounting needs what this machine lacks.
+#[test]
+fn a_snapshot_on_a_reflink_file_system_shares_its_blocks() {
+    const NAME: &str = "store_disk::a_snapshot_on_a_reflink_file_system_shares_its_blocks";
+    if !in_child(NAME, "reflink") {
+        return;
+    }
+    let found = ["mkfs.xfs", "mkfs.btrfs"].into_iter().find(|mkfs| {
+        std::process::Command::new(mkfs)
+            .arg("-V")
+            .output()
+            .is_ok_and(|o| o.status.success())
+    });
+    let Some(mkfs) = found else {
+        skip!("neither mkfs.xfs nor mkfs.btrfs is installed: no file system with reflinks here");
+    };
+    if crate::core_support::euid() != 0 {
+        skip!("needs root to mount a loop image");
+    }
+    let dir = crate::support::TestDir::new("reflink");
+    let image = dir.path().join("fs.img");
+    let mount = dir.path().join("mnt");
+    std::fs::create_dir(&mount).unwrap();
+    std::fs::File::create(&image)
+        .unwrap()
+        .set_len(512 << 20)
+        .unwrap();
+    let made = std::process::Command::new(mkfs)
+        .args(["-q", "-f"])
+        .arg(&image)
+        .status()
+        .unwrap();
+    assert!(made.success(), "{mkfs} failed");
+    let mounted = std::process::Command::new("mount")
+        .args(["-o", "loop"])
+        .arg(&image)
+        .arg(&mount)
+        .status()
+        .unwrap();
+    if !mounted.success() {
+        skip!("cannot loop-mount the {mkfs} image (no loop devices?)");
+    }
+    let result = std::panic::catch_unwind(|| {
+        let path = mount.join("store");
+        let store = Store::create_with_range(&path, 1 << 30).unwrap();
+        store
+            .set_root("v", {
+                let mut v = StoreVec::new_in(store.allocator());
+                v.extend(0..(64 * MIB as u64) / 8);
+                v
+            })
+            .unwrap();
+        let snap = store.snapshot().unwrap();
+        assert!(snap.reflinked, "{snap:?} on {mkfs}");
+        store.close().unwrap();
+        let store = Store::recover(&path).unwrap();
+        let v = store.root::<StoreVec<u64>>("v").unwrap();
+        assert!(v.iter().copied().eq(0..(64 * MIB as u64) / 8));
+        println!("{mkfs}: a snapshot of {} MiB by reflink", snap.bytes >> 20);
+    });
+    let _ = std::process::Command::new("umount").arg(&mount).status();
+    if let Err(panic) = result {
+        std::panic::resume_unwind(panic);
+    }
+}

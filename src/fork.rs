@@ -211,6 +211,7 @@ extern "C" fn prepare() {
         object.lock_for_fork(&mut locks, next);
     }
     crate::release::lock_for_fork(&mut locks);
+    #[cfg(target_os = "linux")]
     crate::store::lock_for_fork(&mut locks);
     let views = hold();
     EPOCH.store(next, Ordering::Release);
@@ -246,6 +247,7 @@ extern "C" fn child() {
             let _ = unsafe { sys::reserve_fixed(ptr, len) };
         }
     }
+    #[cfg(target_os = "linux")]
     crate::store::in_child();
     drop(held);
 }

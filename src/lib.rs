@@ -19,6 +19,9 @@ mod release;
 mod reuse;
 mod segment;
 mod stats;
+// Linux only: a store keeps its views out of fork children with `MADV_DONTFORK`; elsewhere a
+// child would share them and could write its parent's store.
+#[cfg(target_os = "linux")]
 pub mod store;
 mod sys;
 mod table;

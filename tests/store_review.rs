@@ -903,3 +903,43 @@ fn unsafe_hard_limit() -> libc::rlim_t {
     unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut l) };
     l.rlim_max
 }
+
+/// Second review (fixed): a root's address must be a small block of its own, in use, or the
+/// start of a segment, and no other root's. Before: two slots at one address gave two `&mut`
+/// to one value, and a slot on a free block (or the tail past a chunk's last block) was
+/// accepted.
+#[test]
+fn a_root_address_must_be_a_live_block_of_its_own() {
+    let _serial = serial();
+    let path = TestPath::new("own-block");
+    let store = Store::create_with_range(&path.0, 256 << 20).unwrap();
+    store.set_root("a", 1u64).unwrap();
+    store.set_root("b", 2u64).unwrap();
+    store.close().unwrap();
+    let header = path.0.join("header");
+    let good = std::fs::read(&header).unwrap();
+    let word = |bytes: &[u8], at: usize| u64::from_ne_bytes(bytes[at..at + 8].try_into().unwrap());
+    // Slot i starts at 128 + 128 i; its address is its second word.
+    let (a, b) = (word(&good, 128 + 8), word(&good, 256 + 8));
+    assert_ne!(a, b);
+    let patched = |addr: u64| {
+        let mut bytes = good.clone();
+        bytes[256 + 8..256 + 16].copy_from_slice(&addr.to_ne_bytes());
+        std::fs::write(&header, &bytes).unwrap();
+    };
+    // "b" at "a"'s address.
+    patched(a);
+    let store = Store::open(&path.0).unwrap();
+    assert!(matches!(store.root::<u64>("b"), Err(StoreError::NotAStore)));
+    assert!(matches!(store.root::<u64>("a"), Err(StoreError::NotAStore)));
+    store.close().unwrap();
+    // "b" on a block nobody was given: the blocks after both roots' are free.
+    patched(a.max(b) + 16 * 16);
+    let store = Store::open(&path.0).unwrap();
+    assert!(matches!(store.root::<u64>("b"), Err(StoreError::NotAStore)));
+    assert_eq!(*store.root::<u64>("a").unwrap(), 1);
+    store.close().unwrap();
+    patched(b);
+    let store = Store::open(&path.0).unwrap();
+    assert_eq!(*store.root::<u64>("b").unwrap(), 2);
+}

@@ -396,6 +396,11 @@ impl Blocks {
         None
     }
 
+    /// Whether block `index` is in use (handed out and not taken back).
+    pub(super) fn is_used(&self, index: usize) -> bool {
+        index < self.bump && self.used[index / 64] & (1 << (index % 64)) != 0
+    }
+
     /// Takes back block `index`. Returns `false` (and changes nothing) if the block is not in
     /// use, which only a double free or a stray pointer can cause.
     pub(super) fn put(&mut self, index: usize) -> bool {

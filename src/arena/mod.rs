@@ -650,9 +650,15 @@ impl SmallTier {
             self.meta(index)
                 .release(self.chunk_at(index), self.config.dont_fork)
         } {
-            // MAP_FIXED over our own range fails only without memory for page tables. The view
-            // stays mapped and the index is not reused; the tier's drop unmaps it.
-            log::warn!("mmapvec: releasing a small-block chunk failed: {e}");
+            // A failed MAP_FIXED may have unmapped the view first (a gap another mapping can
+            // take). Ours again only if the range can be reserved in place; otherwise the
+            // chunk is lost: never used again, `contains` says no, and no drop unmaps it.
+            let at = self.chunk_at(index);
+            if sys::reserve_at(at, CHUNK).is_err() {
+                self.meta(index).set_lost(true);
+                self.suspects.fetch_add(1, Ordering::AcqRel);
+            }
+            log::debug!("mmapvec: releasing a small-block chunk failed: {e}");
             return;
         }
         if let Some(file) = &self.store_file

@@ -45,6 +45,17 @@ impl SmallTier {
     /// Writes which chunks are in use and their bitmaps to `meta`, and syncs it and the chunk
     /// file. Every shard and `spare` are held meanwhile: the state saved is one state.
     pub(crate) fn save(&self, meta: &File) -> io::Result<()> {
+        self.save_then(meta, || Ok(()))
+    }
+
+    /// As [`save`](Self::save), then runs `then` while still holding every shard and `spare`:
+    /// no small block is allocated or freed until it returns (a snapshot copies the chunk
+    /// file and the metadata there, so that they agree).
+    pub(crate) fn save_then<R>(
+        &self,
+        meta: &File,
+        then: impl FnOnce() -> io::Result<R>,
+    ) -> io::Result<R> {
         let chunks = self.table().len();
         let shards: Vec<_> = (0..SHARDS).map(|i| self.lock_shard(i)).collect();
         let spare = self.lock_spare();
@@ -62,8 +73,6 @@ impl SmallTier {
                 meta.write_all_at(&bytes, bitmap_at(chunks, index))?;
             }
         }
-        drop(spare);
-        drop(shards);
         meta.write_all_at(&records, RECORDS)?;
         let mut header = MAGIC.to_ne_bytes().to_vec();
         header.extend_from_slice(&(next as u64).to_ne_bytes());
@@ -72,7 +81,10 @@ impl SmallTier {
         if let Some(file) = &self.store_file {
             file.sync_data()?;
         }
-        Ok(())
+        let result = then();
+        drop(spare);
+        drop(shards);
+        result
     }
 
     /// Reads back what [`save`](Self::save) wrote to `meta`, mapping every chunk in use
@@ -82,8 +94,12 @@ impl SmallTier {
         if meta.metadata()?.len() == 0 {
             return Ok(()); // a new store
         }
+        let truncated = |e: io::Error| match e.kind() {
+            io::ErrorKind::UnexpectedEof => invalid("truncated"),
+            _ => e,
+        };
         let mut header = [0u8; 16];
-        meta.read_exact_at(&mut header, 0)?;
+        meta.read_exact_at(&mut header, 0).map_err(truncated)?;
         let word = |at: usize| u64::from_ne_bytes(header[at..at + 8].try_into().unwrap());
         if word(0) != MAGIC {
             return Err(invalid("bad magic"));
@@ -96,8 +112,11 @@ impl SmallTier {
             .store_file
             .as_ref()
             .ok_or_else(|| invalid("not a store's tier"))?;
+        // Every chunk in use must lie wholly in the file: a page past its end is a SIGBUS.
+        let file_len = file.metadata()?.len();
         let mut records = vec![0u8; next * RECORD];
-        meta.read_exact_at(&mut records, RECORDS)?;
+        meta.read_exact_at(&mut records, RECORDS)
+            .map_err(truncated)?;
         let mut free = Vec::new();
         for index in 0..next {
             let record = &records[index * RECORD..(index + 1) * RECORD];
@@ -112,7 +131,11 @@ impl SmallTier {
             }
             let words = (CHUNK / class::block_size(class)).div_ceil(64);
             let mut bytes = vec![0u8; words * 8];
-            meta.read_exact_at(&mut bytes, bitmap_at(chunks, index))?;
+            meta.read_exact_at(&mut bytes, bitmap_at(chunks, index))
+                .map_err(truncated)?;
+            if file_len < ((index + 1) * CHUNK) as u64 {
+                return Err(invalid("the chunk file is shorter than its chunks"));
+            }
             let used = bytes
                 .chunks_exact(8)
                 .map(|w| u64::from_ne_bytes(w.try_into().unwrap()))
@@ -128,9 +151,16 @@ impl SmallTier {
                 share,
             };
             // SAFETY: the region is part of the store's range, reserved by the store and not
-            // used yet; each index is mapped once.
-            unsafe { meta.map(at, source, false, self.config.dont_fork) }
-                .map_err(|failure| failure.error)?;
+            // used yet; each index is mapped once; the file holds the chunk (checked above).
+            let mapped = unsafe { meta.map(at, source, false, self.config.dont_fork) };
+            if let Err(failure) = mapped {
+                if !failure.range_kept {
+                    // May be someone else's now: never unmapped by the store (`lost_ranges`).
+                    meta.set_lost(true);
+                    self.suspects.fetch_add(1, Ordering::AcqRel);
+                }
+                return Err(failure.error);
+            }
             let home = index % SHARDS;
             meta.assign(class, 0, home);
             let mut shard = self.lock_shard(home);
@@ -154,10 +184,10 @@ impl SmallTier {
         Ok(())
     }
 
-    /// The length of the block at `ptr` if `ptr` is the start of a block of a chunk mapped
-    /// now (of the class the chunk has), whether or not the block is live. For checking an
-    /// address read from a store's files before it is used.
-    pub(crate) fn mapped_block_len(&self, ptr: NonNull<u8>) -> Option<usize> {
+    /// The length of the block at `ptr` if `ptr` is the start of a block in use (handed out,
+    /// not freed) of a chunk mapped now. For checking an address read from a store's files
+    /// before it is used.
+    pub(crate) fn live_block_len(&self, ptr: NonNull<u8>) -> Option<usize> {
         if !self.contains(ptr) {
             return None;
         }
@@ -165,9 +195,21 @@ impl SmallTier {
         let slot = self.table()[index as usize].load(Ordering::Acquire);
         // SAFETY: a non-null entry is a leaked `Box<ChunkMeta>`, freed only with the tier.
         let meta = unsafe { slot.as_ref() }?;
+        if !meta.is_mapped() {
+            return None;
+        }
         let offset = ptr.as_ptr().addr() - self.chunk_at(index).as_ptr().addr();
         let len = meta.block_size();
-        (meta.is_mapped() && offset.is_multiple_of(len)).then_some(len)
+        // A block of the chunk: not in the tail past its last block.
+        if !offset.is_multiple_of(len) || offset / len >= CHUNK / len {
+            return None;
+        }
+        let shard = self.lock_shard(meta.shard());
+        let used = shard
+            .chunks
+            .get(&index)
+            .is_some_and(|blocks| blocks.class() == meta.class() && blocks.is_used(offset / len));
+        used.then_some(len)
     }
 
     /// The ranges of chunks lost (see `ChunkMeta::is_lost`), which the store must not unmap.

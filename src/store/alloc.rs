@@ -175,7 +175,14 @@ unsafe impl Allocator for StoreAllocator<'_> {
                 return Ok(NonNull::slice_from_raw_parts(ptr, len));
             }
             // SAFETY: forwarded.
-            return unsafe { self.moved(ptr, old_layout, new_layout, false) };
+            return match unsafe { self.moved(ptr, old_layout, new_layout, false) } {
+                // No block for the move (a full disk): the block is kept whole, a valid
+                // shrink (`Vec::shrink_to_fit` aborts on an error).
+                Err(_) if addr.is_multiple_of(new_layout.align()) => {
+                    Ok(NonNull::slice_from_raw_parts(ptr, len))
+                }
+                other => other,
+            };
         }
         if !addr.is_multiple_of(new_layout.align()) {
             // SAFETY: forwarded; a move keeps the first `new_layout.size()` bytes.

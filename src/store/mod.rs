@@ -520,8 +520,9 @@ impl Shared {
     }
 
     /// Whether a value of `size` bytes aligned to `align` at `addr` (read from the store's
-    /// files) lies inside one block of the store, mapped now: the address a zero-size value
-    /// gets, or inside a small block or a segment.
+    /// files) can be a root: the address a zero-size value gets, or the start of a small block
+    /// in use or of a segment, large enough. (Whether that block is another container's
+    /// buffer cannot be told without walking the data: a store is trusted input.)
     fn holds(&self, addr: usize, size: usize, align: usize) -> bool {
         if size == 0 {
             return addr == align;
@@ -531,12 +532,14 @@ impl Shared {
         }
         match NonNull::new(std::ptr::without_provenance_mut::<u8>(addr)) {
             Some(ptr) if self.tier.contains(ptr) => {
-                // A value starts a small block (`set_root` allocates one per root).
-                self.tier
-                    .mapped_block_len(ptr)
-                    .is_some_and(|len| size <= len)
+                // A root is a small block of its own, in use (`set_root` allocates one).
+                self.tier.live_block_len(ptr).is_some_and(|len| size <= len)
             }
-            Some(_) => self.lock_space().holds(addr, size),
+            // Or a segment of its own, from its start.
+            Some(_) => self
+                .lock_space()
+                .len_of(addr)
+                .is_some_and(|len| size <= len),
             None => false,
         }
     }
@@ -912,8 +915,17 @@ impl Store {
         self.header().flushes.load(Ordering::Relaxed)
     }
 
-    /// What the store holds now.
+    /// What the store holds now (all zeros in a fork child).
     pub fn stats(&self) -> StoreStats {
+        if self.generation != fork::generation() {
+            // A fork child: the tier's locks may be held by threads that do not exist here.
+            return StoreStats {
+                segments: 0,
+                segment_bytes: 0,
+                small_in_use_bytes: 0,
+                small_chunk_bytes: 0,
+            };
+        }
         let shared = self.shared();
         let tier = shared.tier.stats();
         let space = shared.lock_space();

@@ -174,9 +174,17 @@ impl Store {
         if !free {
             return Err(StoreError::RootInUse(name.to_owned()));
         }
-        // The address comes from a file: it must be inside a block of this store.
+        // The address comes from a file: it must be a block of this store of its own (and
+        // no other root's: two roots at one address would be two `&mut` to one value).
         let addr = usize::try_from(slot.addr).map_err(|_| StoreError::NotAStore)?;
-        if !shared.holds(addr, size_of::<T>(), align_of::<T>()) {
+        // SAFETY: as in `find`.
+        let shared_addr = unsafe { &*self.slots() }
+            .iter()
+            .enumerate()
+            .any(|(j, s)| j != index && s.used != 0 && s.addr == slot.addr);
+        if (shared_addr && size_of::<T>() > 0)
+            || !shared.holds(addr, size_of::<T>(), align_of::<T>())
+        {
             return Err(StoreError::NotAStore);
         }
         let ptr = NonNull::new(std::ptr::with_exposed_provenance_mut::<T>(addr))

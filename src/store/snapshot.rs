@@ -98,8 +98,9 @@ impl Store {
     /// [`recover`](Self::recover) goes back to. Reflinks where the file system has them (O(1)
     /// in the data), copies otherwise. Only the newest snapshot is kept.
     ///
-    /// No block is allocated, grown or freed while it runs; take it where the data is
-    /// consistent (no other thread changing it).
+    /// No block is allocated, grown or freed while it runs (the store's locks), but what other
+    /// threads write into existing blocks meanwhile may or may not be in it: take it where the
+    /// data is consistent (no other thread changing it).
     pub fn snapshot(&self) -> Result<Snapshot, StoreError> {
         self.check_use(true)?;
         let folder = self.path.join(SNAPSHOTS);
@@ -110,18 +111,25 @@ impl Store {
         let shared = self.shared();
         let _roots = shared.lock_roots();
         let space = shared.lock_space();
-        shared.sync(&space)?;
+        space.sync()?;
         let header = self.header();
         let number = header.snapshots.load(Ordering::Acquire) + 1;
         let partial = folder.join(format!("partial-{number}"));
         let _ = fs::remove_dir_all(&partial);
         fs::create_dir(&partial)?;
         let (mut bytes, mut reflinked) = clone_folder(&self.path.join(SEGS), &partial.join(SEGS))?;
-        for name in [SMALL, SMALL_META] {
-            let (b, r) = clone_into(&self.path, &partial, OsStr::new(name))?;
-            bytes += b;
-            reflinked &= r;
-        }
+        // The small blocks' file and their metadata, copied while no small block can be
+        // allocated or freed (the tier's locks): the copy's metadata is the copy's state.
+        let small = shared.tier.save_then(&shared.small_meta, || {
+            let mut copied = (0, true);
+            for name in [SMALL, SMALL_META] {
+                let (b, r) = clone_into(&self.path, &partial, OsStr::new(name))?;
+                copied = (copied.0 + b, copied.1 && r);
+            }
+            Ok(copied)
+        })?;
+        bytes += small.0;
+        reflinked &= small.1;
         // The header as it will be once this snapshot is counted, marked clean.
         header.snapshots.store(number, Ordering::Release);
         header.flushes.fetch_add(1, Ordering::AcqRel);

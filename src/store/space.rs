@@ -172,8 +172,12 @@ impl Space {
                 Share::Write => sys::open_at(&self.dir, &name, None)?,
                 _ => sys::open_read_at(&self.dir, &name)?,
             };
-            let meta = std::os::unix::fs::MetadataExt::ino(&file.metadata()?);
-            if meta != ino || file.metadata()?.len() != seg.len as u64 {
+            let meta = file.metadata()?;
+            let (now_ino, now_links) = (
+                std::os::unix::fs::MetadataExt::ino(&meta),
+                std::os::unix::fs::MetadataExt::nlink(&meta),
+            );
+            if now_ino != ino || now_links != 1 || meta.len() != seg.len as u64 {
                 return Err(corrupt(format!("segment {name:?} changed while opening")));
             }
             // SAFETY: `[addr, addr + span)` lies in the caller's reservation (checked above),
@@ -284,17 +288,6 @@ impl Space {
         }
     }
 
-    /// Whether `[addr, addr + len)` lies inside one block.
-    pub(super) fn holds(&self, addr: usize, len: usize) -> bool {
-        self.segs
-            .range(..=addr)
-            .next_back()
-            .is_some_and(|(&start, seg)| {
-                addr.checked_add(len)
-                    .is_some_and(|end| end <= start + seg.len)
-            })
-    }
-
     /// The mapped length of the block at `addr`.
     pub(super) fn len_of(&self, addr: usize) -> Option<usize> {
         self.segs.get(&addr).map(|s| s.len)
@@ -316,6 +309,9 @@ impl Space {
             return Ok((addr, seg.len));
         }
         let file = self.open_seg(addr, seg.span)?;
+        // Bytes past the block's end may be left from before a shrink whose cut failed: cut
+        // now, so that the new part reads as zeros.
+        file.set_len(seg.len as u64)?;
         sys::allocate_blocks(&file, seg.len as u64, (len - seg.len) as u64)?;
         let undo = |file: &File| {
             let _ = file.set_len(seg.len as u64);
@@ -563,8 +559,8 @@ impl Space {
     }
 }
 
-/// `MADV_DONTFORK` on a view of the store (Linux; elsewhere children see the view, and the
-/// store's rule that a child's handle refuses every call is what protects the store).
+/// `MADV_DONTFORK` on a view of the store (the store is built on Linux only: elsewhere a child
+/// would share its views, and could write to them).
 ///
 /// # Safety
 /// `[addr, addr + len)` must be the caller's mapping; the advice leaves its contents alone.

@@ -3,73 +3,17 @@
 //! program's statics elsewhere, as a program that reopens a store has).
 #![cfg(feature = "hashbrown")]
 
-use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Mutex, MutexGuard};
-
 use allocator_api2::alloc::{Allocator, Layout};
 use mmapvec::store::{FixedState, Store, StoreError, StoreMap, StoreSet, StoreVec};
 
-/// The environment variables that tell a test it runs as a new process of its own.
-const ROLE: &str = "MMAPVEC_STORE_ROLE";
-const PATH: &str = "MMAPVEC_STORE_PATH";
-
-/// A store path under the temp folder, removed at the end.
-struct TestPath(PathBuf);
-
-impl TestPath {
-    fn new(label: &str) -> TestPath {
-        static NEXT: AtomicU64 = AtomicU64::new(0);
-        let n = NEXT.fetch_add(1, Ordering::Relaxed);
-        let path = std::env::temp_dir().join(format!(
-            "mmapvec-store-it-{label}-{}-{n}",
-            std::process::id()
-        ));
-        let _ = std::fs::remove_dir_all(&path);
-        TestPath(path)
-    }
-}
-
-impl Drop for TestPath {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.0);
-    }
-}
+mod store_support;
+use store_support::{PATH, ROLE, TestPath, in_new_process, role, serial};
 
 /// A vector of the store holding `items`.
 fn vec_of<'s, T>(store: &'s Store, items: impl IntoIterator<Item = T>) -> StoreVec<'s, T> {
     let mut v = StoreVec::new_in(store.allocator());
     v.extend(items);
     v
-}
-
-/// One store per process at a time: the tests of this binary take turns.
-fn serial() -> MutexGuard<'static, ()> {
-    static SERIAL: Mutex<()> = Mutex::new(());
-    SERIAL.lock().unwrap_or_else(|e| e.into_inner())
-}
-
-/// The role and path this process was started with by [`in_new_process`], if it was.
-fn role() -> Option<(String, PathBuf)> {
-    Some((std::env::var(ROLE).ok()?, std::env::var_os(PATH)?.into()))
-}
-
-/// Runs the test `name` again in a new process with `role` and the store's `path`; asserts
-/// that it passed.
-fn in_new_process(name: &str, role: &str, path: &Path) {
-    let output = std::process::Command::new(std::env::current_exe().unwrap())
-        .args(["--exact", name, "--nocapture", "--test-threads=1"])
-        .env(ROLE, role)
-        .env(PATH, path)
-        .output()
-        .unwrap();
-    let stdout = String::from_utf8_lossy(&output.stdout);
-    assert!(
-        output.status.success() && stdout.contains("1 passed"),
-        "{name} as {role}: {}\n{stdout}\n{}",
-        output.status,
-        String::from_utf8_lossy(&output.stderr)
-    );
 }
 
 type Counts<'s> = StoreMap<'s, u64, u64, FixedState>;
@@ -619,6 +563,9 @@ const BATCH: u64 = 2000;
 /// The writers stop adding after this many batches (and only take snapshots).
 const MAX_BATCHES: u64 = 150;
 
+/// What a killed writer prints once it has the store open.
+const OPENED: &str = "writer: store open";
+
 /// Checks that the store holds exactly `batches` batches: the map, the vector and the count.
 fn holds_exactly(store: &Store) -> u64 {
     let batches = *store.root::<u64>("batches").unwrap();
@@ -641,6 +588,9 @@ fn writers_killed_at_random_leave_a_store_refused_then_recovered_exactly() {
     if let Some((_, path)) = role() {
         // The writer: adds a batch, counts it, takes a snapshot; again, until it is killed.
         let store = Store::open(&path).unwrap();
+        // The parent's clock starts now: every kill lands while the store is open.
+        println!("{OPENED}");
+        std::io::Write::flush(&mut std::io::stdout()).unwrap();
         loop {
             let batches = *store.root::<u64>("batches").unwrap();
             if batches < MAX_BATCHES {
@@ -677,10 +627,19 @@ fn writers_killed_at_random_leave_a_store_refused_then_recovered_exactly() {
             .args(["--exact", NAME, "--nocapture", "--test-threads=1"])
             .env(ROLE, "writer")
             .env(PATH, &path.0)
-            .stdout(std::process::Stdio::null())
+            .stdout(std::process::Stdio::piped())
             .spawn()
             .unwrap();
-        std::thread::sleep(std::time::Duration::from_millis(20 + seed % 200));
+        // Waits for the writer to have the store open (a loaded machine may take long to
+        // start it), then lets it work for 0 to 200 ms.
+        let mut lines =
+            std::io::BufRead::lines(std::io::BufReader::new(child.stdout.take().unwrap()));
+        assert!(
+            // libtest prints "test <name> ... " before the test's own output, on one line.
+            lines.any(|line| line.is_ok_and(|l| l.ends_with(OPENED))),
+            "run {run}: the writer never opened the store"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(seed % 200));
         child.kill().unwrap();
         child.wait().unwrap();
         let store = match Store::open(&path.0) {
@@ -689,9 +648,7 @@ fn writers_killed_at_random_leave_a_store_refused_then_recovered_exactly() {
                 assert!(last_snapshot >= 1);
                 Store::recover(&path.0).unwrap()
             }
-            // Killed before its open marked the store dirty.
-            Ok(store) => store,
-            Err(e) => panic!("run {run} (seed above): {e}"),
+            other => panic!("run {run} (seed above): {other:?}"),
         };
         let batches = holds_exactly(&store);
         assert!(
@@ -702,9 +659,9 @@ fn writers_killed_at_random_leave_a_store_refused_then_recovered_exactly() {
         store.close().unwrap();
     }
     println!("{refused} of 50 writers refused (dirty), {last} batches kept");
-    assert!(
-        refused >= 40,
-        "only {refused} of 50 writers were killed while open"
+    assert_eq!(
+        refused, 50,
+        "writers killed while open must leave a dirty store"
     );
     assert!(last > 0, "no writer got a batch into a snapshot");
 }

@@ -8,69 +8,18 @@
 
 use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Mutex, MutexGuard};
+use std::sync::atomic::AtomicU64;
 
 use allocator_api2::alloc::{Allocator, Layout};
 use mmapvec::store::{FixedState, Store, StoreBox, StoreError, StoreMap, StoreSet, StoreVec};
 
-const ROLE: &str = "MMAPVEC_REVIEW_ROLE";
-const PATH: &str = "MMAPVEC_REVIEW_PATH";
-
-struct TestPath(PathBuf);
-
-impl TestPath {
-    fn new(label: &str) -> TestPath {
-        static NEXT: AtomicU64 = AtomicU64::new(0);
-        let n = NEXT.fetch_add(1, Ordering::Relaxed);
-        let path =
-            std::env::temp_dir().join(format!("mmapvec-review-{label}-{}-{n}", std::process::id()));
-        let _ = std::fs::remove_dir_all(&path);
-        TestPath(path)
-    }
-}
-
-impl Drop for TestPath {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.0);
-    }
-}
+mod store_support;
+use store_support::{TestPath, in_new_process, role, serial};
 
 /// What the store holds: segments and bytes of live small blocks (0 and 0: nothing).
 fn live(store: &Store) -> u64 {
     let stats = store.stats();
     stats.segments as u64 + stats.small_in_use_bytes
-}
-
-fn serial() -> MutexGuard<'static, ()> {
-    static SERIAL: Mutex<()> = Mutex::new(());
-    SERIAL.lock().unwrap_or_else(|e| e.into_inner())
-}
-
-fn role() -> Option<(String, PathBuf)> {
-    Some((std::env::var(ROLE).ok()?, std::env::var_os(PATH)?.into()))
-}
-
-fn in_new_process(name: &str, role: &str, path: &Path) {
-    let output = std::process::Command::new(std::env::current_exe().unwrap())
-        .args([
-            "--exact",
-            name,
-            "--nocapture",
-            "--test-threads=1",
-            "--include-ignored",
-        ])
-        .env(ROLE, role)
-        .env(PATH, path)
-        .output()
-        .unwrap();
-    let stdout = String::from_utf8_lossy(&output.stdout);
-    assert!(
-        output.status.success() && stdout.contains("1 passed"),
-        "{name} as {role}: {}\n{stdout}\n{}",
-        output.status,
-        String::from_utf8_lossy(&output.stderr)
-    );
 }
 
 /// Forks; the child runs `body` and `_exit`s (0 if it returned). Returns the wait status.

@@ -417,7 +417,7 @@ impl From<io::Error> for StoreError {
 }
 
 /// What a store holds ([`Store::stats`]).
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 #[non_exhaustive]
 pub struct StoreStats {
     /// Blocks larger than the small-block tier serves: one file each.
@@ -919,12 +919,7 @@ impl Store {
     pub fn stats(&self) -> StoreStats {
         if self.generation != fork::generation() {
             // A fork child: the tier's locks may be held by threads that do not exist here.
-            return StoreStats {
-                segments: 0,
-                segment_bytes: 0,
-                small_in_use_bytes: 0,
-                small_chunk_bytes: 0,
-            };
+            return StoreStats::default();
         }
         let shared = self.shared();
         let tier = shared.tier.stats();

@@ -103,7 +103,7 @@ impl Space {
         lost: &mut Vec<(usize, usize)>,
     ) -> io::Result<Space> {
         let mut space = Space::new(dir, start, end, share);
-        let mapped = space.map_all();
+        let mapped = space.map_all(start, end);
         match mapped {
             Ok(()) => Ok(space),
             Err(e) => {
@@ -115,12 +115,7 @@ impl Space {
 
     /// Checks every name and file of the folder, then maps them one at a time (one descriptor
     /// open at a time, whatever the number of segments).
-    fn map_all(&mut self) -> io::Result<()> {
-        let (start, end) = self
-            .free
-            .iter()
-            .next()
-            .map_or((0, 0), |(&a, &l)| (a, a + l));
+    fn map_all(&mut self, start: usize, end: usize) -> io::Result<()> {
         let mut found = Vec::new();
         let mut seen = std::collections::HashSet::new();
         for name in sys::names_in(&self.dir)? {

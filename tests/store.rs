@@ -665,3 +665,87 @@ fn writers_killed_at_random_leave_a_store_refused_then_recovered_exactly() {
     );
     assert!(last > 0, "no writer got a batch into a snapshot");
 }
+
+/// Threads share one store: each builds, grows, shrinks and drops vectors of every size (small
+/// blocks and segments) and a map, checking every byte, while the main thread flushes, takes
+/// snapshots and reads the stats. At the end the store holds what it held before, and a new
+/// process finds the root the threads kept.
+#[test]
+fn threads_share_a_store() {
+    let _serial = serial();
+    const NAME: &str = "threads_share_a_store";
+    if let Some((_, path)) = role() {
+        let store = Store::open(&path).unwrap();
+        let kept = store.root::<StoreVec<StoreVec<u64>>>("kept").unwrap();
+        assert_eq!(kept.len(), 4);
+        for (t, v) in kept.iter().enumerate() {
+            assert!(v.iter().copied().eq((0..5000).map(|i| i * 4 + t as u64)));
+        }
+        return;
+    }
+    let path = TestPath::new("threads");
+    let store = Store::create(&path.0).unwrap();
+    let before = store.stats();
+    let stop = std::sync::atomic::AtomicBool::new(false);
+    let kept: Vec<StoreVec<u64>> = std::thread::scope(|scope| {
+        let workers: Vec<_> = (0..4u64)
+            .map(|t| {
+                let store = &store;
+                scope.spawn(move || {
+                    let alloc = store.allocator();
+                    let mut seed = 0x9e37_79b9_7f4a_7c15u64 ^ t;
+                    for round in 0..60u64 {
+                        seed ^= seed << 13;
+                        seed ^= seed >> 7;
+                        seed ^= seed << 17;
+                        // 1 to 256 Ki elements: 8 B to 2 MiB, both sides of the tier's limit.
+                        let len = 1 + (seed % (1 << (round % 19))) as usize;
+                        let fill = (t << 32) | round;
+                        let mut v: StoreVec<u64> = StoreVec::new_in(alloc);
+                        v.resize(len, fill);
+                        v.extend((0..len as u64).map(|i| i ^ fill));
+                        v.truncate(len / 2 + 1);
+                        v.shrink_to_fit();
+                        assert!(v[..len.min(len / 2 + 1)].iter().all(|&x| x == fill));
+                        let mut m: Counts = StoreMap::with_hasher_in(FixedState::default(), alloc);
+                        m.extend((0..(len as u64).min(3000)).map(|k| (k, k ^ fill)));
+                        assert!((0..(len as u64).min(3000)).all(|k| m[&k] == k ^ fill));
+                    }
+                    let mut keep = StoreVec::new_in(alloc);
+                    keep.extend((0..5000).map(|i| i * 4 + t));
+                    keep
+                })
+            })
+            .collect();
+        let watcher = scope.spawn(|| {
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                store.flush().unwrap();
+                store.snapshot().unwrap();
+                let _ = store.stats();
+            }
+        });
+        let kept = workers.into_iter().map(|w| w.join().unwrap()).collect();
+        stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        watcher.join().unwrap();
+        kept
+    });
+    let mut outer = StoreVec::new_in(store.allocator());
+    outer.extend(kept);
+    store.set_root("kept", outer).unwrap();
+    drop(store.take_root::<StoreVec<StoreVec<u64>>>("kept").unwrap());
+    let after = store.stats();
+    assert_eq!(
+        (after.segments, after.small_in_use_bytes),
+        (before.segments, before.small_in_use_bytes),
+        "{after:?}"
+    );
+    let mut outer = StoreVec::new_in(store.allocator());
+    for t in 0..4u64 {
+        let mut v = StoreVec::new_in(store.allocator());
+        v.extend((0..5000).map(|i| i * 4 + t));
+        outer.push(v);
+    }
+    store.set_root("kept", outer).unwrap();
+    store.close().unwrap();
+    in_new_process(NAME, "verify", &path.0);
+}

@@ -279,8 +279,10 @@ impl StoreAllocator<'_> {
                 }
                 return Ok(NonNull::slice_from_raw_parts(ptr, len));
             }
+            // SAFETY: forwarded.
+            return unsafe { self.moved(ptr, old_layout, new_layout, zeroed) };
         }
-        if shared.tier.contains(ptr) || !addr.is_multiple_of(new_layout.align()) {
+        if !addr.is_multiple_of(new_layout.align()) {
             // SAFETY: forwarded.
             return unsafe { self.moved(ptr, old_layout, new_layout, zeroed) };
         }
@@ -305,8 +307,8 @@ impl StoreAllocator<'_> {
         Ok(slice(to, len))
     }
 
-    /// A resize to an alignment the block's address does not have: a new block, the bytes
-    /// copied, the old block freed.
+    /// A resize that cannot keep the block (a small block to another class, or to an alignment
+    /// the block's address does not have): a new block, the bytes copied, the old block freed.
     ///
     /// # Safety
     /// As for `Allocator::grow` or `Allocator::shrink`.

@@ -224,23 +224,34 @@ fn a_fork_child_does_not_keep_the_store_locked() {
     let _serial = serial();
     let path = TestPath::new("flock");
     let store = Store::create_with_range(&path.0, 64 << 20).unwrap();
-    let mut fds = [0; 2];
-    // SAFETY: `fds` is writable for two descriptors.
+    let (mut fds, mut started) = ([0; 2], [0; 2]);
+    // SAFETY: both arrays are writable for two descriptors.
     assert_eq!(unsafe { libc::pipe(fds.as_mut_ptr()) }, 0);
-    // SAFETY: the child only blocks in `read` and `_exit`s (async-signal-safe calls).
+    // SAFETY: as above.
+    assert_eq!(unsafe { libc::pipe(started.as_mut_ptr()) }, 0);
+    // SAFETY: the child only writes, blocks in `read` and `_exit`s (async-signal-safe calls).
     let pid = unsafe { libc::fork() };
     assert!(pid >= 0);
     if pid == 0 {
         let mut byte = 0u8;
-        // SAFETY: waits for the parent to close the pipe, then ends at once.
+        // SAFETY: says it runs (its fork handlers have run: the child lets go of the lock
+        // there, not at the fork itself), waits for the parent to close the pipe, then ends.
         unsafe {
+            libc::write(started[1], (&byte as *const u8).cast(), 1);
             libc::close(fds[1]);
             libc::read(fds[0], (&mut byte as *mut u8).cast(), 1);
             libc::_exit(0);
         }
     }
-    // SAFETY: the parent's copy of the read end.
-    unsafe { libc::close(fds[0]) };
+    let mut byte = 0u8;
+    // SAFETY: the parent's copies of the read end and of the child's "started" pipe; waits
+    // for the child to run.
+    unsafe {
+        libc::close(fds[0]);
+        libc::close(started[1]);
+        assert_eq!(libc::read(started[0], (&mut byte as *mut u8).cast(), 1), 1);
+        libc::close(started[0]);
+    }
     store.close().unwrap();
     let reopened = Store::open(&path.0).map(drop);
     // SAFETY: lets the child go, then reaps it.

@@ -38,6 +38,13 @@ use crate::table::SegmentTable;
 /// Clones share segments, settings and [`stats`](MmapAllocator::stats); a block may be freed
 /// by any clone. Every [`MmapAllocator::default()`] is a clone of one process-wide allocator.
 ///
+/// A clone of a built allocator counts one more reference to it (an atomic add on a counter
+/// its clones share, as for an `Arc`): threads that clone one built allocator for every small
+/// vector contend for that counter. The process-wide allocator lives as long as the process,
+/// so its clones count nothing and cost nothing; a built allocator can be shared the same way
+/// as a `&'static MmapAllocator` (which is an `Allocator` too), for example from a
+/// `std::sync::LazyLock`.
+///
 /// ```
 /// use mmapvec::{MmapAllocator, MmapVec};
 ///
@@ -47,7 +54,29 @@ use crate::table::SegmentTable;
 /// ```
 #[derive(Clone)]
 pub struct MmapAllocator {
-    inner: Arc<Inner>,
+    inner: Handle,
+}
+
+/// How an [`MmapAllocator`] holds its allocator.
+#[derive(Clone)]
+enum Handle {
+    /// Counted: the allocator goes when its last handle does.
+    Counted(Arc<Inner>),
+    /// The process-wide allocator, which is never dropped: a clone copies a pointer, and
+    /// threads cloning it write no memory in common.
+    Process(&'static Inner),
+}
+
+impl std::ops::Deref for Handle {
+    type Target = Inner;
+
+    #[inline]
+    fn deref(&self) -> &Inner {
+        match self {
+            Handle::Counted(inner) => inner,
+            Handle::Process(inner) => inner,
+        }
+    }
 }
 
 struct Inner {
@@ -112,8 +141,8 @@ const MAX_MAPPING: usize = 1 << 47;
 #[cfg(not(target_pointer_width = "64"))]
 const MAX_MAPPING: usize = isize::MAX as usize;
 
-/// Empty chunks of the small-block tier kept mapped for the next blocks (4 MiB each); past
-/// this, an emptied chunk's file is given back at once.
+/// Empty chunks of the small-block tier kept whole for the next blocks where a chunk's pieces
+/// cannot be given back one by one (see `TierConfig::retain_empty`).
 const RETAIN_EMPTY_CHUNKS: usize = 2;
 
 impl Default for MmapAllocator {
@@ -126,13 +155,20 @@ impl Default for MmapAllocator {
         // Published with a compare-and-swap, not built inside a `OnceLock`: making an
         // allocator registers it with the fork handlers, which waits while a fork is being
         // prepared, and a child forked then would inherit an initializer that never completes.
-        static DEFAULT: AtomicPtr<MmapAllocator> = AtomicPtr::new(ptr::null_mut());
+        static DEFAULT: AtomicPtr<Inner> = AtomicPtr::new(ptr::null_mut());
         let mut current = DEFAULT.load(Ordering::Acquire);
         if current.is_null() {
-            let made = Box::into_raw(Box::new(MmapAllocator::new(
+            let Handle::Counted(made) = MmapAllocator::new(
                 Builder::new().settings(),
                 Arc::new(DirCreator::new(std::env::temp_dir())),
-            )));
+            )
+            .inner
+            else {
+                unreachable!("a new allocator is counted");
+            };
+            // Its one count is never given back once published: the allocator lives as long
+            // as the process.
+            let made = Arc::into_raw(made).cast_mut();
             current = match DEFAULT.compare_exchange(
                 ptr::null_mut(),
                 made,
@@ -141,15 +177,19 @@ impl Default for MmapAllocator {
             ) {
                 Ok(_) => made,
                 Err(first) => {
-                    // SAFETY: `made` came from `Box::into_raw` just above and was not published.
-                    drop(unsafe { Box::from_raw(made) });
+                    // SAFETY: `made` came from `Arc::into_raw` just above and was not
+                    // published: this takes its count back, and the allocator goes.
+                    drop(unsafe { Arc::from_raw(made) });
                     first
                 }
             };
         }
-        // SAFETY: a published pointer is a leaked `Box` that is never freed: the process-wide
-        // allocator lives as long as the process.
-        unsafe { &*current }.clone()
+        // SAFETY: a published pointer holds a count of its `Arc` that is never given back:
+        // the process-wide allocator lives as long as the process.
+        let forever: &'static Inner = unsafe { &*current };
+        MmapAllocator {
+            inner: Handle::Process(forever),
+        }
     }
 }
 
@@ -191,6 +231,45 @@ impl MmapAllocator {
         // SAFETY: `Inner` lives in the `Arc` at a fixed address until its `Drop`, which
         // unregisters it first; its `lock_for_fork` takes only its own locks.
         unsafe { fork::register(&*inner) };
+        MmapAllocator {
+            inner: Handle::Counted(inner),
+        }
+    }
+
+    /// This allocator, made to live as long as the process: it is never dropped (its files go
+    /// when the process ends, as every temporary file of the crate does), and its clones, from
+    /// now on, count nothing and cost nothing, as those of [`MmapAllocator::default()`] do.
+    /// For an allocator that many threads clone for every small vector (see the type's docs).
+    /// Clones made before stay counted, and harmless.
+    ///
+    /// ```
+    /// # fn main() -> std::io::Result<()> {
+    /// use mmapvec::{MmapAllocator, MmapVec};
+    ///
+    /// let alloc = MmapAllocator::builder().build()?.leak();
+    /// let workers: Vec<_> = (0..4)
+    ///     .map(|_| {
+    ///         let alloc = alloc.clone();
+    ///         std::thread::spawn(move || {
+    ///             for len in 1..1000 {
+    ///                 let mut v: MmapVec<u8> = MmapVec::with_capacity_in(len, alloc.clone());
+    ///                 v.resize(len, 1);
+    ///             }
+    ///         })
+    ///     })
+    ///     .collect();
+    /// workers.into_iter().for_each(|w| w.join().unwrap());
+    /// # Ok(()) }
+    /// ```
+    pub fn leak(self) -> MmapAllocator {
+        let inner = match self.inner {
+            Handle::Counted(inner) => {
+                // SAFETY: `into_raw` keeps this handle's count for good, so the `Inner` is
+                // never dropped: a `'static` reference to it stays valid.
+                Handle::Process(unsafe { &*Arc::into_raw(inner) })
+            }
+            forever => forever,
+        };
         MmapAllocator { inner }
     }
 
@@ -233,6 +312,7 @@ impl MmapAllocator {
         let tier = self.inner.tier.stats();
         stats.small = SmallStats {
             arena_bytes: tier.arena_bytes,
+            mapped_bytes: tier.mapped_bytes,
             in_use_bytes: tier.in_use_bytes,
             free_bytes: tier.free_bytes,
             returned_bytes: tier.returned_bytes,

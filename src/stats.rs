@@ -220,13 +220,20 @@ pub struct Stats {
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 #[non_exhaustive]
 pub struct SmallStats {
-    /// Bytes of chunk files mapped now.
+    /// Bytes of chunk files with disk blocks now: what the tier costs on disk (in RAM on a
+    /// tmpfs). A chunk's pages get their blocks in 64 KiB pieces as its blocks are handed out,
+    /// and pieces under no live block are given back (see the README, "What is kept after a
+    /// free").
     pub arena_bytes: u64,
+    /// Bytes of chunk files mapped now, 4 MiB a chunk, with disk or not: address space, and
+    /// one mapping (of `vm.max_map_count`) per chunk.
+    pub mapped_bytes: u64,
     /// Bytes of live blocks (each counted at its size class).
     pub in_use_bytes: u64,
-    /// Bytes mapped and not in use: free blocks, and empty chunks kept for the next blocks.
+    /// `arena_bytes` not in use: free blocks on backed pieces, and the first pieces of empty
+    /// chunks kept for the next blocks.
     pub free_bytes: u64,
-    /// Bytes of chunks given back to the file system since the allocator was built.
+    /// Bytes of chunk files given back to the file system since the allocator was built.
     pub returned_bytes: u64,
     /// Chunk files created since the allocator was built.
     pub chunks_created: u64,

@@ -80,11 +80,11 @@ fn assert_all_freed(dir: &TestDir, alloc: &MmapAllocator) {
     // What stays is kept for reuse: a mapping and a descriptor each.
     let kept = s.kept_segments as usize;
     assert!(kept <= 32, "{s:?}");
-    // And the small-block tier's chunks still mapped, all empty: two kept for the next
+    // And the small-block tier's chunks still mapped, all empty: those kept for the next
     // blocks, plus each thread's current chunk per size class it used.
     assert_eq!(s.small.in_use_bytes, 0, "{s:?}");
     assert_eq!(s.small.free_bytes, s.small.arena_bytes, "{s:?}");
-    let chunks = (s.small.arena_bytes >> 22) as usize;
+    let chunks = (s.small.mapped_bytes >> 22) as usize;
     assert_eq!(
         core_support::mappings_under(&dir.segment_folder()).len(),
         kept + chunks

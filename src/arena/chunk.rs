@@ -4,6 +4,15 @@
 //! The file's descriptor is closed as soon as the file is mapped: the mapping alone keeps the
 //! unlinked file alive, so a chunk costs no descriptor. Releasing a chunk maps an inaccessible
 //! reservation over its view, which drops the last reference to the file and frees its blocks.
+//!
+//! # Disk, piece by piece
+//! A chunk's file is sparse. Its pages get disk blocks in [`PIECE`]s as blocks are handed out
+//! ([`ChunkMeta::back`], `MADV_POPULATE_WRITE` through the mapping: a full disk is an error
+//! there, never a `SIGBUS` later), and pieces under no live block can be given back
+//! ([`ChunkMeta::discard`], `MADV_REMOVE`) while the chunk stays mapped. So a chunk costs the
+//! disk its blocks use, not 4 MiB, and an emptied chunk can be kept for its class's next
+//! blocks for the price of one mapping. Where pages cannot be backed that way ([`Backing`]),
+//! the whole file is reserved when the chunk is made, as a segment is.
 
 use std::fs::File;
 use std::io;
@@ -16,6 +25,68 @@ use crate::sys;
 
 use super::CHUNK;
 use super::class;
+
+/// The unit in which a chunk's pages get and give back disk blocks: 64 per chunk, one bit each
+/// of [`ChunkMeta::backed`].
+pub(super) const PIECE: usize = CHUNK / 64;
+
+/// How a tier's chunks get disk blocks for their pages.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum Backing {
+    /// Piece by piece as blocks are handed out (`MADV_POPULATE_WRITE`); given back piece by
+    /// piece (`MADV_REMOVE`). Linux 5.14 and later.
+    Pieces,
+    /// The whole file when the chunk is made (`fallocate`), given back with the chunk only:
+    /// a store's chunks, and systems without [`Pieces`](Backing::Pieces).
+    Whole,
+    /// Never reserved (`reserve_disk(false)`): a page gets its block when first written.
+    /// Given back piece by piece where the system can.
+    Sparse,
+}
+
+impl Backing {
+    /// Whether pieces of a mapped chunk can be given back ([`ChunkMeta::discard`]).
+    pub(super) fn can_discard(self) -> bool {
+        cfg!(target_os = "linux") && self != Backing::Whole
+    }
+}
+
+/// The pieces (one bit each) under the bytes `[start, end)` of a chunk (`start < end <= CHUNK`).
+pub(super) fn pieces(start: usize, end: usize) -> u64 {
+    debug_assert!(start < end && end <= CHUNK);
+    let (first, last) = (start / PIECE, (end - 1) / PIECE);
+    let run = last - first + 1;
+    let ones = if run == 64 { u64::MAX } else { (1 << run) - 1 };
+    ones << first
+}
+
+/// What an emptied chunk of blocks of `block_size` bytes keeps backed for its class's next
+/// blocks: the pieces under its first two blocks, and at least [`KEPT_WHEN_EMPTY`] bytes (a
+/// freed block is handed out lowest first). Enough that a loop which fills a chunk with one or
+/// two blocks and empties it again never backs and gives back the same pieces over and over.
+pub(super) fn kept_when_empty(block_size: usize) -> u64 {
+    pieces(0, (2 * block_size).clamp(KEPT_WHEN_EMPTY, CHUNK))
+}
+
+/// The bytes an emptied chunk keeps backed at least (see [`kept_when_empty`]).
+pub(super) const KEPT_WHEN_EMPTY: usize = 256 << 10;
+
+/// The runs of consecutive set bits of `mask`, as `(first, count)`.
+fn runs(mut mask: u64) -> impl Iterator<Item = (usize, usize)> {
+    std::iter::from_fn(move || {
+        if mask == 0 {
+            return None;
+        }
+        let first = mask.trailing_zeros() as usize;
+        let count = (mask >> first).trailing_ones() as usize;
+        mask &= !(if count == 64 {
+            u64::MAX
+        } else {
+            ((1 << count) - 1) << first
+        });
+        Some((first, count))
+    })
+}
 
 /// What every thread may read about a chunk without a lock. One per chunk index, made at the
 /// index's first use and kept (and reused) until the tier drops.
@@ -44,6 +115,10 @@ pub(super) struct ChunkMeta {
     /// The chunk's range stopped being ours (a failed `map`): the index is never used again,
     /// and something else may be mapped there.
     lost: AtomicBool,
+    /// The [`PIECE`]s whose pages have disk blocks (or, for [`Backing::Sparse`], were handed
+    /// out): a block may be handed out only over backed pieces. Changed only by whoever holds
+    /// the chunk (its shard's lock, or the chunk out of every list).
+    backed: AtomicU64,
 }
 
 impl ChunkMeta {
@@ -55,7 +130,74 @@ impl ChunkMeta {
             live: AtomicUsize::new(0),
             mapped: AtomicBool::new(false),
             lost: AtomicBool::new(false),
+            backed: AtomicU64::new(0),
         }
+    }
+
+    /// The pieces backed now (see [`backed`](Self::backed)).
+    pub(super) fn backed(&self) -> u64 {
+        self.backed.load(Ordering::Relaxed)
+    }
+
+    /// Backs the pieces of `want` not backed yet, for the chunk mapped at `at` with `backing`.
+    /// Returns the bytes newly backed, which count even if a later run failed.
+    ///
+    /// # Safety
+    /// `at` must be this chunk's view, mapped read/write, and the caller must hold the chunk.
+    pub(super) unsafe fn back(
+        &self,
+        at: NonNull<u8>,
+        want: u64,
+        backing: Backing,
+    ) -> (u64, io::Result<()>) {
+        let missing = want & !self.backed();
+        let mut done = 0;
+        for (first, count) in runs(missing) {
+            if backing == Backing::Pieces {
+                // SAFETY: pieces lie inside the chunk's CHUNK bytes (`first + count <= 64`),
+                // which the caller says are our read/write view.
+                let backed = unsafe { sys::back_pages(at.add(first * PIECE), count * PIECE) };
+                if let Err(e) = backed {
+                    return (done, Err(e));
+                }
+            }
+            let bits = if count == 64 {
+                u64::MAX
+            } else {
+                ((1 << count) - 1) << first
+            };
+            self.backed.fetch_or(bits, Ordering::Relaxed);
+            done += (count * PIECE) as u64;
+        }
+        (done, Ok(()))
+    }
+
+    /// Gives back the blocks of the backed pieces of `which`, whose contents nobody uses (in
+    /// this or any other process). Returns the bytes given back, and the first error.
+    ///
+    /// # Safety
+    /// `at` must be this chunk's view, the caller must hold the chunk, and no live block may
+    /// overlap a piece of `which`. `backing.can_discard()` must hold.
+    pub(super) unsafe fn discard(&self, at: NonNull<u8>, which: u64) -> (u64, io::Result<()>) {
+        let mut done = 0;
+        let mut result = Ok(());
+        for (first, count) in runs(which & self.backed()) {
+            // SAFETY: inside the chunk's view (as in `back`); unused, as the caller promises.
+            match unsafe { sys::discard_pages(at.add(first * PIECE), count * PIECE) } {
+                Ok(()) => {
+                    let bits = if count == 64 {
+                        u64::MAX
+                    } else {
+                        ((1 << count) - 1) << first
+                    };
+                    self.backed.fetch_and(!bits, Ordering::Relaxed);
+                    done += (count * PIECE) as u64;
+                }
+                Err(e) if result.is_ok() => result = Err(e),
+                Err(_) => {}
+            }
+        }
+        (done, result)
     }
 
     /// Gives the chunk a class, epoch and shard. Only for a chunk with no live block that the
@@ -125,10 +267,14 @@ impl ChunkMeta {
         &self,
         at: NonNull<u8>,
         source: Source<'_>,
-        reserve_disk: bool,
+        backing: Backing,
         dont_fork: bool,
     ) -> Result<(), MapFailure> {
         debug_assert!(!self.is_mapped());
+        debug_assert!(
+            backing == Backing::Whole || matches!(source, Source::Creator(_)),
+            "a store's chunks are reserved whole"
+        );
         let made;
         let (file, offset) = match source {
             Source::Creator(creator) => {
@@ -137,7 +283,7 @@ impl ChunkMeta {
                 made = creator
                     .create(&SegmentRequest::new(CHUNK, false))?
                     .into_unnamed()?;
-                if reserve_disk {
+                if backing == Backing::Whole {
                     sys::allocate_blocks(&made, 0, CHUNK as u64)?;
                 } else {
                     made.set_len(CHUNK as u64)?;
@@ -174,26 +320,53 @@ impl ChunkMeta {
             views.add(at.as_ptr().addr(), CHUNK);
         }
         drop(no_fork);
+        let backed = if backing == Backing::Whole {
+            u64::MAX
+        } else {
+            0
+        };
+        self.backed.store(backed, Ordering::Relaxed);
         self.mapped.store(true, Ordering::Release);
         Ok(())
     }
 
     /// Replaces the chunk's view at `at` with an inaccessible reservation: a temporary chunk's
     /// file loses its last reference and its blocks go back to the file system (a store's
-    /// chunk file has its range punched by the tier). The chunk is unmapped after
-    /// this, even if the system call failed (the view then stays, unused, until the tier drops).
+    /// chunk file has its range punched by the tier). The chunk is unmapped after this, and
+    /// its pieces are no longer backed.
+    ///
+    /// When the reservation cannot be mapped over the view (the process is at
+    /// `vm.max_map_count`, or `RLIMIT_AS` is below its size now), the view is unmapped instead,
+    /// which needs no new mapping and so works at those limits, and the range is reserved again
+    /// where it lies if it can be ([`sys::reserve_at`]). `Err` says whether that worked: if not,
+    /// the range is no longer ours (see [`MapFailure::range_kept`]).
     ///
     /// # Safety
     /// `at` must be this chunk's address, and no block of the chunk may be used again.
-    pub(super) unsafe fn release(&self, at: NonNull<u8>, dont_fork: bool) -> io::Result<()> {
+    pub(super) unsafe fn release(
+        &self,
+        at: NonNull<u8>,
+        dont_fork: bool,
+    ) -> Result<(), MapFailure> {
         debug_assert!(self.is_mapped());
         self.mapped.store(false, Ordering::Release);
+        self.backed.store(0, Ordering::Relaxed);
         let mut no_fork = keeps_out_of_children(dont_fork).then(fork::hold);
         if let Some(views) = no_fork.as_mut() {
             views.remove(at.as_ptr().addr());
         }
         // SAFETY: the view is ours and, as the caller guarantees, unused from now on.
-        unsafe { sys::reserve_fixed(at, CHUNK) }
+        let Err(error) = (unsafe { sys::reserve_fixed(at, CHUNK) }) else {
+            return Ok(());
+        };
+        // SAFETY: as above; the view is one whole mapping, so unmapping it splits nothing.
+        let range_kept = match unsafe { sys::unmap(at, CHUNK) } {
+            Ok(()) => sys::reserve_at(at, CHUNK).is_ok(),
+            // Still our view: a later map of the index replaces it (`MAP_FIXED`), and the
+            // tier's drop unmaps it.
+            Err(_) => true,
+        };
+        Err(MapFailure { error, range_kept })
     }
 }
 
@@ -292,6 +465,9 @@ pub(super) struct Blocks {
     /// The chunk is in its class's list of chunks with free blocks (or about to be): set when
     /// pushed, so that a chunk is pushed once per time it becomes non-full.
     pub(super) listed: bool,
+    /// A free that leaves fewer live blocks than this looks for pieces to give back (see
+    /// `SmallTier::scavenge`).
+    pub(super) scavenge_below: usize,
 }
 
 /// A block handed out by [`Blocks::take`].
@@ -314,6 +490,7 @@ impl Blocks {
             hint: 0,
             fresh,
             listed: false,
+            scavenge_below: count,
         }
     }
 
@@ -350,12 +527,27 @@ impl Blocks {
             hint: 0,
             fresh: false,
             listed: false,
+            scavenge_below: count,
         })
     }
 
     #[cfg(test)]
     pub(super) fn has_free(&self) -> bool {
         self.freed > 0 || self.bump < self.count
+    }
+
+    /// The pieces under a block in use (see [`pieces`]): the ones that must stay backed.
+    pub(super) fn used_pieces(&self) -> u64 {
+        let size = class::block_size(self.class);
+        let mut used = 0;
+        for (word, &bits) in self.used.iter().enumerate() {
+            if bits != 0 {
+                let first = word * 64 + bits.trailing_zeros() as usize;
+                let last = word * 64 + 63 - bits.leading_zeros() as usize;
+                used |= pieces(first * size, (last + 1) * size);
+            }
+        }
+        used
     }
 
     /// Blocks handed out and not taken back.

@@ -65,8 +65,9 @@ use crate::fork;
 use crate::segment;
 use crate::sys;
 
+pub(crate) use chunk::Backing;
 use chunk::{ChunkMeta, Taken};
-use shard::{MAX_IDLE_CURRENT, Shard};
+use shard::Shard;
 
 /// The size and alignment of a chunk.
 pub(crate) const CHUNK: usize = 4 << 20;
@@ -97,7 +98,9 @@ pub(crate) struct TierConfig {
     pub(crate) reserve_disk: bool,
     /// Keep chunks out of fork children (`MADV_DONTFORK`), as for segments.
     pub(crate) dont_fork: bool,
-    /// Empty chunks kept for reuse rather than released (per tier).
+    /// Empty chunks kept for reuse rather than released (per tier), where a chunk's pieces
+    /// cannot be given back one by one ([`Backing::Whole`]). Elsewhere an emptied chunk keeps
+    /// only its first pieces backed, and up to [`KEPT_EMPTY`] are kept.
     pub(crate) retain_empty: usize,
     /// The most address space the region may take ([`REGION`] unless a test wants less).
     pub(crate) max_region: usize,
@@ -122,14 +125,17 @@ impl Default for TierConfig {
 /// on fork).
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub(crate) struct TierStats {
-    /// Bytes of chunk files mapped now.
+    /// Bytes of chunk files backed by disk blocks now (see `chunk::Backing`).
     pub(crate) arena_bytes: u64,
+    /// Bytes of chunk views mapped now (`CHUNK` each, backed or not).
+    pub(crate) mapped_bytes: u64,
     /// Bytes of live blocks, each counted at its class's size.
     pub(crate) in_use_bytes: u64,
     /// `arena_bytes - in_use_bytes`: free blocks, empty kept chunks, and chunk tails too small
     /// for a block.
     pub(crate) free_bytes: u64,
-    /// Bytes of chunk views released (their files' blocks given back), since the tier was made.
+    /// Bytes of chunk files given back (chunks released, and pieces of mapped chunks), since
+    /// the tier was made.
     pub(crate) returned_bytes: u64,
     /// Chunk files created since the tier was made.
     pub(crate) chunks_created: u64,
@@ -140,6 +146,7 @@ pub(crate) struct TierStats {
 #[derive(Debug, Default)]
 struct Counters {
     arena_bytes: AtomicU64,
+    mapped_bytes: AtomicU64,
     returned_bytes: AtomicU64,
     chunks_created: AtomicU64,
     chunks_released: AtomicU64,
@@ -151,6 +158,8 @@ struct Counters {
 /// `spare`; they are always taken in that order (a shard, then `spare`), never the other way.
 pub(crate) struct SmallTier {
     config: TierConfig,
+    /// How chunks get disk blocks, decided when the tier is made.
+    backing: Backing,
     /// The start of the region, null until the first chunk. Set once, under `spare`.
     base: AtomicPtr<u8>,
     /// The region could not be reserved: until this time (`sys::coarse_millis`), the tier
@@ -194,7 +203,7 @@ struct Spare {
     next: u32,
     /// Indices whose chunk was released: no view, a meta to reuse.
     free: Vec<u32>,
-    /// Chunks with no live block, still mapped (at most `retain_empty`).
+    /// Chunks with no live block, still mapped (see `SmallTier::max_kept_empty`).
     empty: Vec<u32>,
 }
 
@@ -202,8 +211,16 @@ impl SmallTier {
     /// A tier with nothing reserved yet: the region is made at the first allocation.
     pub(crate) fn new(config: TierConfig) -> SmallTier {
         debug_assert!(config.threshold <= MAX_SMALL);
+        let backing = if !config.reserve_disk {
+            Backing::Sparse
+        } else if sys::can_back_pages() {
+            Backing::Pieces
+        } else {
+            Backing::Whole
+        };
         SmallTier {
             config,
+            backing,
             base: AtomicPtr::new(std::ptr::null_mut()),
             region_retry_at: AtomicU64::new(0),
             suspects: AtomicUsize::new(0),
@@ -225,6 +242,14 @@ impl SmallTier {
         }
     }
 
+    /// A tier whose chunks get their disk as `backing` says, whatever the system offers.
+    #[cfg(test)]
+    pub(crate) fn with_backing(config: TierConfig, backing: Backing) -> SmallTier {
+        let mut tier = SmallTier::new(config);
+        tier.backing = backing;
+        tier
+    }
+
     /// The tier of a persistent store: its region is `[base, base + len)` (part of the
     /// store's range, reserved by the store, `CHUNK`-aligned), its chunks are ranges of `file`,
     /// and no thread caches its blocks (a cached block would be kept as live in the store).
@@ -243,6 +268,8 @@ impl SmallTier {
         let _ = tier.table.set(table);
         *tier.base.get_mut() = base.as_ptr();
         tier.store_file = Some(file);
+        // The store keeps each chunk's file range whole (its bitmaps say nothing of pieces).
+        tier.backing = Backing::Whole;
         tier
     }
 
@@ -296,8 +323,10 @@ impl SmallTier {
     }
 
     /// Gives back what the tier keeps for reuse: this thread's cached blocks, the empty chunks
-    /// kept, and the shards' empty current chunks; the other threads' caches are asked to give
-    /// theirs back at their next use. Returns the bytes of chunk files released.
+    /// kept, the shards' empty current chunks, and the disk of every piece of a chunk that no
+    /// live block uses (blocks in other threads' caches count as live: those caches are asked
+    /// to give their blocks back at their next use). Returns the bytes of chunk files given
+    /// back.
     pub(crate) fn trim(&self) -> u64 {
         if self.base.load(Ordering::Acquire).is_null() {
             return 0;
@@ -314,12 +343,84 @@ impl SmallTier {
                 idle.into_iter()
                     .for_each(|index| self.release(&mut spare, index));
             }
+            if self.backing.can_discard() {
+                for (&index, blocks) in &shard.chunks {
+                    // Open chunks of the current epoch: no other process maps them.
+                    self.discard(index, !blocks.used_pieces());
+                }
+            }
         }
         let mut spare = self.lock_spare();
         while let Some(index) = spare.empty.pop() {
             self.release(&mut spare, index);
         }
+        drop(spare);
+        log_deferred();
         self.counters.returned_bytes.load(Ordering::Relaxed) - before
+    }
+
+    /// Gives back the backed pieces of `which` of chunk `index`, which the caller holds and
+    /// whose blocks do not overlap `which`. Failures are logged later (see [`log_later`]).
+    fn discard(&self, index: u32, which: u64) {
+        debug_assert!(self.backing.can_discard());
+        let meta = self.meta(index);
+        if meta.backed() & which == 0 {
+            return;
+        }
+        // SAFETY: the chunk is mapped (held by the caller: open in a locked shard, or out of
+        // every list), and the caller says no live block lies on `which`.
+        let (bytes, result) = unsafe { meta.discard(self.chunk_at(index), which) };
+        let c = &self.counters;
+        c.arena_bytes.fetch_sub(bytes, Ordering::Relaxed);
+        c.returned_bytes.fetch_add(bytes, Ordering::Relaxed);
+        if let Err(e) = result {
+            log_later(format!(
+                "mmapvec: giving back a small-block chunk's pages: {e}"
+            ));
+        }
+    }
+
+    /// Gives back the pieces of chunk `index` (open in a shard the caller holds locked, with
+    /// bitmap `blocks`) under no live block, if its live blocks fill less than a quarter of
+    /// its backed pieces. The bitmap is scanned again only once the live blocks have halved
+    /// since (`Blocks::scavenge_below`): a chunk emptying block by block is scanned a
+    /// logarithmic number of times. So the pieces a chunk holds follow its live blocks down,
+    /// even while a few of them (cached by a thread, say) keep it from emptying.
+    fn scavenge(&self, index: u32, blocks: &mut chunk::Blocks) {
+        let backed = self.meta(index).backed().count_ones() as usize * chunk::PIECE;
+        let live = blocks.live() * class::block_size(blocks.class());
+        if backed > chunk::KEPT_WHEN_EMPTY && live * 4 < backed {
+            blocks.scavenge_below = blocks.live() / 2;
+            self.discard(index, !blocks.used_pieces());
+        }
+    }
+
+    /// The empty current chunks a shard keeps at most: every class's where emptied chunks keep
+    /// only their first pieces backed, else a few (their whole files stay reserved).
+    fn max_idle_current(&self) -> usize {
+        if self.backing.can_discard() {
+            class::COUNT
+        } else {
+            MAX_IDLE_CURRENT_WHOLE
+        }
+    }
+
+    /// The empty chunks kept in `spare` at most.
+    fn max_kept_empty(&self) -> usize {
+        if self.backing.can_discard() {
+            KEPT_EMPTY
+        } else {
+            self.config.retain_empty
+        }
+    }
+
+    /// Chunk `index` (held by the caller) has no live block and is kept: only its first pieces
+    /// stay backed.
+    fn keep_empty(&self, index: u32) {
+        if self.backing.can_discard() {
+            let meta = self.meta(index);
+            self.discard(index, !chunk::kept_when_empty(meta.block_size()));
+        }
     }
 
     /// Whether the tier takes `layout`: not empty, at most the threshold, aligned to at most a
@@ -371,6 +472,18 @@ impl SmallTier {
             }
             return Ok(NonNull::slice_from_raw_parts(ptr, block_size));
         }
+        let block = self.allocate_from_shard(class, zeroed, creator);
+        log_deferred();
+        block
+    }
+
+    /// A block of `class` from this thread's shard (see [`allocate`](Self::allocate)).
+    fn allocate_from_shard(
+        &self,
+        class: usize,
+        zeroed: bool,
+        creator: &dyn SegmentCreator,
+    ) -> io::Result<NonNull<[u8]>> {
         let home = home_shard();
         let mut flushed = false;
         loop {
@@ -378,17 +491,13 @@ impl SmallTier {
             // A block counts as live (in the bitmap, and in bytes) under the lock: a free of
             // the chunk's other blocks must not see it empty while this block is on its way.
             if let Some((index, taken)) = shard.take(class) {
-                shard.in_use += block_size as u64;
-                drop(shard);
-                return Ok(self.hand_out(index, block_size, taken, zeroed));
+                return self.hand_out(shard, index, taken, zeroed);
             }
             let idle = shard.take_idle_current(class);
             if let Some(index) = idle.or_else(|| self.take_retained(shard.epoch)) {
                 self.meta(index).assign(class, shard.epoch, home);
                 let taken = shard.install(index, class, false);
-                shard.in_use += block_size as u64;
-                drop(shard);
-                return Ok(self.hand_out(index, block_size, taken, zeroed));
+                return self.hand_out(shard, index, taken, zeroed);
             }
             // Make the file outside the shard lock: it is slow, and the creator is user code.
             let epoch = shard.epoch;
@@ -413,9 +522,7 @@ impl SmallTier {
             }
             self.meta(index).assign(class, epoch, home);
             let taken = shard.install(index, class, true);
-            shard.in_use += block_size as u64;
-            drop(shard);
-            return Ok(self.hand_out(index, block_size, taken, zeroed));
+            return self.hand_out(shard, index, taken, zeroed);
         }
     }
 
@@ -512,12 +619,16 @@ impl SmallTier {
             let lists = &mut shard.classes[meta.class()];
             if blocks.live() == 0 {
                 let current = lists.current == Some(index);
-                if current && shard.idle_currents < MAX_IDLE_CURRENT {
+                if current && shard.idle_currents < self.max_idle_current() {
                     // The chunk being filled stays, empty: its blocks are handed out again
-                    // at once (an allocate / free loop must not retire and reinstall it
-                    // every time). At most a few per shard; another class takes one before a
-                    // new chunk is made, and a fork or the tier's drop releases them.
+                    // at once (an allocate / free loop must not retire and reinstall it, or
+                    // make a new file, every time). It keeps its first pieces backed; another
+                    // class takes it before a new chunk is made, and `trim`, a fork or the
+                    // tier's drop releases it.
                     shard.idle_currents += 1;
+                    self.keep_empty(index);
+                    drop(guard);
+                    log_deferred();
                     return;
                 }
                 if current {
@@ -526,9 +637,17 @@ impl SmallTier {
                 shard.chunks.remove(&index);
                 drop(guard);
                 self.retire(index, epoch);
-            } else if !blocks.listed && lists.current != Some(index) {
-                blocks.listed = true;
-                lists.partial.push(index);
+                log_deferred();
+            } else {
+                if !blocks.listed && lists.current != Some(index) {
+                    blocks.listed = true;
+                    lists.partial.push(index);
+                }
+                if blocks.live() < blocks.scavenge_below && self.backing.can_discard() {
+                    self.scavenge(index, blocks);
+                    drop(guard);
+                    log_deferred();
+                }
             }
             return;
         }
@@ -538,6 +657,7 @@ impl SmallTier {
         drop(guard);
         if last {
             self.release_to_spare(index);
+            log_deferred();
         }
     }
 
@@ -559,6 +679,7 @@ impl SmallTier {
         let in_use_bytes = counted.saturating_sub(cached);
         TierStats {
             arena_bytes,
+            mapped_bytes: c.mapped_bytes.load(Ordering::Relaxed),
             in_use_bytes,
             free_bytes: arena_bytes.saturating_sub(in_use_bytes),
             returned_bytes: c.returned_bytes.load(Ordering::Relaxed),
@@ -581,11 +702,17 @@ impl SmallTier {
             // From now on these chunks count their blocks in their metadata. Those with none (a
             // class's current chunk, kept open while empty) have no free left to release
             // them: release them now. Under the shard lock, then `spare`: the order.
+            // Pieces under no live block go now: nobody hands out a closed chunk's blocks
+            // again, in this process or in a child, so they stay unused in both (a child that
+            // closes the same chunk gives back the same pieces).
             let mut spare = self.lock_spare();
-            for (index, live) in closed {
+            for (index, blocks) in closed {
+                let live = blocks.live();
                 self.meta(index).close(live);
                 if live == 0 {
                     self.release(&mut spare, index);
+                } else if self.backing.can_discard() {
+                    self.discard(index, !blocks.used_pieces());
                 }
             }
         }
@@ -597,19 +724,44 @@ impl SmallTier {
         self.spare.lock().unwrap_or_else(|e| e.into_inner())
     }
 
-    /// The block `taken` of chunk `index`, of `block_size` bytes (already counted live under
-    /// the shard lock), zeroed if asked.
-    fn hand_out(&self, index: u32, block_size: usize, taken: Taken, zeroed: bool) -> NonNull<[u8]> {
+    /// Hands out the block `taken` of chunk `index`, just taken under the lock of `shard`:
+    /// backs its pieces if they are not yet (under the lock: the chunk's pieces change only
+    /// there), counts it live, and zeroes it if asked. If its pages cannot be backed (a full
+    /// disk) the block goes back and the error is returned.
+    fn hand_out(
+        &self,
+        mut shard: MutexGuard<'_, Shard>,
+        index: u32,
+        taken: Taken,
+        zeroed: bool,
+    ) -> io::Result<NonNull<[u8]>> {
+        let meta = self.meta(index);
+        let block_size = meta.block_size();
+        let (start, end) = (taken.index * block_size, (taken.index + 1) * block_size);
+        let want = chunk::pieces(start, end);
+        if meta.backed() & want != want {
+            // SAFETY: the chunk is open in the shard we hold locked, so it is mapped and ours.
+            let (bytes, backed) = unsafe { meta.back(self.chunk_at(index), want, self.backing) };
+            self.counters
+                .arena_bytes
+                .fetch_add(bytes, Ordering::Relaxed);
+            if let Err(e) = backed {
+                shard.untake(index, taken.index);
+                return Err(e);
+            }
+        }
+        shard.in_use += block_size as u64;
+        drop(shard);
         let chunk = self.chunk_at(index);
         // SAFETY: `taken.index < CHUNK / block_size` (`Blocks` hands out no other), so the block
         // lies inside the chunk's CHUNK bytes.
-        let ptr = unsafe { chunk.add(taken.index * block_size) };
+        let ptr = unsafe { chunk.add(start) };
         if zeroed && !taken.zero {
             // SAFETY: the block is mapped read/write (its chunk is mapped while it has live
             // blocks) and was just handed to us alone.
             unsafe { ptr.write_bytes(0, block_size) };
         }
-        NonNull::slice_from_raw_parts(ptr, block_size)
+        Ok(NonNull::slice_from_raw_parts(ptr, block_size))
     }
 
     /// An empty chunk kept for reuse, if one of `epoch` is there. Kept chunks of an older epoch
@@ -625,11 +777,12 @@ impl SmallTier {
         None
     }
 
-    /// Chunk `index` has just lost its last block (in epoch `epoch`): keep it for reuse, or
-    /// release it if enough are kept.
+    /// Chunk `index` has just lost its last block (in epoch `epoch`): keep it for reuse (with
+    /// its first pieces backed), or release it if enough are kept.
     fn retire(&self, index: u32, epoch: u64) {
         let mut spare = self.lock_spare();
-        if spare.empty.len() < self.config.retain_empty && self.meta(index).epoch() == epoch {
+        if spare.empty.len() < self.max_kept_empty() && self.meta(index).epoch() == epoch {
+            self.keep_empty(index);
             spare.empty.push(index);
         } else {
             self.release(&mut spare, index);
@@ -642,34 +795,38 @@ impl SmallTier {
     }
 
     /// Releases chunk `index` (no live block, held by the caller out of every list) and
-    /// makes its index reusable.
+    /// makes its index reusable. Failures are logged later (see [`log_later`]).
     fn release(&self, spare: &mut Spare, index: u32) {
+        let meta = self.meta(index);
+        let backed = meta.backed().count_ones() as u64 * chunk::PIECE as u64;
+        let c = &self.counters;
+        c.arena_bytes.fetch_sub(backed, Ordering::Relaxed);
+        c.mapped_bytes.fetch_sub(CHUNK as u64, Ordering::Relaxed);
+        c.returned_bytes.fetch_add(backed, Ordering::Relaxed);
+        c.chunks_released.fetch_add(1, Ordering::Relaxed);
         // SAFETY: the chunk's view is at `chunk_at(index)`, and it has no live block, so
         // nothing uses its memory again.
-        if let Err(e) = unsafe {
-            self.meta(index)
-                .release(self.chunk_at(index), self.config.dont_fork)
-        } {
-            // A failed MAP_FIXED may have unmapped the view first (a gap another mapping can
-            // take). Ours again only if the range can be reserved in place; otherwise the
-            // chunk is lost: never used again, `contains` says no, and no drop unmaps it.
-            let at = self.chunk_at(index);
-            if sys::reserve_at(at, CHUNK).is_err() {
-                self.meta(index).set_lost(true);
+        if let Err(failure) = unsafe { meta.release(self.chunk_at(index), self.config.dont_fork) } {
+            // The view is gone (its file and disk with it), but the range may not be ours
+            // any more: then the chunk is lost, never used again, `contains` says no, and no
+            // drop unmaps it.
+            if !failure.range_kept {
+                meta.set_lost(true);
                 self.suspects.fetch_add(1, Ordering::AcqRel);
             }
-            log::debug!("mmapvec: releasing a small-block chunk failed: {e}");
-            return;
+            log_later(format!(
+                "mmapvec: releasing a small-block chunk failed: {}",
+                failure.error
+            ));
+            if !failure.range_kept {
+                return;
+            }
         }
         if let Some(file) = &self.store_file
             && let Err(e) = sys::punch_hole(file, index as u64 * CHUNK as u64, CHUNK as u64)
         {
-            log::debug!("mmapvec: giving a store chunk's blocks back: {e}");
+            log_later(format!("mmapvec: giving a store chunk's blocks back: {e}"));
         }
-        let c = &self.counters;
-        c.arena_bytes.fetch_sub(CHUNK as u64, Ordering::Relaxed);
-        c.returned_bytes.fetch_add(CHUNK as u64, Ordering::Relaxed);
-        c.chunks_released.fetch_add(1, Ordering::Relaxed);
         spare.free.push(index);
     }
 
@@ -703,7 +860,7 @@ impl SmallTier {
             meta.map(
                 self.chunk_at(index),
                 self.source(index, creator),
-                cfg.reserve_disk,
+                self.backing,
                 cfg.dont_fork,
             )
         };
@@ -719,10 +876,11 @@ impl SmallTier {
         }
         meta.set_lost(false);
         self.suspects.fetch_sub(1, Ordering::AcqRel);
-        self.counters
-            .arena_bytes
-            .fetch_add(CHUNK as u64, Ordering::Relaxed);
-        self.counters.chunks_created.fetch_add(1, Ordering::Relaxed);
+        let backed = meta.backed().count_ones() as u64 * chunk::PIECE as u64;
+        let c = &self.counters;
+        c.arena_bytes.fetch_add(backed, Ordering::Relaxed);
+        c.mapped_bytes.fetch_add(CHUNK as u64, Ordering::Relaxed);
+        c.chunks_created.fetch_add(1, Ordering::Relaxed);
         Ok(index)
     }
 
@@ -913,9 +1071,48 @@ impl Drop for SmallTier {
     }
 }
 
+/// Empty current chunks a shard keeps at most where a chunk's pieces cannot be given back
+/// ([`Backing::Whole`]: each keeps its whole file reserved).
+const MAX_IDLE_CURRENT_WHOLE: usize = 2;
+
+/// Empty chunks kept for reuse at most where each keeps only its first pieces backed (one
+/// mapping each, and at most a MiB of disk: see `chunk::kept_when_empty`).
+const KEPT_EMPTY: usize = 64;
+
+thread_local! {
+    /// Messages of failures met while the tier's locks were held, logged once they are not:
+    /// a logger may allocate, and through this very allocator.
+    static DEFERRED_LOG: std::cell::RefCell<Vec<String>> = const { std::cell::RefCell::new(Vec::new()) };
+}
+
+/// Keeps `message` for [`log_deferred`].
+fn log_later(message: String) {
+    // During thread teardown the message is dropped: nothing else can be done with it.
+    let _ = DEFERRED_LOG.try_with(|log| {
+        if let Ok(mut log) = log.try_borrow_mut() {
+            log.push(message);
+        }
+    });
+}
+
+/// Logs what [`log_later`] kept. Call with none of the tier's locks held.
+fn log_deferred() {
+    let pending = DEFERRED_LOG
+        .try_with(|log| {
+            log.try_borrow_mut()
+                .map(|mut log| std::mem::take(&mut *log))
+        })
+        .ok()
+        .and_then(Result::ok)
+        .unwrap_or_default();
+    for message in pending {
+        log::debug!("{message}");
+    }
+}
+
 /// New chunks between two requests that the threads' caches give their blocks back (see
-/// `SmallTier::flush_before_new_chunk`): as many as one thread's cache may pin.
-const FLUSH_EVERY_CHUNKS: u64 = tcache::MAX_PINNED as u64;
+/// `SmallTier::flush_before_new_chunk`).
+const FLUSH_EVERY_CHUNKS: u64 = 8;
 
 /// How long the tier waits after its region was refused before it tries again.
 const REGION_RETRY_MILLIS: u64 = 1000;

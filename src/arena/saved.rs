@@ -15,7 +15,7 @@ use std::os::unix::fs::FileExt;
 use std::ptr::NonNull;
 use std::sync::atomic::Ordering;
 
-use super::chunk::{Blocks, Source};
+use super::chunk::{Backing, Blocks, Source};
 use super::{CHUNK, SHARDS, SmallTier, class};
 use crate::sys;
 
@@ -152,7 +152,7 @@ impl SmallTier {
             };
             // SAFETY: the region is part of the store's range, reserved by the store and not
             // used yet; each index is mapped once; the file holds the chunk (checked above).
-            let mapped = unsafe { meta.map(at, source, false, self.config.dont_fork) };
+            let mapped = unsafe { meta.map(at, source, Backing::Whole, self.config.dont_fork) };
             if let Err(failure) = mapped {
                 if !failure.range_kept {
                     // May be someone else's now: never unmapped by the store (`lost_ranges`).
@@ -174,9 +174,9 @@ impl SmallTier {
             }
             shard.chunks.insert(index as u32, blocks);
             drop(shard);
-            self.counters
-                .arena_bytes
-                .fetch_add(CHUNK as u64, Ordering::Relaxed);
+            let c = &self.counters;
+            c.arena_bytes.fetch_add(CHUNK as u64, Ordering::Relaxed);
+            c.mapped_bytes.fetch_add(CHUNK as u64, Ordering::Relaxed);
         }
         let mut spare = self.lock_spare();
         spare.next = next as u32;

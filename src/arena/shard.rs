@@ -21,12 +21,10 @@ pub(super) struct Shard {
     /// nothing in common.
     pub(super) in_use: u64,
     /// Classes whose current chunk is empty (kept open for the class's next blocks); at most
-    /// [`MAX_IDLE_CURRENT`], past which an emptied current chunk is retired like any other.
+    /// the tier's limit (see `SmallTier::max_idle_current`), past which an emptied current
+    /// chunk is retired like any other.
     pub(super) idle_currents: usize,
 }
-
-/// Empty current chunks a shard keeps open at most (4 MiB of file each).
-pub(super) const MAX_IDLE_CURRENT: usize = 2;
 
 /// One class's chunks in a shard.
 #[derive(Debug, Default, Clone)]
@@ -49,9 +47,10 @@ impl Shard {
     }
 
     /// Moves to a newer epoch: every chunk of the old one is closed (freed by count only).
-    /// Returns the chunks closed with their live blocks; the caller records the counts and
-    /// releases those with none (an empty current chunk: no free is left to release it).
-    pub(super) fn enter(&mut self, epoch: u64) -> Vec<(u32, usize)> {
+    /// Returns the chunks closed with their bitmaps; the caller records the counts and
+    /// releases those with no live block (an empty current chunk: no free is left to release
+    /// it).
+    pub(super) fn enter(&mut self, epoch: u64) -> Vec<(u32, Blocks)> {
         if epoch <= self.epoch {
             return Vec::new();
         }
@@ -60,10 +59,7 @@ impl Shard {
         self.classes
             .iter_mut()
             .for_each(|c| *c = ClassLists::default());
-        self.chunks
-            .drain()
-            .map(|(index, blocks)| (index, blocks.live()))
-            .collect()
+        self.chunks.drain().collect()
     }
 
     /// A block of class `class` from the chunks already here.
@@ -94,6 +90,25 @@ impl Shard {
             }
         }
         None
+    }
+
+    /// Gives back block `index` of chunk `chunk`, just taken by [`take`](Self::take) or
+    /// [`install`](Self::install) and never handed out (its pages could not be backed).
+    pub(super) fn untake(&mut self, chunk: u32, index: usize) {
+        let Some(blocks) = self.chunks.get_mut(&chunk) else {
+            debug_assert!(false, "untake of a chunk the shard does not hold");
+            return;
+        };
+        let known = blocks.put(index);
+        debug_assert!(known, "untake of a block not taken");
+        let lists = &mut self.classes[blocks.class()];
+        if blocks.live() == 0 && lists.current == Some(chunk) {
+            // Idle again, as it was (or as a fresh chunk is) before the take.
+            self.idle_currents += 1;
+        } else if lists.current != Some(chunk) && !blocks.listed {
+            blocks.listed = true;
+            lists.partial.push(chunk);
+        }
     }
 
     /// Takes out an empty chunk that another class keeps as its current one (see

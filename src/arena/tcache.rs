@@ -46,7 +46,7 @@ const _: () = assert!(class::block_size(CLASSES - 1) == MAX_CACHED);
 const SLOTS: usize = 32;
 const BYTES_PER_CLASS: usize = 32 << 10;
 /// Bins that may hold blocks at once, and so chunks one thread's cache may pin (4 MiB each).
-pub(super) const MAX_PINNED: usize = 8;
+pub(super) const MAX_PINNED: usize = 32;
 /// A thread's operations on its cache between two collections of the bins it no longer uses
 /// (a power of two).
 pub(super) const GC_INTERVAL: u32 = 1024;

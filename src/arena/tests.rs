@@ -20,6 +20,16 @@ fn tier(retain_empty: usize) -> Arc<SmallTier> {
     }))
 }
 
+/// A tier whose chunks are reserved whole when made, as where pages cannot be backed one by
+/// one (and as a store's).
+fn whole_tier(retain_empty: usize) -> Arc<SmallTier> {
+    let config = TierConfig {
+        retain_empty,
+        ..TierConfig::default()
+    };
+    Arc::new(SmallTier::with_backing(config, Backing::Whole))
+}
+
 fn layout(size: usize, align: usize) -> Layout {
     Layout::from_size_align(size, align).unwrap()
 }
@@ -151,16 +161,19 @@ fn random_blocks_are_aligned_disjoint_and_keep_their_contents() {
     let in_use: u64 = live.iter().map(|b| b.ptr.len() as u64).sum();
     assert_eq!(stats.in_use_bytes, in_use);
     assert_eq!(
-        stats.arena_bytes,
+        stats.mapped_bytes,
         (stats.chunks_created - stats.chunks_released) * CHUNK as u64
     );
+    assert!(stats.arena_bytes <= stats.mapped_bytes, "{stats:?}");
     free_all(&tier, live, 0);
     let stats = tier.stats();
     assert_eq!(stats.in_use_bytes, 0);
-    // What stays mapped: the two empty chunks kept, and each class's current chunk (kept
-    // open, empty, for that class's next blocks).
+    // What stays mapped: the empty chunks kept, and each class's current chunk (kept open,
+    // empty, for that class's next blocks), each with its first pieces backed.
+    let kept = (KEPT_EMPTY + class::COUNT) as u64;
+    assert!(stats.mapped_bytes <= kept * CHUNK as u64, "{stats:?}");
     assert!(
-        stats.arena_bytes <= (2 + class::COUNT as u64) * CHUNK as u64,
+        stats.arena_bytes <= kept * kept_when_empty(MAX_SMALL),
         "{stats:?}"
     );
     assert_eq!(stats.free_bytes, stats.arena_bytes);
@@ -309,7 +322,7 @@ fn zeroed_blocks_are_zero_even_in_dirty_memory() {
 
 #[test]
 fn empty_chunks_beyond_retain_are_released_and_their_indices_reused() {
-    let (tier, creator) = (tier(2), creator());
+    let (tier, creator) = (whole_tier(2), creator());
     let per_chunk = CHUNK / MAX_SMALL;
     let big = layout(MAX_SMALL, 8);
     let blocks: Vec<_> = (0..5 * per_chunk)
@@ -407,7 +420,7 @@ fn a_new_epoch_never_hands_out_space_from_older_chunks() {
     }
     let stats = tier.stats();
     assert_eq!(stats.chunks_released, 4, "every epoch-0 chunk: {stats:?}");
-    assert_eq!(stats.arena_bytes, 3 * CHUNK as u64, "{stats:?}");
+    assert_eq!(stats.mapped_bytes, 3 * CHUNK as u64, "{stats:?}");
     for b in new {
         // SAFETY: allocated above, freed once.
         unsafe { tier.deallocate(b.cast(), 1) };
@@ -622,24 +635,45 @@ fn thread_caches_go_back_on_switch_at_thread_exit_and_after_their_tier() {
     }
 }
 
+/// The bytes an emptied chunk of blocks of `size` bytes keeps backed at most.
+fn kept_when_empty(size: usize) -> u64 {
+    (chunk::kept_when_empty(size).count_ones() as usize * chunk::PIECE) as u64
+}
+
+/// Issue 18: a class's emptied current chunk stays, with only its first pieces backed, so a
+/// loop over many classes makes no new chunk once warm (before, a shard kept two and the next
+/// block of every other class needed a new file).
 #[test]
-fn empty_current_chunks_are_bounded_per_shard() {
+fn empty_current_chunks_stay_with_their_first_pieces() {
     let (tier, creator) = (tier(2), creator());
-    // One block in each class above the thread caches' sizes, freed at once: each class's
-    // chunk empties while it is the class's current one.
-    for class in tcache::CLASSES..class::COUNT {
-        let size = class::block_size(class);
-        let block = tier.allocate(layout(size, 8), false, 0, &creator).unwrap();
-        // SAFETY: allocated above, freed once.
-        unsafe { tier.deallocate(block.cast(), 0) };
-    }
+    // Blocks in each class above the thread caches' sizes, a chunk's worth, freed at once:
+    // each class's chunk empties while it is the class's current one.
+    let round = || {
+        for class in tcache::CLASSES..class::COUNT {
+            let size = class::block_size(class);
+            let blocks: Vec<_> = (0..CHUNK / size)
+                .map(|_| tier.allocate(layout(size, 8), false, 0, &creator).unwrap())
+                .collect();
+            for block in blocks {
+                // SAFETY: allocated above, freed once.
+                unsafe { tier.deallocate(block.cast(), 0) };
+            }
+        }
+    };
+    round();
     let stats = tier.stats();
     assert_eq!(stats.in_use_bytes, 0);
-    // Two kept open as current chunks, two kept empty: the rest were given back.
-    assert!(
-        stats.arena_bytes <= (MAX_IDLE_CURRENT as u64 + 2) * CHUNK as u64,
-        "{stats:?}"
-    );
+    let bound: u64 = (tcache::CLASSES..class::COUNT)
+        .map(|class| kept_when_empty(class::block_size(class)))
+        .sum();
+    assert!(stats.arena_bytes <= bound, "{stats:?}, bound {bound}");
+    round();
+    let again = tier.stats();
+    assert_eq!(again.chunks_created, stats.chunks_created, "{again:?}");
+    assert_eq!(again.chunks_released, 0, "{again:?}");
+    assert!(again.arena_bytes <= bound, "{again:?}, bound {bound}");
+    tier.trim();
+    assert_eq!(tier.stats().arena_bytes, 0);
 }
 
 /// The bytes that threads' caches of `tier` hold now.
@@ -665,7 +699,7 @@ fn cached_blocks_pin_few_chunks_and_trim_gives_everything_back() {
             .collect();
         blocks.push((size, class));
     }
-    let chunks = |t: &SmallTier| t.stats().arena_bytes / CHUNK as u64;
+    let chunks = |t: &SmallTier| t.stats().arena_bytes.div_ceil(CHUNK as u64);
     assert_eq!(chunks(&tier), 5 * CHUNKS_PER_CLASS as u64);
     for (size, class) in &blocks {
         for first in class.iter().step_by(CHUNK / size) {
@@ -682,17 +716,23 @@ fn cached_blocks_pin_few_chunks_and_trim_gives_everything_back() {
         }
     }
     assert_eq!(tier.stats().in_use_bytes, 0);
-    // Kept: two empty chunks, the shard's idle current ones, and what one cache may pin.
-    let bound = (2 + MAX_IDLE_CURRENT + tcache::MAX_PINNED) as u64;
-    assert!(chunks(&tier) <= bound, "{:?}", tier.stats());
+    // Kept: the first pieces of every emptied chunk, and under the cached blocks of the chunks
+    // the cache pins (one per class): their other pieces went as their blocks were freed.
+    let bytes = |t: &SmallTier| t.stats().arena_bytes;
+    let emptied = (5 * CHUNKS_PER_CLASS) as u64 * kept_when_empty(8192);
+    let pinned = 5 * 32 * chunk::PIECE as u64;
+    assert!(bytes(&tier) <= emptied + pinned, "{:?}", tier.stats());
     // Another class, long enough for two collections: the other bins go back.
     for _ in 0..2 * tcache::GC_INTERVAL {
         let block = tier.allocate(layout(32, 8), false, 0, &creator).unwrap();
         // SAFETY: allocated just above, freed once.
         unsafe { tier.deallocate(block.cast(), 0) };
     }
-    let bound = (2 + MAX_IDLE_CURRENT + 1) as u64;
-    assert!(chunks(&tier) <= bound, "{:?}", tier.stats());
+    assert!(
+        bytes(&tier) <= emptied + kept_when_empty(32),
+        "{:?}",
+        tier.stats()
+    );
     // Trim: everything back, this thread's cache included.
     tier.trim();
     assert_eq!(chunks(&tier), 0, "{:?}", tier.stats());

@@ -340,6 +340,96 @@ pub(crate) unsafe fn advise(addr: NonNull<u8>, len: usize, advice: Advice) -> io
     check_zero(unsafe { libc::madvise(addr.as_ptr().cast(), len, advice) })
 }
 
+/// Faults in `[addr, addr + len)` of a shared file mapping for writing
+/// (`MADV_POPULATE_WRITE`), which makes the file system back each page now: a full disk is an
+/// `ENOSPC` error here rather than a `SIGBUS` when the page is first written. The pages' contents
+/// are left as they are (a hole reads as zeros).
+///
+/// # Safety
+/// The range must be the caller's read/write mapping.
+#[cfg(target_os = "linux")]
+pub(crate) unsafe fn back_pages(addr: NonNull<u8>, len: usize) -> io::Result<()> {
+    loop {
+        // SAFETY: the caller owns the mapping; populating writes no byte.
+        let ret = unsafe { libc::madvise(addr.as_ptr().cast(), len, libc::MADV_POPULATE_WRITE) };
+        match check_zero(ret) {
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+            // The kernel reports a fault that would have raised SIGBUS (the file system found
+            // no block for a page: a full disk or quota) as EFAULT.
+            Err(e) if e.raw_os_error() == Some(libc::EFAULT) => {
+                return Err(io::Error::from_raw_os_error(libc::ENOSPC));
+            }
+            other => return other,
+        }
+    }
+}
+
+/// Whether [`back_pages`] works on this kernel (Linux 5.14 and later), probed once on a page
+/// of anonymous memory.
+#[cfg(target_os = "linux")]
+pub(crate) fn can_back_pages() -> bool {
+    static CAN: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    *CAN.get_or_init(|| {
+        let len = page_size();
+        // SAFETY: a fresh private anonymous mapping, placed by the kernel, unmapped below.
+        let ret = unsafe {
+            libc::mmap(
+                std::ptr::null_mut(),
+                len,
+                libc::PROT_READ | libc::PROT_WRITE,
+                libc::MAP_PRIVATE | libc::MAP_ANONYMOUS,
+                -1,
+                0,
+            )
+        };
+        let Ok(page) = check_mapped(ret) else {
+            return false;
+        };
+        // SAFETY: the page was just mapped read/write by us.
+        let ret = unsafe { libc::madvise(page.as_ptr().cast(), len, libc::MADV_POPULATE_WRITE) };
+        // SAFETY: our page, unused from here on.
+        let _ = unsafe { unmap(page, len) };
+        ret == 0
+    })
+}
+
+/// Elsewhere pages are backed by reserving whole files up front ([`allocate_blocks`]).
+#[cfg(not(target_os = "linux"))]
+pub(crate) fn can_back_pages() -> bool {
+    false
+}
+
+/// Elsewhere: never called ([`can_back_pages`] is false).
+///
+/// # Safety
+/// As on Linux.
+#[cfg(not(target_os = "linux"))]
+pub(crate) unsafe fn back_pages(_addr: NonNull<u8>, _len: usize) -> io::Result<()> {
+    Err(io::ErrorKind::Unsupported.into())
+}
+
+/// Gives back the file blocks (and page-cache pages) under `[addr, addr + len)` of a shared
+/// file mapping (`MADV_REMOVE`, a hole punched through the mapping): the range reads as zeros
+/// after, and the file keeps its length.
+///
+/// # Safety
+/// The range must be the caller's read/write shared file mapping, and its contents must be
+/// unused: they are gone, for every process that maps the same file.
+#[cfg(target_os = "linux")]
+pub(crate) unsafe fn discard_pages(addr: NonNull<u8>, len: usize) -> io::Result<()> {
+    // SAFETY: the caller owns the mapping and gives up its contents.
+    check_zero(unsafe { libc::madvise(addr.as_ptr().cast(), len, libc::MADV_REMOVE) })
+}
+
+/// Elsewhere nothing is given back until the whole file goes.
+///
+/// # Safety
+/// As on Linux.
+#[cfg(not(target_os = "linux"))]
+pub(crate) unsafe fn discard_pages(_addr: NonNull<u8>, _len: usize) -> io::Result<()> {
+    Err(io::ErrorKind::Unsupported.into())
+}
+
 /// Gives the file blocks for `[offset, offset + len)`, growing it if needed, so that a full disk
 /// is an `ENOSPC` now rather than a `SIGBUS` when the page is first written.
 #[cfg(target_os = "linux")]

@@ -10,6 +10,9 @@
 //! | `sweep_many_small` | build n live vectors of 8 `u32` in an outer vector, drop | `std`, `mmapvec` |
 //! | `user_alloc_free` | issue 12's loop: `allocate` + `write(1)` + `deallocate`, concrete types | `libc_malloc`, `malloc`, `mmapvec` |
 //! | `user_push100` | issue 12's loop: `new_in`, push 100 `u64`, drop | `std`, `mmapvec`, `mmapvec_default` |
+//! | `mixed_request_loop` | requests of 30 vectors of 1 to 2,000 B (built, filled, kept, dropped) on each of 1 or 4 threads | `std`, `mmapvec` × `1_thread`, `4_threads` |
+//! | `mixed_many_classes` | per thread 4 live blocks of each of 40 sizes from 16 B to 64 KiB; each op frees one and allocates it again | `global`, `mmapvec` × `1_thread`, `4_threads` |
+//! | `sweep_mixed_sizes` | build n live vectors of 1 B to 64 KiB (log-uniform) in an outer vector, drop | `std`, `mmapvec` |
 //!
 //! `mmapvec` is one allocator per group, built once with `MmapAllocator::builder().build()`
 //! (the defaults: small-block tier up to 256 KiB, 256 MiB of large segments kept for reuse),
@@ -24,6 +27,14 @@
 //! `malloc` + write + `free` as dead code, and the loop times nothing (issue 12's 1.3 ns for
 //! glibc). `cargo bench --bench sweep -- user_` runs them alone.
 //!
+//! The `mixed` groups are small vectors and blocks of many sizes at once, as a server's requests
+//! make them. Every earlier row used one size at a time, and none showed the small-block tier
+//! making and releasing 4 MiB chunk files hundreds of times a second under such a mix. Sizes
+//! come from a xorshift sequence (`benches/common/mixed.rs`) that every contender replays the
+//! same.
+//! `cargo bench --bench sweep -- mixed` runs them alone; `benches/footprint.rs` measures the disk
+//! the same workloads take.
+//!
 //! Run with `cargo bench --bench sweep` (about 5 minutes, see `budget`); `MMAPVEC_BENCH_QUICK=1` drops
 //! the largest sizes and measures briefly. `scripts/bench-report --only sweep` runs it and
 //! writes the sweep's tables, targets and `docs/sweep.svg`.
@@ -32,6 +43,7 @@
 //! measured when debug assertions are off (`cargo bench` builds in release).
 
 use std::hint::black_box;
+use std::ptr::NonNull;
 use std::sync::{Arc, Barrier};
 use std::time::{Duration, Instant};
 
@@ -40,8 +52,11 @@ use criterion::{BenchmarkGroup, BenchmarkId, Criterion, SamplingMode, Throughput
 use mmapvec::allocator_api2::alloc::{Allocator, Global, Layout};
 use mmapvec::{MmapAllocator, MmapVec};
 
+#[path = "common/mixed.rs"]
+mod mixed;
 #[path = "common/old_crate.rs"]
 mod old_crate;
+use mixed::{REQUEST_VECS, XorShift};
 use old_crate::{Cleanup, OldVec};
 
 const KIB: usize = 1 << 10;
@@ -243,22 +258,20 @@ fn alloc_free(c: &mut Criterion) {
 /// Small-block operations per thread and criterion iteration in `sweep_small_threads`.
 const THREAD_OPS: u64 = 100_000;
 
-/// Wall time for `threads` threads, each doing `iters × THREAD_OPS` allocate + write + free of
-/// `layout` on its own clone of `alloc`, all started together. Thread start-up is not timed.
-fn time_threads<A>(alloc: &A, layout: Layout, threads: usize, iters: u64) -> Duration
+/// Wall time for `threads` threads, each running `work(thread index)` (its own clone of `work`),
+/// all started together. Thread start-up is not timed.
+fn time_on_threads<W>(threads: usize, work: W) -> Duration
 where
-    A: Allocator + Clone + Send + 'static,
+    W: Fn(u64) + Clone + Send + 'static,
 {
     let start = Arc::new(Barrier::new(threads + 1));
-    let workers: Vec<_> = (0..threads)
-        .map(|_| {
-            let alloc = alloc.clone();
+    let workers: Vec<_> = (0..threads as u64)
+        .map(|thread| {
+            let work = work.clone();
             let start = Arc::clone(&start);
             std::thread::spawn(move || {
                 start.wait();
-                for _ in 0..iters * THREAD_OPS {
-                    allocate_write_free(&alloc, layout);
-                }
+                work(thread);
             })
         })
         .collect();
@@ -268,6 +281,20 @@ where
         worker.join().expect("benchmark thread");
     }
     t0.elapsed()
+}
+
+/// Wall time for `threads` threads, each doing `iters × THREAD_OPS` allocate + write + free of
+/// `layout` on its own clone of `alloc`, all started together. Thread start-up is not timed.
+fn time_threads<A>(alloc: &A, layout: Layout, threads: usize, iters: u64) -> Duration
+where
+    A: Allocator + Clone + Send + 'static,
+{
+    let alloc = alloc.clone();
+    time_on_threads(threads, move |_| {
+        for _ in 0..iters * THREAD_OPS {
+            allocate_write_free(&alloc, layout);
+        }
+    })
 }
 
 /// Small-block throughput on 1 and 2 threads sharing one allocator: each thread does the same
@@ -423,6 +450,188 @@ fn user_push100(c: &mut Criterion) {
     group.finish();
 }
 
+/// The thread counts of the `mixed` groups, with their labels.
+const MIXED_THREADS: [(&str, usize); 2] = [("1_thread", 1), ("4_threads", 4)];
+
+/// `len` bytes of `byte` in a `std` vector made with capacity `len`.
+fn std_bytes(len: usize, byte: u8) -> Vec<u8> {
+    let mut v = Vec::with_capacity(len);
+    v.resize(len, byte);
+    v
+}
+
+/// `len` bytes of `byte` in an `MmapVec` made with capacity `len` on a clone of `alloc`.
+fn mmap_bytes(alloc: &MmapAllocator, len: usize, byte: u8) -> MmapVec<u8> {
+    let mut v = MmapVec::with_capacity_in(len, alloc.clone());
+    v.resize(len, byte);
+    v
+}
+
+/// Wall time for `threads` threads each serving `iters` requests (`mixed::request`), each
+/// vector made by `make`; thread `t` draws its sizes from `XorShift::new(t)`.
+fn time_requests<V, F>(threads: usize, iters: u64, make: F) -> Duration
+where
+    F: Fn(usize, u8) -> V + Clone + Send + 'static,
+{
+    time_on_threads(threads, move |thread| {
+        let mut rng = XorShift::new(thread);
+        let mut held = Vec::with_capacity(REQUEST_VECS);
+        for _ in 0..iters {
+            mixed::request(&mut rng, &mut held, &make);
+        }
+    })
+}
+
+/// A server's request loop: each request builds 30 `u8` vectors of 1 to 2,000 bytes (each
+/// `with_capacity` its length, then filled by `resize`), keeps them in a small `std` vector,
+/// then drops them all. One iteration is one request per thread; on 4 threads each thread
+/// serves its own requests on clones of the one allocator. Throughput in requests.
+fn mixed_request_loop(c: &mut Criterion) {
+    let alloc = allocator();
+    let mut group = c.benchmark_group("mixed_request_loop");
+    // Heavy: a request is about a microsecond with `std`, but can be milliseconds when every
+    // few vectors make or release a chunk file.
+    budget(&mut group, true);
+    for (label, threads) in MIXED_THREADS {
+        group.throughput(Throughput::Elements(threads as u64));
+        group.bench_function(BenchmarkId::new(STD, label), |b| {
+            b.iter_custom(|iters| time_requests(threads, iters, std_bytes))
+        });
+        group.bench_function(BenchmarkId::new(MMAPVEC, label), |b| {
+            b.iter_custom(|iters| {
+                let alloc = alloc.clone();
+                time_requests(threads, iters, move |len, byte| {
+                    mmap_bytes(&alloc, len, byte)
+                })
+            })
+        });
+    }
+    group.finish();
+}
+
+/// Sizes in `mixed_many_classes`.
+const CLASS_SIZES: usize = 40;
+/// Live blocks per size in `mixed_many_classes`.
+const CLASS_SLOTS: usize = 4;
+/// Operations per thread and criterion iteration in `mixed_many_classes`.
+const CLASS_OPS: u64 = 1_000;
+
+/// The block size of each slot row: 40 sizes from 16 B to 64 KiB (the default small-block
+/// threshold), in equal ratios.
+fn class_sizes() -> [usize; CLASS_SIZES] {
+    let last = (CLASS_SIZES - 1) as f64;
+    std::array::from_fn(|i| (16.0 * 4096f64.powf(i as f64 / last)).round() as usize)
+}
+
+/// `ops` times: pick a random slot of a table of `CLASS_SLOTS` per size, free the block in it
+/// (if any), allocate a new block of the slot's size into it and write its first byte. At most
+/// 160 blocks are live at once, of every size. The blocks left at the end are freed.
+fn churn_classes(alloc: &impl Allocator, seed: u64, ops: u64) {
+    let sizes = class_sizes();
+    let layout =
+        |slot: usize| Layout::from_size_align(sizes[slot / CLASS_SLOTS], 8).expect("layout");
+    let mut slots: Vec<Option<NonNull<u8>>> = vec![None; CLASS_SIZES * CLASS_SLOTS];
+    let mut rng = XorShift::new(seed);
+    for _ in 0..ops {
+        let slot = rng.below(slots.len());
+        if let Some(ptr) = slots[slot].take() {
+            // SAFETY: the slot's block was allocated below by `alloc` with `layout(slot)`, and
+            // taking it out of the slot leaves no other reference to it.
+            unsafe { alloc.deallocate(ptr, layout(slot)) };
+        }
+        let ptr = alloc
+            .allocate(layout(slot))
+            .expect("allocation")
+            .cast::<u8>();
+        // SAFETY: the block is at least 16 bytes, valid for writes, and ours alone.
+        unsafe { ptr.as_ptr().write_volatile(1) };
+        slots[slot] = Some(ptr);
+    }
+    for (slot, ptr) in slots.into_iter().enumerate() {
+        if let Some(ptr) = ptr {
+            // SAFETY: as above: allocated by `alloc` with `layout(slot)`, freed once.
+            unsafe { alloc.deallocate(ptr, layout(slot)) };
+        }
+    }
+}
+
+/// A few live blocks of many size classes at once, raw `allocate` / `deallocate` on the
+/// concrete allocator: each thread runs `churn_classes` on its own table (`CLASS_OPS`
+/// operations per iteration; the table starts empty at each sample, and fills within its
+/// first few hundred operations). Throughput in operations.
+fn mixed_many_classes(c: &mut Criterion) {
+    let alloc = allocator();
+    let mut group = c.benchmark_group("mixed_many_classes");
+    budget(&mut group, true);
+    for (label, threads) in MIXED_THREADS {
+        group.throughput(Throughput::Elements(CLASS_OPS * threads as u64));
+        group.bench_function(BenchmarkId::new(GLOBAL, label), |b| {
+            b.iter_custom(|iters| {
+                time_on_threads(threads, move |thread| {
+                    churn_classes(&Global, thread, iters * CLASS_OPS)
+                })
+            })
+        });
+        group.bench_function(BenchmarkId::new(MMAPVEC, label), |b| {
+            b.iter_custom(|iters| {
+                let alloc = alloc.clone();
+                time_on_threads(threads, move |thread| {
+                    churn_classes(&alloc, thread, iters * CLASS_OPS)
+                })
+            })
+        });
+    }
+    group.finish();
+}
+
+/// The largest vector in `sweep_mixed_sizes`, exclusive.
+const MIXED_MAX_BYTES: usize = 64 * KIB;
+
+/// A size in `1..MIXED_MAX_BYTES`, log-uniform: a power of two `2^e` (`e` uniform in 0..16),
+/// then uniform in `2^e..2^(e+1)`. So every size class gets about as many vectors, small ones
+/// most numerous, and the mean is about 6 KiB (uniform sizes would average 32 KiB, 3.2 GB live
+/// at n = 1e5, nearly all in the largest classes).
+fn log_uniform_size(rng: &mut XorShift) -> usize {
+    let e = rng.below(MIXED_MAX_BYTES.ilog2() as usize);
+    (1 << e) + rng.below(1 << e)
+}
+
+/// Build `n` live `u8` vectors of mixed sizes (`log_uniform_size`; each `with_capacity` its
+/// length, then filled by `resize`) in an outer `std` vector made `with_capacity(n)`, then drop
+/// them all. Every iteration and contender builds the same sizes.
+fn sweep_mixed_sizes(c: &mut Criterion) {
+    let alloc = allocator();
+    let mut group = c.benchmark_group("sweep_mixed_sizes");
+    for &n in sizes(&[1_000, 10_000, 100_000]) {
+        let label = count_label(n);
+        budget(&mut group, true);
+        group.throughput(Throughput::Elements(n as u64));
+        group.bench_function(BenchmarkId::new(STD, &label), |b| {
+            b.iter(|| {
+                let mut rng = XorShift::new(n as u64);
+                let mut outer = Vec::with_capacity(n);
+                for _ in 0..n {
+                    let len = log_uniform_size(&mut rng);
+                    outer.push(std_bytes(len, len as u8));
+                }
+                black_box(&outer);
+            })
+        });
+        group.bench_function(BenchmarkId::new(MMAPVEC, &label), |b| {
+            b.iter(|| {
+                let mut rng = XorShift::new(n as u64);
+                let mut outer = Vec::with_capacity(n);
+                for _ in 0..n {
+                    let len = log_uniform_size(&mut rng);
+                    outer.push(mmap_bytes(&alloc, len, len as u8));
+                }
+                black_box(&outer);
+            })
+        });
+    }
+    group.finish();
+}
+
 fn main() {
     let _cleanup = Cleanup;
     if !OLD_CRATE {
@@ -436,5 +645,8 @@ fn main() {
     many_small(&mut c);
     user_alloc_free(&mut c);
     user_push100(&mut c);
+    mixed_request_loop(&mut c);
+    mixed_many_classes(&mut c);
+    sweep_mixed_sizes(&mut c);
     c.final_summary();
 }

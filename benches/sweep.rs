@@ -73,6 +73,9 @@ const GLOBAL: &str = "global";
 const MALLOC: &str = "malloc";
 const LIBC_MALLOC: &str = "libc_malloc";
 const MMAPVEC_DEFAULT: &str = "mmapvec_default";
+/// A built allocator made to live as long as the process (`MmapAllocator::leak`): its clones
+/// count nothing, so threads that clone it for every vector share no counter.
+const MMAPVEC_LEAKED: &str = "mmapvec_leaked";
 
 fn quick() -> bool {
     std::env::var("MMAPVEC_BENCH_QUICK").is_ok_and(|v| !v.is_empty() && v != "0")
@@ -488,6 +491,7 @@ where
 /// serves its own requests on clones of the one allocator. Throughput in requests.
 fn mixed_request_loop(c: &mut Criterion) {
     let alloc = allocator();
+    let leaked = allocator().leak();
     let mut group = c.benchmark_group("mixed_request_loop");
     // Heavy: a request is about a microsecond with `std`, but can be milliseconds when every
     // few vectors make or release a chunk file.
@@ -500,6 +504,14 @@ fn mixed_request_loop(c: &mut Criterion) {
         group.bench_function(BenchmarkId::new(MMAPVEC, label), |b| {
             b.iter_custom(|iters| {
                 let alloc = alloc.clone();
+                time_requests(threads, iters, move |len, byte| {
+                    mmap_bytes(&alloc, len, byte)
+                })
+            })
+        });
+        group.bench_function(BenchmarkId::new(MMAPVEC_LEAKED, label), |b| {
+            b.iter_custom(|iters| {
+                let alloc = leaked.clone();
                 time_requests(threads, iters, move |len, byte| {
                     mmap_bytes(&alloc, len, byte)
                 })

@@ -540,7 +540,8 @@ impl Inner {
             failure.cause = FailureCause::of_mapping(&failure.error, size);
         }
         self.counters.failed(failure.cause);
-        log::debug!(
+        crate::logging::report!(
+            debug,
             "mmapvec: allocation failed ({:?}): {}",
             failure.cause,
             failure.error

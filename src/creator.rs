@@ -414,7 +414,8 @@ impl DirCreator {
         drop(state);
         // Logged outside the lock: a logger may allocate through this very creator.
         if folder.ram_backed {
-            log::warn!(
+            crate::logging::report!(
+                warn,
                 "mmapvec: {} is on a RAM-backed file system (tmpfs): segments there do not \
                  relieve memory; set TMPDIR or MmapAllocator::builder().dir(..) to a disk",
                 folder.dir.path.display()

@@ -83,7 +83,10 @@ pub(crate) fn install() {
     if !INSTALLED.swap(true, Ordering::AcqRel)
         && let Err(e) = sys::at_fork(prepare, parent, child)
     {
-        log::error!("mmapvec: pthread_atfork failed, fork children are not protected: {e}");
+        crate::logging::report!(
+            error,
+            "mmapvec: pthread_atfork failed, fork children are not protected: {e}"
+        );
     }
 }
 

@@ -15,6 +15,7 @@ mod builder;
 mod creator;
 mod fork;
 mod hash;
+mod logging;
 mod release;
 mod reuse;
 mod segment;

@@ -492,7 +492,7 @@ impl View {
             if let Err(e) = unsafe { sys::unmap(self.ptr, self.len) } {
                 // munmap of one whole mapping cannot fail on a sane kernel; if it does, the old
                 // view leaks address space but the data is safe in the new one.
-                log::warn!("mmapvec: munmap of an old view failed: {e}");
+                crate::logging::report!(warn, "mmapvec: munmap of an old view failed: {e}");
             }
             self.ptr = new_ptr;
         }
@@ -512,7 +512,7 @@ impl Drop for Segment {
             // no pointer into it is used again (the contract: the block was deallocated).
             if let Err(e) = unsafe { sys::unmap(ptr, len) } {
                 // Only possible with a corrupted invariant; Drop must not panic: say it, go on.
-                log::error!("mmapvec: munmap failed for a segment: {e}");
+                crate::logging::report!(error, "mmapvec: munmap failed for a segment: {e}");
             }
         });
         // `backing` drops next: closes the descriptor or removes the file.

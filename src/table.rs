@@ -43,7 +43,7 @@ impl SegmentTable {
             // table's back. Dropping either would unmap the other's pages and using either is
             // undefined behaviour, so no way on is sound: stop here, loudly.
             std::mem::forget(previous);
-            log::error!("mmapvec: two live segments at {addr:#x}; aborting");
+            crate::logging::report!(error, "mmapvec: two live segments at {addr:#x}; aborting");
             eprintln!("mmapvec: two live segments at {addr:#x}: allocator state corrupted");
             std::process::abort();
         }

@@ -40,5 +40,7 @@ mod os_limits;
 mod small_blocks;
 #[path = "faults/store_disk.rs"]
 mod store_disk;
+#[path = "faults/tier_churn.rs"]
+mod tier_churn;
 #[path = "faults/tier_holes.rs"]
 mod tier_holes;

@@ -391,7 +391,9 @@ impl SmallTier {
         let live = blocks.live() * class::block_size(blocks.class());
         if backed > chunk::KEPT_WHEN_EMPTY && live * 4 < backed {
             blocks.scavenge_below = blocks.live() / 2;
-            self.discard(index, !blocks.used_pieces());
+            // Not the pieces the chunk keeps even when empty.
+            let kept = chunk::kept_when_empty(class::block_size(blocks.class()));
+            self.discard(index, !blocks.used_pieces() & !kept);
         }
     }
 
@@ -1062,7 +1064,10 @@ impl Drop for SmallTier {
                 if let Err(e) = unmapped {
                     // Drop must not panic; a failed munmap of our own range means a broken
                     // invariant.
-                    log::error!("mmapvec: munmap of the small-block region failed: {e}");
+                    crate::logging::report!(
+                        error,
+                        "mmapvec: munmap of the small-block region failed: {e}"
+                    );
                 }
             }
             start = end + 1;
@@ -1106,7 +1111,7 @@ fn log_deferred() {
         .and_then(Result::ok)
         .unwrap_or_default();
     for message in pending {
-        log::debug!("{message}");
+        crate::logging::report!(debug, "{message}");
     }
 }
 

@@ -233,14 +233,16 @@ impl StoreAllocator<'_> {
         if shared.tier.serves(layout) {
             match shared.tier.allocate(layout, zeroed, STORE_EPOCH, &NoFiles) {
                 Ok(block) => return Ok(block),
-                Err(e) => log::debug!("mmapvec: store small block of {layout:?}: {e}"),
+                Err(e) => {
+                    crate::logging::report!(debug, "mmapvec: store small block of {layout:?}: {e}")
+                }
             }
         }
         let (addr, len) = shared
             .lock_space()
             .allocate(layout.size(), layout.align())
             .map_err(|e| {
-                log::debug!("mmapvec: store allocation of {layout:?}: {e}");
+                crate::logging::report!(debug, "mmapvec: store allocation of {layout:?}: {e}");
                 AllocError
             })?;
         Ok(slice(addr, len))
@@ -291,7 +293,10 @@ impl StoreAllocator<'_> {
         let (to, len) = space
             .grow(addr, new_layout.size(), new_layout.align())
             .map_err(|e| {
-                log::debug!("mmapvec: growing a store block to {new_layout:?}: {e}");
+                crate::logging::report!(
+                    debug,
+                    "mmapvec: growing a store block to {new_layout:?}: {e}"
+                );
                 AllocError
             })?;
         if zeroed {

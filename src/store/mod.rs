@@ -824,7 +824,7 @@ impl Store {
         let end = self.base.as_ptr().addr() + self.len;
         let corrupt = |e: io::Error| match e.kind() {
             io::ErrorKind::InvalidData => {
-                log::error!("mmapvec: store {}: {e}", self.path.display());
+                crate::logging::report!(error, "mmapvec: store {}: {e}", self.path.display());
                 StoreError::NotAStore
             }
             _ => StoreError::Io(e),
@@ -985,7 +985,11 @@ impl Store {
 impl Drop for Store {
     fn drop(&mut self) {
         if let Err(e) = self.mark_clean() {
-            log::error!("mmapvec: closing the store {}: {e}", self.path.display());
+            crate::logging::report!(
+                error,
+                "mmapvec: closing the store {}: {e}",
+                self.path.display()
+            );
         }
         let base = self.base.as_ptr().addr();
         let page = sys::page_size();
@@ -1031,7 +1035,11 @@ impl Drop for Store {
         // Logged after the lock is let go: a logger may allocate, and a fork takes this lock.
         drop(open);
         if let Some(e) = failed {
-            log::error!("mmapvec: unmapping the store {}: {e}", self.path.display());
+            crate::logging::report!(
+                error,
+                "mmapvec: unmapping the store {}: {e}",
+                self.path.display()
+            );
         }
     }
 }

@@ -87,7 +87,7 @@ struct Inner {
     /// The creator again when it is the crate's own, whose lock the fork handlers take too.
     settings: Settings,
     /// Freed segments kept for reuse.
-    cache: ReuseCache,
+    cache: Arc<ReuseCache>,
     /// One freed segment per thread, kept for that thread's next large allocation (the reuse
     /// cache's fast path: see `reuse::slot`).
     slots: Arc<Slots>,
@@ -211,7 +211,7 @@ impl MmapAllocator {
         let inner = Arc::new_cyclic(|me| Inner {
             table: SegmentTable::new(),
             creator,
-            cache: ReuseCache::new(settings.reuse_bytes),
+            cache: Arc::new(ReuseCache::new(settings.reuse_bytes)),
             slots: Arc::new(Slots::new()),
             me: me.clone(),
             tier: Arc::new(SmallTier::new(TierConfig {

@@ -214,6 +214,7 @@ extern "C" fn prepare() {
         object.lock_for_fork(&mut locks, next);
     }
     crate::release::lock_for_fork(&mut locks);
+    crate::reuse::timer::lock_for_fork(&mut locks);
     #[cfg(target_os = "linux")]
     crate::store::lock_for_fork(&mut locks);
     let views = hold();

@@ -10,9 +10,10 @@
 //!   off) and in number (32: each holds a mapping and a descriptor); a segment larger than half
 //!   the bound is never kept, nor one that keeps its file name (past the descriptor budget).
 //!   Past the bounds the oldest go.
-//! * **Decaying**: a segment kept longer than [`DECAY`] is released at the next allocation or
-//!   free of the allocator (there is no timer thread), so a burst does not hold disk and page
-//!   cache for long, and freed data is released before writeback would write it to disk.
+//! * **Decaying**: a segment kept longer than [`DECAY`] is released, at the next allocation or
+//!   free of the allocator or by the [`timer`] thread, whichever comes first, so a burst does
+//!   not hold disk and page cache for long (an allocator that is only read from afterwards
+//!   included), and freed data is released before writeback would write it to disk.
 //! * **Fit**: the smallest kept segment at least as long as asked, aligned as asked, and not
 //!   much longer (at most 4 times, or 8 MiB more), so a small long-lived block never pins a
 //!   large file. A larger block than asked is what the `Allocator` contract allows.
@@ -23,9 +24,10 @@
 //!   using them (the parent may reuse them).
 
 pub(crate) mod slot;
+pub(crate) mod timer;
 
 use std::any::Any;
-use std::sync::{Mutex, MutexGuard};
+use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
 use crate::fork;
@@ -58,6 +60,9 @@ struct State {
     kept: Vec<Kept>,
     /// When decayed segments were last looked for (`sys::coarse_millis`).
     swept: u64,
+    /// The [`timer`] watches the cache: set when it starts keeping segments, cleared by the
+    /// timer when it keeps none.
+    watched: bool,
 }
 
 struct Kept {
@@ -79,6 +84,7 @@ impl ReuseCache {
                 bytes: 0,
                 kept: Vec::new(),
                 swept: 0,
+                watched: false,
             }),
         }
     }
@@ -93,6 +99,7 @@ impl ReuseCache {
             // never resizes or removes the parent's file.
             state.generation = fork::generation();
             state.bytes = 0;
+            state.watched = false;
             drop(std::mem::take(&mut state.kept));
         }
         state
@@ -168,13 +175,19 @@ impl ReuseCache {
     }
 
     /// Keeps a freed segment for reuse, or gives it back (`Some`) when it cannot be kept.
-    /// Segments pushed out (past the bound, or decayed) go to `expired`.
-    pub(crate) fn put(&self, segment: Segment, expired: &mut Vec<Segment>) -> Option<Segment> {
+    /// Segments pushed out (past the bound, or decayed) go to `expired`. The first segment
+    /// kept has the [`timer`] watch the cache.
+    pub(crate) fn put(
+        self: &Arc<Self>,
+        segment: Segment,
+        expired: &mut Vec<Segment>,
+    ) -> Option<Segment> {
         let len = segment.len();
         if !self.may_keep(&segment) {
             return Some(segment);
         }
         let mut state = self.state();
+        let watch = !std::mem::replace(&mut state.watched, true);
         let now = sys::coarse_millis();
         state.expire(now, expired);
         while !state.kept.is_empty()
@@ -192,7 +205,25 @@ impl ReuseCache {
             since: now,
             segment,
         });
+        drop(state);
+        if watch {
+            timer::watch_cache(Arc::downgrade(self));
+        }
         None
+    }
+
+    /// For the [`timer`]: releases the segments that decayed, under the cache's lock (so
+    /// that an allocator's drop, which drains the cache, waits for them). `false` when none
+    /// is kept any more: the timer stops watching the cache, which asks again when it next
+    /// keeps one.
+    pub(crate) fn expire(&self) -> bool {
+        let mut state = self.state();
+        state.swept = 0;
+        let mut expired = Vec::new();
+        state.expire(sys::coarse_millis(), &mut expired);
+        drop(expired);
+        state.watched = !state.kept.is_empty();
+        state.watched
     }
 
     /// Every kept segment, for the allocator's drop.

@@ -293,3 +293,41 @@ fn a_chunk_whose_release_is_refused_gives_its_disk_back() {
     assert_eq!(stats.small.chunks_created, after.chunks_created + 1);
     drop(again);
 }
+
+/// The issue's read-only map: freed segments kept for reuse were released only at the next
+/// allocation or free, so an allocator that is only read from afterwards kept them for good
+/// (33 MiB in the issue). A thread now releases them once they decay (about a second).
+#[test]
+fn kept_segments_go_without_another_allocation() {
+    let dir = TestDir::new("churn-decay");
+    let alloc = MmapAllocator::builder()
+        .dir(dir.path())
+        .build()
+        .expect("build");
+    let table: MmapVec<u64> = {
+        // A table rehashed through larger and larger segments: the old ones are kept.
+        let mut v = MmapVec::new_in(alloc.clone());
+        v.extend(0..(4u64 << 20));
+        v.shrink_to_fit();
+        let scratch = mmapvec::mmap_vec![in alloc.clone(); 0u8; 16 << 20];
+        drop(scratch);
+        v
+    };
+    let kept = alloc.stats().kept_segments;
+    assert!(kept >= 1, "{:?}", alloc.stats());
+    // Only reads from here on.
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    let mut sum = 0u64;
+    while alloc.stats().kept_segments > 0 && std::time::Instant::now() < deadline {
+        sum = sum.wrapping_add(table.iter().step_by(4096).sum::<u64>());
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    }
+    let stats = alloc.stats();
+    assert_eq!(
+        (stats.kept_segments, stats.kept_bytes),
+        (0, 0),
+        "kept segments still there 10 s after they were freed: {stats:?} ({sum})"
+    );
+    // What is mapped: the table alone.
+    assert_eq!(mappings_under(&dir.segment_folder()), 1);
+}

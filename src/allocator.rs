@@ -323,13 +323,15 @@ impl MmapAllocator {
     }
 
     /// Gives back, now, the disk and address space this allocator keeps for reuse: freed
-    /// segments kept for the next allocations, empty chunks of the small-block tier, and the
-    /// free small blocks that this thread's cache holds. Other threads' caches give theirs back
-    /// at their next allocation or free. Live blocks are not touched.
+    /// segments kept for the next allocations, empty chunks of the small-block tier, the disk
+    /// of every free piece of its other chunks, the free small blocks that this thread's cache
+    /// holds, and the tier's reserved address ranges that no chunk uses. Other threads' caches
+    /// give their blocks back at their next allocation or free. Live blocks are not touched.
     ///
-    /// The allocator does this by itself before it reports a full disk, and what it keeps is
-    /// bounded (see the README, "What is kept after a free"); call it to hand the space to
-    /// another program at once, for example before a long pause.
+    /// The allocator does this by itself before it reports a full disk, the map count or the
+    /// address space (`RLIMIT_AS`) exhausted, and what it keeps is bounded (see the README,
+    /// "What is kept after a free"); call it to hand the space to another program at once, for
+    /// example before a long pause, or after lowering `RLIMIT_AS`.
     ///
     /// ```
     /// use mmapvec::{MmapAllocator, MmapVec};
@@ -514,22 +516,34 @@ impl Inner {
         slot::give_back_orphans(&self.slots, self);
         self.slots.request_flush();
         let slot = slot::flush(&self.slots);
-        let chunks = self.tier.trim();
+        let tier = self.tier.trim();
         let mut kept = Vec::new();
         self.cache.drain(&mut kept);
-        let any = slot || chunks > 0 || !kept.is_empty();
+        let any = slot || tier || !kept.is_empty();
         drop(kept);
         any
     }
 
-    /// `attempt`, and once more if it found the disk full and [`Inner::trim`] gave disk
-    /// back: disk kept for reuse must not make an allocation fail.
+    /// `attempt`, and once more if it found the disk, the map count or the address space
+    /// exhausted and [`Inner::trim`] gave some back: what is kept for reuse must not make an
+    /// allocation fail.
     fn retry_if_full<T>(
         &self,
         mut attempt: impl FnMut() -> Result<T, Failure>,
     ) -> Result<T, Failure> {
         match attempt() {
-            Err(failure) if failure.cause == FailureCause::DiskFull && self.trim() => attempt(),
+            // What the allocator keeps may be what is missing: disk, mappings (each kept
+            // segment and chunk is one), or address space (each kept segment and region).
+            Err(failure)
+                if matches!(
+                    failure.cause,
+                    FailureCause::DiskFull
+                        | FailureCause::OutOfMappings
+                        | FailureCause::AddressSpace
+                ) && self.trim() =>
+            {
+                attempt()
+            }
             result => result,
         }
     }

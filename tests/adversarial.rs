@@ -1333,9 +1333,10 @@ fn a_small_block_shrink_with_no_new_chunk_keeps_the_block() {
     assert!(shrink_with_a_failing_creator(None));
 }
 
-/// Under `RLIMIT_AS` the tier's region is 64 MiB (16 chunks): blocks of more classes than
-/// that fall back to segments while the region is full, and come back to the tier as chunks
-/// empty. Small blocks as segments and as tier blocks, side by side, grown, shrunk and freed.
+/// Under `RLIMIT_AS` the tier's regions take an eighth of what the limit leaves; with 520 MiB
+/// left, one region of 64 MiB (16 chunks) and no second (an eighth of the 456 MiB left then is
+/// less than a region): blocks of more classes than that fall back to segments while the
+/// region is full, and come back to the tier as chunks empty. Small blocks as segments and as tier blocks, side by side, grown, shrunk and freed.
 /// In a child process (the limit is process-wide).
 #[test]
 fn a_full_region_falls_back_to_segments() {
@@ -1348,7 +1349,7 @@ fn a_full_region_falls_back_to_segments() {
             .find_map(|l| l.strip_prefix("VmSize:"))
             .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
             .unwrap();
-        let limit = vm_kib * 1024 + (600 << 20);
+        let limit = vm_kib * 1024 + (520 << 20);
         let rl = libc::rlimit {
             rlim_cur: limit,
             rlim_max: libc::RLIM_INFINITY,
@@ -1366,7 +1367,7 @@ fn a_full_region_falls_back_to_segments() {
         }
         let stats = a.stats();
         assert!(
-            stats.small.arena_bytes <= 64 << 20,
+            stats.small.mapped_bytes <= 64 << 20,
             "region above 64 MiB: {stats:#?}"
         );
         assert!(

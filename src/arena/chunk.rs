@@ -119,6 +119,10 @@ pub(super) struct ChunkMeta {
     /// out): a block may be handed out only over backed pieces. Changed only by whoever holds
     /// the chunk (its shard's lock, or the chunk out of every list).
     backed: AtomicU64,
+    /// The chunk's file was reserved whole when mapped, and its pieces are never given back:
+    /// on a file system where a write fault may not reserve a block (see
+    /// [`sys::faults_reserve_blocks`]), a given-back piece could not be backed again safely.
+    whole: AtomicBool,
 }
 
 impl ChunkMeta {
@@ -131,7 +135,13 @@ impl ChunkMeta {
             mapped: AtomicBool::new(false),
             lost: AtomicBool::new(false),
             backed: AtomicU64::new(0),
+            whole: AtomicBool::new(false),
         }
+    }
+
+    /// Whether the chunk was reserved whole (see [`whole`](Self::whole)).
+    pub(super) fn is_whole(&self) -> bool {
+        self.whole.load(Ordering::Relaxed)
     }
 
     /// The pieces backed now (see [`backed`](Self::backed)).
@@ -156,8 +166,14 @@ impl ChunkMeta {
             if backing == Backing::Pieces {
                 // SAFETY: pieces lie inside the chunk's CHUNK bytes (`first + count <= 64`),
                 // which the caller says are our read/write view.
-                let backed = unsafe { sys::back_pages(at.add(first * PIECE), count * PIECE) };
-                if let Err(e) = backed {
+                let run = unsafe { at.add(first * PIECE) };
+                // SAFETY: as above.
+                if let Err(e) = unsafe { sys::back_pages(run, count * PIECE) } {
+                    // A populate that stopped part-way (a full disk) may have given some of the
+                    // run's pages their blocks: give them back, or they would stay, counted
+                    // nowhere, until the chunk goes. No live block lies on a piece not backed.
+                    // SAFETY: as above; unused pages.
+                    let _ = unsafe { sys::discard_pages(run, count * PIECE) };
                     return (done, Err(e));
                 }
             }
@@ -276,6 +292,7 @@ impl ChunkMeta {
             "a store's chunks are reserved whole"
         );
         let made;
+        let mut whole = backing == Backing::Whole;
         let (file, offset) = match source {
             Source::Creator(creator) => {
                 // Checked empty before its name goes: a custom creator's file with data in it
@@ -283,7 +300,9 @@ impl ChunkMeta {
                 made = creator
                     .create(&SegmentRequest::new(CHUNK, false))?
                     .into_unnamed()?;
-                if backing == Backing::Whole {
+                whole = backing == Backing::Whole
+                    || (backing == Backing::Pieces && !sys::faults_reserve_blocks(&made));
+                if whole {
                     sys::allocate_blocks(&made, 0, CHUNK as u64)?;
                 } else {
                     made.set_len(CHUNK as u64)?;
@@ -320,12 +339,9 @@ impl ChunkMeta {
             views.add(at.as_ptr().addr(), CHUNK);
         }
         drop(no_fork);
-        let backed = if backing == Backing::Whole {
-            u64::MAX
-        } else {
-            0
-        };
+        let backed = if whole { u64::MAX } else { 0 };
         self.backed.store(backed, Ordering::Relaxed);
+        self.whole.store(whole, Ordering::Relaxed);
         self.mapped.store(true, Ordering::Release);
         Ok(())
     }

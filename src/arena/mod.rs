@@ -5,10 +5,12 @@
 //! [`CHUNK`]-byte files instead and hands out their blocks by size class.
 //!
 //! # Design
-//! * **Region.** At the first allocation the tier reserves [`REGION`] bytes of address space
-//!   (`PROT_NONE`, `MAP_NORESERVE`: it costs nothing), aligned to `CHUNK`. Chunk `i` lives at
-//!   `base + i * CHUNK`, mapped `MAP_FIXED` over the reservation. So whether a pointer is ours is
-//!   one comparison ([`SmallTier::contains`]), and its chunk is one division.
+//! * **Regions** ([`region`]). The tier reserves address space (`PROT_NONE`, `MAP_NORESERVE`:
+//!   no memory, no disk) in regions aligned to `CHUNK`, as it needs them: 1 GiB first, then
+//!   doubling, up to [`REGION`] in all. Chunks are mapped `MAP_FIXED` over the reservation, so
+//!   whether a pointer is ours is a comparison per region (usually one:
+//!   [`SmallTier::contains`]), and its chunk is one division. A region with no chunk left is
+//!   given back at `trim`.
 //! * **Chunk table.** A heap array from chunk index to the chunk's metadata ([`ChunkMeta`]):
 //!   freeing finds the chunk without a lock or a search.
 //! * **Size classes** ([`class`]): 16-byte steps to 128, then four per power of two. One chunk
@@ -47,6 +49,7 @@
 
 mod chunk;
 mod class;
+mod region;
 mod saved;
 mod shard;
 mod tcache;
@@ -73,17 +76,14 @@ use shard::Shard;
 pub(crate) const CHUNK: usize = 4 << 20;
 /// The largest block the tier serves.
 pub(crate) const MAX_SMALL: usize = 512 << 10;
-/// The address space reserved for chunks.
+/// The address space reserved for chunks at most, in all regions.
 #[cfg(target_pointer_width = "64")]
 pub(crate) const REGION: usize = 64 << 30;
 /// 32-bit targets: a region that fits.
 #[cfg(not(target_pointer_width = "64"))]
 pub(crate) const REGION: usize = 256 << 20;
-/// How many chunks the region holds at most.
+/// How many chunks the regions hold at most.
 const CHUNKS: usize = REGION / CHUNK;
-/// The smallest region tried when [`REGION`] cannot be reserved (a process under a tight
-/// `RLIMIT_AS`, or valgrind, which refuses reservations of tens of GiB): 16 chunks.
-const MIN_REGION: usize = 16 * CHUNK;
 /// Mutexes that threads spread over.
 const SHARDS: usize = 8;
 
@@ -160,16 +160,17 @@ pub(crate) struct SmallTier {
     config: TierConfig,
     /// How chunks get disk blocks, decided when the tier is made.
     backing: Backing,
-    /// The start of the region, null until the first chunk. Set once, under `spare`.
-    base: AtomicPtr<u8>,
-    /// The region could not be reserved: until this time (`sys::coarse_millis`), the tier
-    /// serves nothing (small blocks go to segments) and does not try again. 0: no refusal.
+    /// Where chunks live. Grown and shrunk under `spare`.
+    regions: region::Regions,
+    /// A region could not be reserved: until this time (`sys::coarse_millis`), the tier
+    /// makes no new region (small blocks that need one go to segments). 0: no refusal.
     region_retry_at: AtomicU64,
     /// Chunks lost (see `ChunkMeta::is_lost`) or being mapped now (marked lost until the map
     /// succeeds: a failing map may leave a gap that another mapping fills before the chunk is
     /// known lost). Not zero: `contains` must look closer.
     suspects: AtomicUsize,
-    /// Chunk index -> metadata, null until the index is first used. Made with the region.
+    /// Chunk index -> metadata, null until the index is first used. Made with the first
+    /// region, as long as the regions may grow.
     table: OnceLock<Box<[AtomicPtr<ChunkMeta>]>>,
     shards: Box<[PaddedShard]>,
     /// Chunk indices to reuse and empty chunks kept, shared by all shards.
@@ -221,7 +222,7 @@ impl SmallTier {
         SmallTier {
             config,
             backing,
-            base: AtomicPtr::new(std::ptr::null_mut()),
+            regions: region::Regions::default(),
             region_retry_at: AtomicU64::new(0),
             suspects: AtomicUsize::new(0),
             table: OnceLock::new(),
@@ -266,7 +267,8 @@ impl SmallTier {
             .map(|_| AtomicPtr::new(std::ptr::null_mut()))
             .collect();
         let _ = tier.table.set(table);
-        *tier.base.get_mut() = base.as_ptr();
+        let pushed = tier.regions.push(base, len);
+        debug_assert!(pushed, "a new tier has room for a region");
         tier.store_file = Some(file);
         // The store keeps each chunk's file range whole (its bitmaps say nothing of pieces).
         tier.backing = Backing::Whole;
@@ -325,11 +327,11 @@ impl SmallTier {
     /// Gives back what the tier keeps for reuse: this thread's cached blocks, the empty chunks
     /// kept, the shards' empty current chunks, and the disk of every piece of a chunk that no
     /// live block uses (blocks in other threads' caches count as live: those caches are asked
-    /// to give their blocks back at their next use). Returns the bytes of chunk files given
-    /// back.
-    pub(crate) fn trim(&self) -> u64 {
-        if self.base.load(Ordering::Acquire).is_null() {
-            return 0;
+    /// to give their blocks back at their next use), and the regions with no chunk left.
+    /// Returns whether anything was given back.
+    pub(crate) fn trim(&self) -> bool {
+        if self.regions.count() == 0 {
+            return false;
         }
         self.request_flush();
         tcache::flush(self);
@@ -354,9 +356,42 @@ impl SmallTier {
         while let Some(index) = spare.empty.pop() {
             self.release(&mut spare, index);
         }
+        let regions = self.give_back_regions(&mut spare);
         drop(spare);
         log_deferred();
-        self.counters.returned_bytes.load(Ordering::Relaxed) - before
+        regions || self.counters.returned_bytes.load(Ordering::Relaxed) > before
+    }
+
+    /// Gives back the newest regions while they hold no chunk: address space that a
+    /// `RLIMIT_AS` set since may need (the reservation counts in `VmSize`). A store's region is
+    /// the store's and stays.
+    fn give_back_regions(&self, spare: &mut Spare) -> bool {
+        let mut any = false;
+        if self.store_file.is_some() {
+            return any;
+        }
+        while let Some((_, first, chunks)) = self.regions.iter().last() {
+            let unused = (first..first + chunks).all(|index| {
+                let ptr = self.table()[index].load(Ordering::Acquire);
+                // SAFETY: as in `meta`: a non-null entry is a leaked `Box<ChunkMeta>`.
+                unsafe { ptr.as_ref() }.is_none_or(|meta| !meta.is_mapped() && !meta.is_lost())
+            });
+            if !unused {
+                return any;
+            }
+            let Some((base, first, chunks)) = self.regions.pop() else {
+                return any;
+            };
+            any = true;
+            spare.free.retain(|&index| (index as usize) < first);
+            spare.next = spare.next.min(first as u32);
+            // SAFETY: the region was ours (reserved by `grow_regions`), holds no chunk, and
+            // is no longer published: no pointer into it is ours, and none is handed out.
+            if let Err(e) = unsafe { sys::unmap(base, chunks * CHUNK) } {
+                log_later(format!("mmapvec: giving back a small-block region: {e}"));
+            }
+        }
+        any
     }
 
     /// Gives back the backed pieces of `which` of chunk `index`, which the caller holds and
@@ -364,7 +399,7 @@ impl SmallTier {
     fn discard(&self, index: u32, which: u64) {
         debug_assert!(self.backing.can_discard());
         let meta = self.meta(index);
-        if meta.backed() & which == 0 {
+        if meta.backed() & which == 0 || meta.is_whole() {
             return;
         }
         // SAFETY: the chunk is mapped (held by the caller: open in a locked shard, or out of
@@ -397,19 +432,25 @@ impl SmallTier {
         }
     }
 
-    /// The empty current chunks a shard keeps at most: every class's where emptied chunks keep
-    /// only their first pieces backed, else a few (their whole files stay reserved).
-    fn max_idle_current(&self) -> usize {
-        if self.backing.can_discard() {
+    /// Whether emptied chunks like `meta`'s keep only their first pieces backed (so that many
+    /// may be kept), rather than their whole files.
+    fn keeps_pieces(&self, meta: &ChunkMeta) -> bool {
+        self.backing.can_discard() && !meta.is_whole()
+    }
+
+    /// The empty current chunks a shard keeps at most, with `meta`'s emptied: every class's
+    /// where emptied chunks keep only their first pieces backed, else a few.
+    fn max_idle_current(&self, meta: &ChunkMeta) -> usize {
+        if self.keeps_pieces(meta) {
             class::COUNT
         } else {
             MAX_IDLE_CURRENT_WHOLE
         }
     }
 
-    /// The empty chunks kept in `spare` at most.
-    fn max_kept_empty(&self) -> usize {
-        if self.backing.can_discard() {
+    /// The empty chunks kept in `spare` at most, with `meta`'s retired (as above).
+    fn max_kept_empty(&self, meta: &ChunkMeta) -> usize {
+        if self.keeps_pieces(meta) {
             KEPT_EMPTY
         } else {
             self.config.retain_empty
@@ -523,6 +564,14 @@ impl SmallTier {
                 continue;
             }
             self.meta(index).assign(class, epoch, home);
+            // Another thread of this shard may have installed a chunk of this class meanwhile
+            // (and freed its blocks since): that one serves, and the new one is kept empty.
+            // Installing over it would leave it in no list (the review of issue 18).
+            if let Some((other, taken)) = shard.take(class) {
+                let block = self.hand_out(shard, other, taken, zeroed);
+                self.retire(index, epoch);
+                return block;
+            }
             let taken = shard.install(index, class, true);
             return self.hand_out(shard, index, taken, zeroed);
         }
@@ -546,13 +595,11 @@ impl SmallTier {
     /// [`allocate`](Self::allocate), if it was allocated at all): in the region, and not in the
     /// range of a lost chunk, where another mapping (a segment, say) may have been placed.
     pub(crate) fn contains(&self, ptr: NonNull<u8>) -> bool {
-        let base = self.base.load(Ordering::Acquire);
-        let offset = ptr.as_ptr().addr().wrapping_sub(base.addr());
-        if base.is_null() || offset >= self.table().len() * CHUNK {
+        let Some(index) = self.regions.locate(ptr.as_ptr().addr()) else {
             return false;
-        }
+        };
         // Rare: only after a chunk failed to map and its range could not be kept.
-        self.suspects.load(Ordering::Acquire) == 0 || !self.lost((offset / CHUNK) as u32)
+        self.suspects.load(Ordering::Acquire) == 0 || !self.lost(index)
     }
 
     /// Whether chunk `index` was lost (an index never used is not).
@@ -621,7 +668,7 @@ impl SmallTier {
             let lists = &mut shard.classes[meta.class()];
             if blocks.live() == 0 {
                 let current = lists.current == Some(index);
-                if current && shard.idle_currents < self.max_idle_current() {
+                if current && shard.idle_currents < self.max_idle_current(meta) {
                     // The chunk being filled stays, empty: its blocks are handed out again
                     // at once (an allocate / free loop must not retire and reinstall it, or
                     // make a new file, every time). It keeps its first pieces backed; another
@@ -713,7 +760,10 @@ impl SmallTier {
                 self.meta(index).close(live);
                 if live == 0 {
                     self.release(&mut spare, index);
-                } else if self.backing.can_discard() {
+                } else if self.backing.can_discard()
+                    && !chunk::keeps_out_of_children(self.config.dont_fork)
+                {
+                    // (A child does not map `dont_fork` chunks: its ranges are reservations.)
                     self.discard(index, !blocks.used_pieces());
                 }
             }
@@ -783,7 +833,8 @@ impl SmallTier {
     /// its first pieces backed), or release it if enough are kept.
     fn retire(&self, index: u32, epoch: u64) {
         let mut spare = self.lock_spare();
-        if spare.empty.len() < self.max_kept_empty() && self.meta(index).epoch() == epoch {
+        let meta = self.meta(index);
+        if spare.empty.len() < self.max_kept_empty(meta) && meta.epoch() == epoch {
             self.keep_empty(index);
             spare.empty.push(index);
         } else {
@@ -806,24 +857,27 @@ impl SmallTier {
         c.mapped_bytes.fetch_sub(CHUNK as u64, Ordering::Relaxed);
         c.returned_bytes.fetch_add(backed, Ordering::Relaxed);
         c.chunks_released.fetch_add(1, Ordering::Relaxed);
+        // Not ours while it is released: a refused release unmaps the view before it reserves
+        // the range again, a gap another mapping can take (see `suspects`).
+        meta.set_lost(true);
+        self.suspects.fetch_add(1, Ordering::AcqRel);
         // SAFETY: the chunk's view is at `chunk_at(index)`, and it has no live block, so
         // nothing uses its memory again.
-        if let Err(failure) = unsafe { meta.release(self.chunk_at(index), self.config.dont_fork) } {
-            // The view is gone (its file and disk with it), but the range may not be ours
-            // any more: then the chunk is lost, never used again, `contains` says no, and no
-            // drop unmaps it.
-            if !failure.range_kept {
-                meta.set_lost(true);
-                self.suspects.fetch_add(1, Ordering::AcqRel);
-            }
+        let released = unsafe { meta.release(self.chunk_at(index), self.config.dont_fork) };
+        if let Err(failure) = released {
             log_later(format!(
                 "mmapvec: releasing a small-block chunk failed: {}",
                 failure.error
             ));
             if !failure.range_kept {
+                // The view is gone (its file and disk with it), but the range is not ours any
+                // more: the chunk stays lost, never used again, `contains` says no, and no
+                // drop unmaps it.
                 return;
             }
         }
+        meta.set_lost(false);
+        self.suspects.fetch_sub(1, Ordering::AcqRel);
         if let Some(file) = &self.store_file
             && let Err(e) = sys::punch_hole(file, index as u64 * CHUNK as u64, CHUNK as u64)
         {
@@ -836,18 +890,14 @@ impl SmallTier {
     fn new_chunk(&self, creator: &dyn SegmentCreator) -> io::Result<u32> {
         let index = {
             let mut spare = self.lock_spare();
-            self.reserve_region()?;
             match spare.free.pop() {
                 Some(index) => index,
-                None if (spare.next as usize) < self.table().len() => {
+                None => {
+                    if spare.next as usize == self.regions.chunks() {
+                        self.grow_regions()?;
+                    }
                     spare.next += 1;
                     spare.next - 1
-                }
-                None => {
-                    return Err(io::Error::new(
-                        io::ErrorKind::OutOfMemory,
-                        "the small-block region is full",
-                    ));
                 }
             }
         };
@@ -897,12 +947,9 @@ impl SmallTier {
         }
     }
 
-    /// Reserves the region and makes the chunk table, once. Called under `spare`, which
-    /// serializes it.
-    fn reserve_region(&self) -> io::Result<()> {
-        if !self.base.load(Ordering::Acquire).is_null() {
-            return Ok(());
-        }
+    /// Reserves one more region (and, with the first, the chunk table). Called under `spare`,
+    /// which serializes it.
+    fn grow_regions(&self) -> io::Result<()> {
         let retry_at = self.region_retry_at.load(Ordering::Relaxed);
         if retry_at != 0 && sys::coarse_millis() < retry_at {
             return Err(io::Error::new(
@@ -910,23 +957,34 @@ impl SmallTier {
                 "no address space for small blocks (refused less than a second ago)",
             ));
         }
-        let reserved = self.reserve_region_now();
+        let grown = self.grow_regions_now();
         // Not asked again at every small allocation (each would read the limits again), but
         // again after a while: address space may have been freed, or the limit raised.
-        let retry_at = match reserved {
+        let retry_at = match grown {
             Ok(()) => 0,
             Err(_) => sys::coarse_millis() + REGION_RETRY_MILLIS,
         };
         self.region_retry_at.store(retry_at, Ordering::Relaxed);
-        reserved
+        grown
     }
 
-    fn reserve_region_now(&self) -> io::Result<()> {
-        // The largest region that can be had, halving from REGION (or from a fair share of
-        // what `RLIMIT_AS` leaves): reserving is free, but some environments cap the address
-        // space, and what the tier reserves the rest of the program cannot map.
+    fn grow_regions_now(&self) -> io::Result<()> {
+        let max = self.config.max_region.clamp(region::MIN_LEN, REGION);
+        let reserved = self.regions.chunks() * CHUNK;
+        if self.store_file.is_some()
+            || reserved >= max
+            || self.regions.count() == region::MAX_REGIONS
+        {
+            return Err(io::Error::new(
+                io::ErrorKind::OutOfMemory,
+                "the small-block regions are full",
+            ));
+        }
+        // The next region, halving on refusal (some environments cap reservations: valgrind
+        // refuses tens of GiB): reserving costs no memory, but what the tier reserves the rest
+        // of the program cannot map, and `RLIMIT_AS` counts it.
         let mut len =
-            region_len(self.config.max_region, sys::address_space_left()).ok_or_else(|| {
+            region::next_len(reserved, max, sys::address_space_left()).ok_or_else(|| {
                 io::Error::new(
                     io::ErrorKind::OutOfMemory,
                     "too little address space left under RLIMIT_AS for a small-block region",
@@ -935,7 +993,7 @@ impl SmallTier {
         let base = loop {
             match segment::reserve_aligned(len, CHUNK) {
                 Ok(base) => break base,
-                Err(_) if len > MIN_REGION => len /= 2,
+                Err(_) if len / 2 >= region::MIN_LEN => len /= 2,
                 // Out of memory for the router, which then serves the block from a segment.
                 Err(e) => {
                     return Err(io::Error::new(
@@ -945,12 +1003,14 @@ impl SmallTier {
                 }
             }
         };
-        let table = (0..len / CHUNK)
-            .map(|_| AtomicPtr::new(std::ptr::null_mut()))
-            .collect();
-        // Under `spare` nobody else sets it; the table first, so a non-null base implies it.
-        let _ = self.table.set(table);
-        self.base.store(base.as_ptr(), Ordering::Release);
+        if self.table.get().is_none() {
+            let table = zeroed_table(max / CHUNK);
+            // Under `spare` nobody else sets it; before the region is published, so a
+            // published region implies it.
+            let _ = self.table.set(table);
+        }
+        let pushed = self.regions.push(base, len);
+        debug_assert!(pushed, "a slot was checked free above");
         Ok(())
     }
 
@@ -958,18 +1018,19 @@ impl SmallTier {
         self.table.get().map_or(&[], |t| t)
     }
 
-    /// The start of chunk `index`. Only called once the region exists.
+    /// The start of chunk `index`, which a region holds.
     fn chunk_at(&self, index: u32) -> NonNull<u8> {
-        let base = NonNull::new(self.base.load(Ordering::Acquire)).expect("region reserved");
-        // SAFETY: index < the table's length, so the offset lies inside the region.
-        unsafe { base.add(index as usize * CHUNK) }
+        self.regions
+            .chunk_at(index)
+            .expect("a chunk index in use lies in a region")
     }
 
-    /// The chunk index of `ptr`, which lies in the region.
+    /// The chunk index of `ptr`, which lies in a region.
     fn index_of(&self, ptr: NonNull<u8>) -> u32 {
         debug_assert!(self.contains(ptr));
-        let offset = ptr.as_ptr().addr() - self.base.load(Ordering::Acquire).addr();
-        (offset / CHUNK) as u32
+        self.regions
+            .locate(ptr.as_ptr().addr())
+            .expect("a small block lies in a region")
     }
 
     /// The metadata of chunk `index`, which has been used at least once.
@@ -995,7 +1056,7 @@ impl fmt::Debug for SmallTier {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("SmallTier")
             .field("config", &self.config)
-            .field("base", &self.base.load(Ordering::Relaxed))
+            .field("regions", &self.regions.count())
             .field("stats", &self.stats())
             .finish_non_exhaustive()
     }
@@ -1021,7 +1082,7 @@ impl Drop for SmallTier {
         // (Registered by the allocator that made the tier; unregistering an unknown object
         // does nothing.)
         fork::unregister(&*self);
-        if self.base.get_mut().is_null() {
+        if self.regions.count() == 0 {
             return;
         }
         // Lost chunks, in increasing order.
@@ -1050,27 +1111,34 @@ impl Drop for SmallTier {
             drop(no_fork);
             return;
         }
-        // The region is unmapped around lost chunks, whose ranges may hold other mappings now
+        // Each region is unmapped around lost chunks, whose ranges may hold other mappings now
         // (their remains of our reservation stay reserved: address space, no memory).
-        let len = self.table().len();
-        let mut start = 0;
-        for end in lost.into_iter().chain([len]) {
-            if end > start {
-                let at = self.chunk_at(start as u32);
-                // SAFETY: `[start, end)` are chunks of our region that were never lost, so their
-                // ranges are ours; no block is live: every block is owned by a value holding a
-                // clone of the allocator, whose last clone is being dropped.
-                let unmapped = unsafe { sys::unmap(at, (end - start) * CHUNK) };
-                if let Err(e) = unmapped {
-                    // Drop must not panic; a failed munmap of our own range means a broken
-                    // invariant.
-                    crate::logging::report!(
-                        error,
-                        "mmapvec: munmap of the small-block region failed: {e}"
-                    );
+        let regions: Vec<_> = self.regions.iter().collect();
+        for (base, first, chunks) in regions {
+            let mut start = first;
+            let inside = lost
+                .iter()
+                .copied()
+                .filter(|&i| i >= first && i < first + chunks);
+            for end in inside.chain([first + chunks]) {
+                if end > start {
+                    let at = (base + (start - first) * CHUNK) as *mut u8;
+                    // SAFETY: `[start, end)` are chunks of our region that were never lost, so
+                    // their ranges are ours; no block is live: every block is owned by a value
+                    // holding a clone of the allocator, whose last clone is being dropped.
+                    let unmapped =
+                        NonNull::new(at).map(|at| unsafe { sys::unmap(at, (end - start) * CHUNK) });
+                    if let Some(Err(e)) = unmapped {
+                        // Drop must not panic; a failed munmap of our own range means a broken
+                        // invariant.
+                        crate::logging::report!(
+                            error,
+                            "mmapvec: munmap of the small-block region failed: {e}"
+                        );
+                    }
                 }
+                start = end + 1;
             }
-            start = end + 1;
         }
         drop(no_fork);
     }
@@ -1122,25 +1190,21 @@ const FLUSH_EVERY_CHUNKS: u64 = 8;
 /// How long the tier waits after its region was refused before it tries again.
 const REGION_RETRY_MILLIS: u64 = 1000;
 
-/// The part of the address space left under `RLIMIT_AS` that the region may take.
-const ADDRESS_SPACE_SHARE: usize = 8;
-
-/// The length of the region to reserve first: [`REGION`] (or `max`, if smaller), cut to a
-/// power of two no larger than an [`ADDRESS_SPACE_SHARE`]th of the address space `left` under
-/// `RLIMIT_AS` (`None`: no limit). `None` when even [`MIN_REGION`] would take more than that
-/// share: the tier is then off, and small blocks become segments.
-fn region_len(max: usize, left: Option<usize>) -> Option<usize> {
-    let mut len = REGION.min(max.max(MIN_REGION));
-    if let Some(left) = left {
-        let share = left / ADDRESS_SPACE_SHARE;
-        if share < MIN_REGION {
-            return None;
-        }
-        while len > share {
-            len /= 2;
-        }
+/// A chunk table of `len` null entries, in zeroed memory: a large table costs only the pages
+/// its used entries are on (thousands of allocators each have one).
+fn zeroed_table(len: usize) -> Box<[AtomicPtr<ChunkMeta>]> {
+    let layout = std::alloc::Layout::array::<AtomicPtr<ChunkMeta>>(len).expect("a table's size");
+    if layout.size() == 0 {
+        return Box::new([]);
     }
-    Some(len)
+    // SAFETY: the layout is not zero-sized.
+    let ptr = unsafe { std::alloc::alloc_zeroed(layout) }.cast::<AtomicPtr<ChunkMeta>>();
+    if ptr.is_null() {
+        std::alloc::handle_alloc_error(layout);
+    }
+    // SAFETY: `ptr` is a fresh allocation of the global allocator for `len` entries, with the
+    // layout `Box` frees it with; all-zero bytes are a null `AtomicPtr`, a valid value.
+    unsafe { Box::from_raw(std::ptr::slice_from_raw_parts_mut(ptr, len)) }
 }
 
 /// The shard this thread uses, picked round-robin at its first allocation.

@@ -229,6 +229,28 @@ pub(crate) fn enomem_only_before_unmapping(file: &File) -> bool {
     [EXT4, XFS, BTRFS, F2FS, TMPFS].contains(&kind)
 }
 
+/// Whether a write fault on a shared mapping of `file` gives the page its disk block or fails
+/// (so that [`back_pages`] reserves, as `fallocate` does): the file systems whose
+/// `page_mkwrite` allocates or reserves (ext2/3/4, XFS, btrfs, f2fs, tmpfs, and overlayfs,
+/// which maps the file of the one below). Elsewhere (NFS, FUSE, ...) a full disk may only show
+/// at writeback.
+#[cfg(target_os = "linux")]
+pub(crate) fn faults_reserve_blocks(file: &File) -> bool {
+    const EXT4: u32 = 0xEF53;
+    const XFS: u32 = 0x5846_5342;
+    const BTRFS: u32 = 0x9123_683E;
+    const F2FS: u32 = 0xF2F5_2010;
+    const TMPFS: u32 = 0x0102_1994;
+    const OVERLAYFS: u32 = 0x794C_7630;
+    fs_magic(file).is_ok_and(|kind| [EXT4, XFS, BTRFS, F2FS, TMPFS, OVERLAYFS].contains(&kind))
+}
+
+/// Elsewhere [`back_pages`] is not used.
+#[cfg(not(target_os = "linux"))]
+pub(crate) fn faults_reserve_blocks(_file: &File) -> bool {
+    false
+}
+
 /// Elsewhere nothing is known about the order: never.
 #[cfg(not(target_os = "linux"))]
 pub(crate) fn enomem_only_before_unmapping(_file: &File) -> bool {

@@ -331,3 +331,275 @@ fn kept_segments_go_without_another_allocation() {
     // What is mapped: the table alone.
     assert_eq!(mappings_under(&dir.segment_folder()), 1);
 }
+
+/// Allocates `count` blocks of `size` bytes from `alloc`, writing the first byte of each.
+fn blocks(alloc: &MmapAllocator, size: usize, count: usize) -> Vec<(NonNull<[u8]>, Layout)> {
+    let layout = Layout::from_size_align(size, 8).unwrap();
+    (0..count)
+        .map(|_| {
+            let block = alloc.allocate(layout).expect("a small block");
+            // SAFETY: the block is ours, at least one byte long.
+            unsafe { block.cast::<u8>().write(1) };
+            (block, layout)
+        })
+        .collect()
+}
+
+fn free_blocks(alloc: &MmapAllocator, blocks: Vec<(NonNull<[u8]>, Layout)>) {
+    for (block, layout) in blocks {
+        // SAFETY: allocated by `blocks` with this layout, freed once.
+        unsafe { alloc.deallocate(block.cast(), layout) };
+    }
+}
+
+/// The issue's `RLIMIT_AS` case: under a 4,200 MiB limit the tier's region was an eighth of
+/// what was left (512 MiB) and never grew; past it every small block became a one-page
+/// segment (0.8 ms each) with over 3 GiB still free. The regions now grow in steps.
+#[test]
+fn the_tier_grows_in_steps_under_rlimit_as() {
+    const NAME: &str = "tier_churn::the_tier_grows_in_steps_under_rlimit_as";
+    if !in_child(NAME, "regions-grow") {
+        return;
+    }
+    set_soft_limit(libc::RLIMIT_AS, (vm_size() + (4200 << 20)) as u64);
+    let dir = TestDir::fast("churn-regions");
+    let alloc = allocator(&dir);
+    // 768 MiB of 64 KiB blocks: more than one region of an eighth of the room.
+    let held = blocks(&alloc, 64 << 10, 12 * 1024);
+    let stats = alloc.stats();
+    println!("{stats:?}");
+    assert_eq!(
+        stats.live_segments, 0,
+        "small blocks became segments: {stats:?}"
+    );
+    assert_eq!(stats.failures.total(), 0, "{stats:?}");
+    assert!(stats.small.mapped_bytes >= 768 << 20, "{stats:?}");
+    free_blocks(&alloc, held);
+}
+
+/// The issue's later `RLIMIT_AS`: the tier reserved 64 GiB at its first block, which counts in
+/// `VmSize`, so a limit set afterwards (4 GiB here) left no room at all: a 100 MiB vector, a
+/// 100 MiB heap `Vec` and a thread all failed. The first region is 1 GiB now, and `trim`
+/// gives back a region with no chunk.
+#[test]
+fn an_rlimit_as_set_later_leaves_the_program_room() {
+    const NAME: &str = "tier_churn::an_rlimit_as_set_later_leaves_the_program_room";
+    if !in_child(NAME, "rlimit-later") {
+        return;
+    }
+    let dir = TestDir::fast("churn-rlimit-later");
+    let alloc = allocator(&dir);
+    let small = mmapvec::mmap_vec![in alloc.clone(); 1u8; 100];
+    let with_region = vm_size();
+    set_soft_limit(libc::RLIMIT_AS, 4 << 30);
+    let big: Result<MmapVec<u8>, _> = {
+        let mut v = MmapVec::new_in(alloc.clone());
+        v.try_reserve_exact(100 << 20).map(|()| v)
+    };
+    let heap = {
+        let mut v = Vec::<u8>::new();
+        v.try_reserve_exact(100 << 20).map(|()| v)
+    };
+    let thread = std::thread::Builder::new().spawn(|| 7).map(|t| t.join());
+    set_soft_limit(libc::RLIMIT_AS, libc::RLIM_INFINITY);
+    println!("VmSize with the tier's region: {} MiB", with_region >> 20);
+    assert!(big.is_ok(), "{:?}", alloc.take_last_error());
+    assert!(heap.is_ok() && thread.is_ok());
+    drop((big, heap, small));
+    alloc.trim();
+    let trimmed = vm_size();
+    println!("after trim: {} MiB", trimmed >> 20);
+    // The 1 GiB region went (less what the thread above added: its stack, glibc's arena).
+    assert!(
+        trimmed + (768 << 20) <= with_region,
+        "trim gave back no region: {} MiB -> {} MiB",
+        with_region >> 20,
+        trimmed >> 20
+    );
+    // And the tier comes back.
+    drop(mmapvec::mmap_vec![in alloc.clone(); 2u8; 100]);
+    assert_eq!(alloc.stats().live_segments, 0);
+}
+
+/// The issue's many allocators: each reserved 64 GiB, so 2,600 live ones took the whole
+/// 128 TiB and a 1 GiB heap `Vec` then failed.
+#[test]
+fn thousands_of_allocators_leave_address_space() {
+    const NAME: &str = "tier_churn::thousands_of_allocators_leave_address_space";
+    if !in_child(NAME, "many-allocators") {
+        return;
+    }
+    let dir = TestDir::fast("churn-allocators");
+    let held: Vec<MmapVec<u8>> = (0..2600)
+        .map(|_| {
+            let alloc = MmapAllocator::builder()
+                .dir(dir.path())
+                .reuse_bytes(0)
+                .build()
+                .expect("build");
+            mmapvec::mmap_vec![in alloc; 3u8; 100]
+        })
+        .collect();
+    println!("VmSize with 2600 allocators: {} GiB", vm_size() >> 30);
+    let heap = {
+        let mut v = Vec::<u8>::new();
+        v.try_reserve_exact(1 << 30).map(|()| v)
+    };
+    assert!(heap.is_ok(), "a 1 GiB heap Vec failed");
+    assert!(held.iter().all(|v| v[99] == 3));
+}
+
+/// The review of issue 18, finding 1: two threads on one shard both miss a class and both make
+/// a chunk; the second installed its chunk over the first's, which (emptied meanwhile) was
+/// then in no list: mapped for the life of the tier, `trim` or not (11, then 33 and 43 chunks
+/// over the review's rounds). Threads `t` and `t + 8` share a shard (they are assigned in
+/// turn, and this test runs alone in its process).
+#[test]
+fn chunks_made_at_once_on_one_shard_are_not_orphaned() {
+    const NAME: &str = "tier_churn::chunks_made_at_once_on_one_shard_are_not_orphaned";
+    if !in_child(NAME, "orphans") {
+        return;
+    }
+    let dir = TestDir::fast("churn-orphans");
+    let alloc = MmapAllocator::builder()
+        .dir(dir.path())
+        .small_threshold(512 << 10)
+        .reuse_bytes(0)
+        .build()
+        .expect("build");
+    let vector = |alloc: &MmapAllocator, seed: &mut u64| {
+        let len = (448 << 10) + (next(seed) % (64 << 10)) as usize;
+        let mut v: MmapVec<u8> = MmapVec::with_capacity_in(len, alloc.clone());
+        v.push(1);
+        v
+    };
+    for round in 0..3u64 {
+        let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let keepers: Vec<_> = (0..8u64)
+            .map(|t| {
+                let alloc = alloc.clone();
+                std::thread::spawn(move || {
+                    let mut seed = 0x9E37_79B9_7F4A_7C15 ^ (round * 100 + t + 1);
+                    (0..100)
+                        .map(|_| vector(&alloc, &mut seed))
+                        .collect::<Vec<_>>()
+                })
+            })
+            .collect();
+        let temps: Vec<_> = (0..8u64)
+            .map(|t| {
+                let (alloc, stop) = (alloc.clone(), stop.clone());
+                std::thread::spawn(move || {
+                    let mut seed = 0x2545_F491_4F6C_DD1D ^ (round * 1000 + t + 7);
+                    while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                        drop(vector(&alloc, &mut seed));
+                    }
+                })
+            })
+            .collect();
+        let kept: Vec<_> = keepers.into_iter().map(|h| h.join().unwrap()).collect();
+        stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        temps.into_iter().for_each(|h| h.join().unwrap());
+        drop(kept);
+        alloc.trim();
+        let small = alloc.stats().small;
+        assert_eq!(small.in_use_bytes, 0, "{small:?}");
+        assert_eq!(
+            small.mapped_bytes >> 22,
+            0,
+            "round {round}: chunks mapped with no live block, every thread gone, after trim: \
+             {small:?}"
+        );
+    }
+}
+
+/// The review's finding 2: a populate that stopped part-way on a full disk left the pages it
+/// had filled allocated, counted nowhere and out of `trim`'s reach (200 KiB in the review).
+#[test]
+fn a_block_refused_on_a_full_disk_leaves_no_disk_behind() {
+    let fs = match crate::support::Tmpfs::mount("churn-partial", 16 << 20) {
+        Ok(fs) => fs,
+        Err(why) => crate::support::skip!("{why}"),
+    };
+    let alloc = MmapAllocator::builder()
+        .dir(fs.path())
+        .allow_ram_backed(true)
+        .small_threshold(512 << 10)
+        .reuse_bytes(0)
+        .build()
+        .expect("build");
+    // One live 512 KiB block: its chunk's first 8 pieces are backed.
+    let mut keep: MmapVec<u8> = MmapVec::with_capacity_in(512 << 10, alloc.clone());
+    keep.resize(512 << 10, 1);
+    // A file takes all but about 200 KiB.
+    let used = |path: &std::path::Path| {
+        let total = 16u64 << 20;
+        total - crate::support::free_bytes(path)
+    };
+    let free = crate::support::free_bytes(fs.path());
+    let hog = fs.path().join("hog");
+    std::fs::write(&hog, vec![7u8; (free - (200 << 10)) as usize]).expect("the hog file");
+    let before = (used(fs.path()), alloc.stats().small.arena_bytes);
+    // A second 512 KiB block of the same chunk: 8 pieces to back, about 3 fit.
+    let mut v: MmapVec<u8> = MmapVec::new_in(alloc.clone());
+    assert!(
+        v.try_reserve_exact(512 << 10).is_err(),
+        "the disk was not full"
+    );
+    alloc.trim();
+    let after = (used(fs.path()), alloc.stats().small.arena_bytes);
+    println!("(disk used, arena_bytes) before {before:?}, after the refusal and trim {after:?}");
+    assert_eq!(after, before, "disk left behind by the refused block");
+    assert_eq!(keep[(512 << 10) - 1], 1);
+}
+
+/// The review's finding 3: with `dont_fork`, a fork child closing the parent's chunks gave
+/// back pieces of ranges it does not map (reservations there), and logged each failure.
+#[test]
+fn a_fork_child_gives_back_nothing_of_chunks_kept_from_it() {
+    const NAME: &str = "tier_churn::a_fork_child_gives_back_nothing_of_chunks_kept_from_it";
+    if !in_child(NAME, "dont-fork-child") {
+        return;
+    }
+    let _ = LOGGED_THROUGH.set(MmapAllocator::default());
+    log::set_logger(&AllocatingLogger).expect("the child's only logger");
+    log::set_max_level(log::LevelFilter::Debug);
+    let dir = TestDir::fast("churn-dont-fork");
+    let alloc = MmapAllocator::builder()
+        .dir(dir.path())
+        .dont_fork(true)
+        .small_threshold(512 << 10)
+        .build()
+        .expect("build");
+    // Blocks of many sizes, every other one freed: the chunks have free pieces.
+    let mut seed = 3;
+    let mut held = Vec::new();
+    for i in 0..2000 {
+        let len = 1 + (next(&mut seed) % (256 << 10)) as usize;
+        let v = mmapvec::mmap_vec![in alloc.clone(); 5u8; len];
+        if i % 2 == 0 {
+            held.push(v);
+        }
+    }
+    let before = LOGGED.load(std::sync::atomic::Ordering::Relaxed);
+    // SAFETY: the child only allocates, trims, reads counters and exits.
+    let pid = unsafe { libc::fork() };
+    assert!(pid >= 0);
+    if pid == 0 {
+        let mine = mmapvec::mmap_vec![in alloc.clone(); 1u8; 100];
+        alloc.trim();
+        let logged = LOGGED.load(std::sync::atomic::Ordering::Relaxed) - before;
+        let code = if logged == 0 && mine[99] == 1 { 0 } else { 1 };
+        std::mem::forget((held, mine));
+        // SAFETY: ends the child without running the parent's destructors.
+        unsafe { libc::_exit(code) };
+    }
+    let mut status = 0;
+    // SAFETY: waits for our own child.
+    assert_eq!(unsafe { libc::waitpid(pid, &mut status, 0) }, pid);
+    assert!(
+        libc::WIFEXITED(status) && libc::WEXITSTATUS(status) == 0,
+        "the child logged failures giving back pieces it does not map (status {status:#x})"
+    );
+    assert!(held.iter().all(|v| v.iter().all(|&b| b == 5)));
+}

@@ -324,10 +324,23 @@ impl ChunkMeta {
         // For a `dont_fork` chunk the view, its advice and the fork record change together
         // under the fork lock: a child never sees the view without its record (see `fork`).
         let mut no_fork = keeps_out_of_children(dont_fork).then(fork::hold);
+        // First the file is mapped where it touches nothing of ours, and unmapped: whatever
+        // refuses a mapping of it (its file system's `mmap`, the map count, `RLIMIT_AS`) does
+        // so here, with our range untouched, on any file system.
+        // SAFETY: the file has CHUNK bytes from `offset`; the probe is never touched.
+        let probe = unsafe { sys::map_file_anywhere(file, offset, CHUNK, share) }?;
+        // SAFETY: the mapping just made, which nothing refers to.
+        unsafe { sys::unmap(probe, CHUNK) }?;
         // SAFETY: the caller gives us the reservation `[at, at + CHUNK)`, which nothing refers
         // to; the file has CHUNK bytes from `offset`, so every mapped page has a backing.
-        unsafe { sys::map_file_fixed_at(at, file, offset, CHUNK, share) }
-            .map_err(|e| MapFailure::after_map(e, at, file))?;
+        if let Err(error) = unsafe { sys::map_file_fixed_at(at, file, offset, CHUNK, share) } {
+            // The file's own `mmap` just worked: this is the kernel refusing the split of our
+            // reservation (the map count), which it does before it unmaps anything, so the
+            // range is still ours if every page of it is mapped. (A failure after the old
+            // range was unmapped leaves a gap, which is reserved again if nobody took it.)
+            let range_kept = sys::reserve_at(at, CHUNK).is_ok() || sys::is_mapped(at, CHUNK);
+            return Err(MapFailure { error, range_kept });
+        }
         // The mapping holds the file from now on; a creator's file (its descriptor) drops at
         // the end of this function.
         if let Some(views) = no_fork.as_mut() {
@@ -435,28 +448,6 @@ impl From<io::Error> for MapFailure {
             error,
             range_kept: true,
         }
-    }
-}
-
-impl MapFailure {
-    /// A failed `MAP_FIXED` of a chunk view of `file` over its reservation at `at`.
-    ///
-    /// The range is ours again in two cases, and lost otherwise:
-    /// - Nothing at all is mapped there (Linux unmaps the old range first, and a late failure
-    ///   leaves a gap): then it is reserved again, at exactly `at` and without `MAP_FIXED`,
-    ///   which cannot take anyone's mapping. A gap that another thread has mapped into since
-    ///   makes that reservation fail.
-    /// - The error is `ENOMEM`, every page is still mapped (an `msync` probe, which fails on
-    ///   an unmapped page), and the file's file system is one whose `mmap` hook never reports
-    ///   `ENOMEM` ([`sys::enomem_only_before_unmapping`]): Linux then reported it before it
-    ///   touched the old range (the map count at `vm.max_map_count`, `RLIMIT_AS`, a split of
-    ///   the reservation, all undone), and the mapped pages are our reservation, intact.
-    fn after_map(error: io::Error, at: NonNull<u8>, file: &File) -> Self {
-        let range_kept = sys::reserve_at(at, CHUNK).is_ok()
-            || (error.kind() == io::ErrorKind::OutOfMemory
-                && sys::enomem_only_before_unmapping(file)
-                && sys::is_mapped(at, CHUNK));
-        MapFailure { error, range_kept }
     }
 }
 

@@ -135,6 +135,38 @@ pub(crate) unsafe fn map_file_fixed_at(
     check_mapped(ret).map(drop)
 }
 
+/// Maps `len` bytes of `file` from `offset` wherever the kernel likes (never over another
+/// mapping), as `share` says.
+///
+/// # Safety
+/// The file must have `len` bytes from `offset` for every page that will be touched.
+pub(crate) unsafe fn map_file_anywhere(
+    file: &File,
+    offset: u64,
+    len: usize,
+    share: Share,
+) -> io::Result<NonNull<u8>> {
+    let (prot, flags) = match share {
+        Share::Write => (libc::PROT_READ | libc::PROT_WRITE, libc::MAP_SHARED),
+        Share::Read => (libc::PROT_READ, libc::MAP_SHARED),
+        Share::Private => (libc::PROT_READ | libc::PROT_WRITE, libc::MAP_PRIVATE),
+    };
+    let offset =
+        libc::off_t::try_from(offset).map_err(|_| io::Error::from_raw_os_error(libc::EOVERFLOW))?;
+    // SAFETY: without MAP_FIXED the kernel places the mapping where nothing is mapped.
+    let ret = unsafe {
+        libc::mmap(
+            std::ptr::null_mut(),
+            len,
+            prot,
+            flags,
+            file.as_raw_fd(),
+            offset,
+        )
+    };
+    check_mapped(ret)
+}
+
 /// Reserves `len` bytes of address space: inaccessible, backed by nothing, counted by nothing.
 pub(crate) fn reserve(len: usize) -> io::Result<NonNull<u8>> {
     // SAFETY: an anonymous PROT_NONE mapping without MAP_FIXED touches no existing mapping.
@@ -210,25 +242,6 @@ pub(crate) fn reserve_at(addr: NonNull<u8>, len: usize) -> io::Result<()> {
     Err(io::Error::from(io::ErrorKind::AlreadyExists))
 }
 
-/// Whether `mmap` of `file` can fail with `ENOMEM` only before it touches the range it
-/// replaces: true on the file systems whose `mmap` hook never reports `ENOMEM` (ext2/3/4, XFS,
-/// btrfs, f2fs, tmpfs). Linux reports `ENOMEM` for the map count, `RLIMIT_AS` or a split
-/// before anything is unmapped (the range is restored); after the old range is gone, only the
-/// file system's hook or a kernel allocation that fails solely for a task being killed can
-/// report it. hugetlbfs, for one, reports `ENOMEM` from its hook when its pool is empty.
-#[cfg(target_os = "linux")]
-pub(crate) fn enomem_only_before_unmapping(file: &File) -> bool {
-    const EXT4: u32 = 0xEF53;
-    const XFS: u32 = 0x5846_5342;
-    const BTRFS: u32 = 0x9123_683E;
-    const F2FS: u32 = 0xF2F5_2010;
-    const TMPFS: u32 = 0x0102_1994;
-    let Ok(kind) = fs_magic(file) else {
-        return false;
-    };
-    [EXT4, XFS, BTRFS, F2FS, TMPFS].contains(&kind)
-}
-
 /// Whether a write fault on a shared mapping of `file` gives the page its disk block or fails
 /// (so that [`back_pages`] reserves, as `fallocate` does): the file systems whose
 /// `page_mkwrite` allocates or reserves (ext2/3/4, XFS, btrfs, f2fs, tmpfs, and overlayfs,
@@ -248,12 +261,6 @@ pub(crate) fn faults_reserve_blocks(file: &File) -> bool {
 /// Elsewhere [`back_pages`] is not used.
 #[cfg(not(target_os = "linux"))]
 pub(crate) fn faults_reserve_blocks(_file: &File) -> bool {
-    false
-}
-
-/// Elsewhere nothing is known about the order: never.
-#[cfg(not(target_os = "linux"))]
-pub(crate) fn enomem_only_before_unmapping(_file: &File) -> bool {
     false
 }
 

@@ -525,8 +525,10 @@ fn mixed_request_loop(c: &mut Criterion) {
 const CLASS_SIZES: usize = 40;
 /// Live blocks per size in `mixed_many_classes`.
 const CLASS_SLOTS: usize = 4;
-/// Operations per thread and criterion iteration in `mixed_many_classes`.
-const CLASS_OPS: u64 = 1_000;
+/// Operations per thread and criterion iteration in `mixed_many_classes`: a long loop, as the
+/// issue's was. Each sample runs on threads of its own, so with a short one the row would time
+/// mostly each new thread's first blocks (its cache, its shard's chunks) and its exit.
+const CLASS_OPS: u64 = 20_000;
 
 /// The block size of each slot row: 40 sizes from 16 B to 64 KiB (the default small-block
 /// threshold), in equal ratios.

@@ -123,6 +123,9 @@ pub(super) struct ChunkMeta {
     /// on a file system where a write fault may not reserve a block (see
     /// [`sys::faults_reserve_blocks`]), a given-back piece could not be backed again safely.
     whole: AtomicBool,
+    /// While the chunk is empty and kept: its backed bytes past [`kept_when_empty`] that it
+    /// keeps, counted in the tier's budget for them (see `SmallTier::keep_empty`). 0 otherwise.
+    idle_excess: AtomicU64,
 }
 
 impl ChunkMeta {
@@ -136,7 +139,22 @@ impl ChunkMeta {
             lost: AtomicBool::new(false),
             backed: AtomicU64::new(0),
             whole: AtomicBool::new(false),
+            idle_excess: AtomicU64::new(0),
         }
+    }
+
+    /// Records that the chunk, empty and kept, keeps `bytes` past its first pieces.
+    pub(super) fn set_idle_excess(&self, bytes: u64) {
+        self.idle_excess.store(bytes, Ordering::Relaxed);
+    }
+
+    /// Takes the bytes recorded by [`set_idle_excess`](Self::set_idle_excess), leaving 0.
+    #[inline]
+    pub(super) fn take_idle_excess(&self) -> u64 {
+        if self.idle_excess.load(Ordering::Relaxed) == 0 {
+            return 0;
+        }
+        self.idle_excess.swap(0, Ordering::Relaxed)
     }
 
     /// Whether the chunk was reserved whole (see [`whole`](Self::whole)).

@@ -181,6 +181,8 @@ pub(crate) struct SmallTier {
     flushes: AtomicU64,
     /// `chunks_created` when the last new chunk asked the caches back (see `allocate`).
     flushed_at_chunk: AtomicU64,
+    /// Backed bytes that empty kept chunks keep past their first pieces (see `keep_empty`).
+    idle_excess: AtomicU64,
     counters: Counters,
     /// This tier's identity for the threads' caches (never reused, unlike an address).
     id: u64,
@@ -233,6 +235,7 @@ impl SmallTier {
             epoch: AtomicU64::new(0),
             flushes: AtomicU64::new(0),
             flushed_at_chunk: AtomicU64::new(0),
+            idle_excess: AtomicU64::new(0),
             counters: Counters::default(),
             id: {
                 static NEXT_ID: AtomicU64 = AtomicU64::new(1);
@@ -402,6 +405,8 @@ impl SmallTier {
         if meta.backed() & which == 0 || meta.is_whole() {
             return;
         }
+        // Whatever it kept past its first pieces leaves the budget (and mostly goes here).
+        self.unidle(meta);
         // SAFETY: the chunk is mapped (held by the caller: open in a locked shard, or out of
         // every list), and the caller says no live block lies on `which`.
         let (bytes, result) = unsafe { meta.discard(self.chunk_at(index), which) };
@@ -457,12 +462,36 @@ impl SmallTier {
         }
     }
 
-    /// Chunk `index` (held by the caller) has no live block and is kept: only its first pieces
-    /// stay backed.
+    /// Chunk `index` (held by the caller) has no live block and is kept. It keeps its first
+    /// pieces backed; its other backed pieces stay too while the tier's empty chunks keep at
+    /// most [`IDLE_EXCESS_BUDGET`] bytes past their first pieces (a loop that fills and empties
+    /// the same chunks then backs and gives back nothing), and are given back otherwise.
     fn keep_empty(&self, index: u32) {
-        if self.backing.can_discard() {
-            let meta = self.meta(index);
-            self.discard(index, !chunk::kept_when_empty(meta.block_size()));
+        if !self.backing.can_discard() {
+            return;
+        }
+        let meta = self.meta(index);
+        let kept = chunk::kept_when_empty(meta.block_size());
+        let excess = (meta.backed() & !kept).count_ones() as u64 * chunk::PIECE as u64;
+        if excess == 0 {
+            return;
+        }
+        let budget = self.idle_excess.fetch_add(excess, Ordering::Relaxed) + excess;
+        if budget <= IDLE_EXCESS_BUDGET && !meta.is_whole() {
+            meta.set_idle_excess(excess);
+        } else {
+            self.idle_excess.fetch_sub(excess, Ordering::Relaxed);
+            self.discard(index, !kept);
+        }
+    }
+
+    /// Chunk `index` is no longer an empty one kept (a block of it is handed out, or it is
+    /// released or given back): what it kept past its first pieces leaves the budget.
+    #[inline]
+    fn unidle(&self, meta: &ChunkMeta) {
+        let excess = meta.take_idle_excess();
+        if excess != 0 {
+            self.idle_excess.fetch_sub(excess, Ordering::Relaxed);
         }
     }
 
@@ -537,7 +566,11 @@ impl SmallTier {
                 return self.hand_out(shard, index, taken, zeroed);
             }
             let idle = shard.take_idle_current(class);
-            if let Some(index) = idle.or_else(|| self.take_retained(shard.epoch)) {
+            let kept = || {
+                self.take_retained(shard.epoch)
+                    .or_else(|| self.steal_idle_current(home, shard.epoch))
+            };
+            if let Some(index) = idle.or_else(kept) {
                 self.meta(index).assign(class, shard.epoch, home);
                 let taken = shard.install(index, class, false);
                 return self.hand_out(shard, index, taken, zeroed);
@@ -788,6 +821,7 @@ impl SmallTier {
         zeroed: bool,
     ) -> io::Result<NonNull<[u8]>> {
         let meta = self.meta(index);
+        self.unidle(meta);
         let block_size = meta.block_size();
         let (start, end) = (taken.index * block_size, (taken.index + 1) * block_size);
         let want = chunk::pieces(start, end);
@@ -814,6 +848,23 @@ impl SmallTier {
             unsafe { ptr.write_bytes(0, block_size) };
         }
         Ok(NonNull::slice_from_raw_parts(ptr, block_size))
+    }
+
+    /// An empty current chunk of another shard's, if one of `epoch` is there and its shard is
+    /// not busy (`try_lock`: the caller holds its own shard, `home`). Threads come and go
+    /// (pools, short-lived workers) and land on shards in turn: a thread on a shard nobody
+    /// used yet takes the chunks others left empty before it makes new files.
+    fn steal_idle_current(&self, home: usize, epoch: u64) -> Option<u32> {
+        (1..SHARDS).find_map(|step| {
+            let other = (home + step) % SHARDS;
+            let mut shard = self.shards[other].0.try_lock().ok()?;
+            // A shard of an older epoch first has to close its chunks (`lock_shard`): not
+            // here.
+            if shard.epoch != epoch {
+                return None;
+            }
+            shard.take_idle_current(class::COUNT)
+        })
     }
 
     /// An empty chunk kept for reuse, if one of `epoch` is there. Kept chunks of an older epoch
@@ -851,6 +902,7 @@ impl SmallTier {
     /// makes its index reusable. Failures are logged later (see [`log_later`]).
     fn release(&self, spare: &mut Spare, index: u32) {
         let meta = self.meta(index);
+        self.unidle(meta);
         let backed = meta.backed().count_ones() as u64 * chunk::PIECE as u64;
         let c = &self.counters;
         c.arena_bytes.fetch_sub(backed, Ordering::Relaxed);
@@ -1148,6 +1200,10 @@ impl Drop for SmallTier {
 /// ([`Backing::Whole`]: each keeps its whole file reserved).
 const MAX_IDLE_CURRENT_WHOLE: usize = 2;
 
+/// Backed bytes that a tier's empty kept chunks keep at most past their first pieces (see
+/// `SmallTier::keep_empty`).
+const IDLE_EXCESS_BUDGET: u64 = 16 << 20;
+
 /// Empty chunks kept for reuse at most where each keeps only its first pieces backed (one
 /// mapping each, and at most a MiB of disk: see `chunk::kept_when_empty`).
 const KEPT_EMPTY: usize = 64;
@@ -1207,14 +1263,31 @@ fn zeroed_table(len: usize) -> Box<[AtomicPtr<ChunkMeta>]> {
     unsafe { Box::from_raw(std::ptr::slice_from_raw_parts_mut(ptr, len)) }
 }
 
-/// The shard this thread uses, picked round-robin at its first allocation.
+/// The shard this thread uses, picked at its first allocation: the one with the fewest live
+/// threads (the lowest of those). A pool's threads spread over the shards, and threads that
+/// come one after another (a thread per task) land on the shard the last one left, with its
+/// chunks warm, instead of going round every shard and making chunks in each.
 fn home_shard() -> usize {
-    static NEXT: AtomicUsize = AtomicUsize::new(0);
+    /// Live threads per shard.
+    static LIVE: [AtomicUsize; SHARDS] = [const { AtomicUsize::new(0) }; SHARDS];
+    /// This thread's shard; its drop (at thread exit) leaves the shard.
+    struct Home(usize);
+    impl Drop for Home {
+        fn drop(&mut self) {
+            LIVE[self.0].fetch_sub(1, Ordering::Relaxed);
+        }
+    }
     thread_local! {
-        static HOME: usize = NEXT.fetch_add(1, Ordering::Relaxed) % SHARDS;
+        static HOME: Home = {
+            let home = (0..SHARDS)
+                .min_by_key(|&shard| LIVE[shard].load(Ordering::Relaxed))
+                .unwrap_or(0);
+            LIVE[home].fetch_add(1, Ordering::Relaxed);
+            Home(home)
+        };
     }
     // During thread teardown the thread-local may be gone: any shard will do.
-    HOME.try_with(|home| *home).unwrap_or(0)
+    HOME.try_with(|home| home.0).unwrap_or(0)
 }
 
 #[cfg(test)]

@@ -9,10 +9,11 @@
 //! * A cached block stays *live* for its chunk (its bit set, counted in the chunk's blocks), so
 //!   nothing can release the chunk under it. The bytes of cached blocks are subtracted from the
 //!   tier's `in_use_bytes` (each cache publishes its total, see [`ThreadCache::cached`]).
-//! * So a cached block *pins* its chunk: a 4 MiB file, and its disk, stay while it is cached.
-//!   What a cache pins is bounded: a bin holds blocks of one chunk at a time, and at most
-//!   [`MAX_PINNED`] bins hold blocks at once, so a thread's cache pins at most `MAX_PINNED`
-//!   chunks. And pins are short-lived:
+//! * So a cached block *pins* its chunk: the chunk stays mapped while it is cached. What it
+//!   costs on disk is bounded: a bin holds blocks of one chunk at a time, at most
+//!   [`MAX_PINNED`] bins hold blocks at once, and a pinned chunk's pieces under no live block
+//!   go as its other blocks are freed (`SmallTier::scavenge`) and at `trim`: what stays is the
+//!   pieces under the cached blocks themselves. And pins are short-lived:
 //!   - every [`GC_INTERVAL`] operations of the thread, the bins it did not use since the last
 //!     time go back to their chunks;
 //!   - once in [`FLUSH_EVERY_CHUNKS`](super::FLUSH_EVERY_CHUNKS) new chunks, and before the
@@ -37,20 +38,20 @@ use super::class;
 use super::{CHUNK, SmallTier};
 
 /// The largest block size cached per thread.
-pub(super) const MAX_CACHED: usize = 8 << 10;
-/// The classes cached: every class up to [`MAX_CACHED`].
-pub(super) const CLASSES: usize = 32;
+pub(super) const MAX_CACHED: usize = 64 << 10;
+/// The classes cached: every class up to [`MAX_CACHED`] (the default small-block threshold).
+pub(super) const CLASSES: usize = 44;
 const _: () = assert!(class::block_size(CLASSES - 1) == MAX_CACHED);
 /// Blocks per class at most, and bytes per class at most: a thread never holds more than
-/// about 32 KiB of one class.
+/// about 32 KiB of one class, or two blocks of it if they are larger.
 const SLOTS: usize = 32;
 const BYTES_PER_CLASS: usize = 32 << 10;
-/// Bins that may hold blocks at once, and so chunks one thread's cache may pin (4 MiB each).
-pub(super) const MAX_PINNED: usize = 32;
+/// Bins that may hold blocks at once, and so chunks one thread's cache may pin.
+pub(super) const MAX_PINNED: usize = CLASSES;
 /// A thread's operations on its cache between two collections of the bins it no longer uses
 /// (a power of two).
 pub(super) const GC_INTERVAL: u32 = 1024;
-const _: () = assert!(GC_INTERVAL.is_power_of_two() && CLASSES <= u32::BITS as usize);
+const _: () = assert!(GC_INTERVAL.is_power_of_two() && CLASSES <= u64::BITS as usize);
 
 /// One thread's cache for one tier.
 pub(super) struct ThreadCache {
@@ -67,7 +68,7 @@ pub(super) struct ThreadCache {
     /// Bins holding blocks now (at most [`MAX_PINNED`]).
     pinned: usize,
     /// Bins used (popped or pushed) since the last collection, one bit per class.
-    touched: u32,
+    touched: u64,
     /// Operations, counted to run a collection every [`GC_INTERVAL`].
     ops: u32,
     bins: [Bin; CLASSES],
@@ -205,7 +206,7 @@ pub(super) fn flush(tier: &SmallTier) -> bool {
                     // The request that comes with this flush is answered already.
                     cache.flushes = tier.flush_requests();
                     let any = cache.pinned > 0;
-                    cache.give_back(tier, u32::MAX);
+                    cache.give_back(tier, u64::MAX);
                     any
                 }
                 _ => false,
@@ -244,7 +245,7 @@ impl ThreadCache {
         let flushes = tier.flush_requests();
         if flushes != self.flushes {
             self.flushes = flushes;
-            self.give_back(tier, u32::MAX);
+            self.give_back(tier, u64::MAX);
         } else if self.ops & (GC_INTERVAL - 1) == 0 {
             // Bins not used since the last collection; the one in use now stays.
             let idle = !self.touched;
@@ -259,7 +260,7 @@ impl ThreadCache {
     /// Safe inside the thread-local's borrow: freeing to a shard never comes back here.
     #[cold]
     #[inline(never)]
-    fn give_back(&mut self, tier: &SmallTier, classes: u32) {
+    fn give_back(&mut self, tier: &SmallTier, classes: u64) {
         let mut given = 0;
         for (class, bin) in self.bins.iter_mut().enumerate() {
             if bin.len == 0 || classes & (1 << class) == 0 {
@@ -314,7 +315,7 @@ impl Drop for ThreadCache {
         let Some(tier) = self.tier.upgrade() else {
             return;
         };
-        self.give_back(&tier, u32::MAX);
+        self.give_back(&tier, u64::MAX);
         tier.unregister_cache(&self.cached);
     }
 }

@@ -114,25 +114,8 @@ pub(crate) unsafe fn map_file_fixed_at(
     len: usize,
     share: Share,
 ) -> io::Result<()> {
-    let (prot, flags) = match share {
-        Share::Write => (libc::PROT_READ | libc::PROT_WRITE, libc::MAP_SHARED),
-        Share::Read => (libc::PROT_READ, libc::MAP_SHARED),
-        Share::Private => (libc::PROT_READ | libc::PROT_WRITE, libc::MAP_PRIVATE),
-    };
-    let offset =
-        libc::off_t::try_from(offset).map_err(|_| io::Error::from_raw_os_error(libc::EOVERFLOW))?;
     // SAFETY: the caller guarantees the target range is its own to replace.
-    let ret = unsafe {
-        libc::mmap(
-            addr.as_ptr().cast(),
-            len,
-            prot,
-            flags | libc::MAP_FIXED,
-            file.as_raw_fd(),
-            offset,
-        )
-    };
-    check_mapped(ret).map(drop)
+    unsafe { map_file_with(Some(addr), file, offset, len, share) }.map(drop)
 }
 
 /// Maps `len` bytes of `file` from `offset` wherever the kernel likes (never over another
@@ -146,24 +129,35 @@ pub(crate) unsafe fn map_file_anywhere(
     len: usize,
     share: Share,
 ) -> io::Result<NonNull<u8>> {
+    // SAFETY: placed by the kernel, the mapping replaces nothing; the rest is the caller's.
+    unsafe { map_file_with(None, file, offset, len, share) }
+}
+
+/// `mmap` of `len` bytes of `file` from `offset`, at exactly `at` (`MAP_FIXED`) or anywhere.
+///
+/// # Safety
+/// With `at`, the range must be the caller's to replace (`MAP_FIXED` unmaps what is there);
+/// the file must have `len` bytes from `offset` for every page that will be touched.
+unsafe fn map_file_with(
+    at: Option<NonNull<u8>>,
+    file: &File,
+    offset: u64,
+    len: usize,
+    share: Share,
+) -> io::Result<NonNull<u8>> {
     let (prot, flags) = match share {
         Share::Write => (libc::PROT_READ | libc::PROT_WRITE, libc::MAP_SHARED),
         Share::Read => (libc::PROT_READ, libc::MAP_SHARED),
         Share::Private => (libc::PROT_READ | libc::PROT_WRITE, libc::MAP_PRIVATE),
     };
+    let (addr, fixed) = match at {
+        Some(at) => (at.as_ptr().cast(), libc::MAP_FIXED),
+        None => (std::ptr::null_mut(), 0),
+    };
     let offset =
         libc::off_t::try_from(offset).map_err(|_| io::Error::from_raw_os_error(libc::EOVERFLOW))?;
-    // SAFETY: without MAP_FIXED the kernel places the mapping where nothing is mapped.
-    let ret = unsafe {
-        libc::mmap(
-            std::ptr::null_mut(),
-            len,
-            prot,
-            flags,
-            file.as_raw_fd(),
-            offset,
-        )
-    };
+    // SAFETY: the caller's guarantees, above, cover what MAP_FIXED replaces.
+    let ret = unsafe { libc::mmap(addr, len, prot, flags | fixed, file.as_raw_fd(), offset) };
     check_mapped(ret)
 }
 

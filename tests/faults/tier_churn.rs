@@ -131,20 +131,21 @@ fn a_loop_over_many_classes_makes_no_chunk_once_warm() {
     assert_eq!(after.in_use_bytes, 0);
 }
 
-/// The first footprint case: 8 threads each keeping 50 small vectors. Before the fix
-/// their chunks took 540 MiB of disk (4 MiB per class and thread) for 0.8 MiB live; the
-/// target is at most twice the live bytes and 64 MiB.
-#[test]
-fn small_vectors_kept_by_eight_threads_take_disk_near_their_size() {
-    let dir = TestDir::fast("churn-kept");
-    let alloc = allocator(&dir);
+/// Eight threads, each building `count` vectors of 1 to 2,000 bytes on `alloc`, keeping them
+/// (`keep`) or dropping them, then waiting twice at the returned barrier (with the caller):
+/// once all are built, and once the caller has measured. Join the handles after the second.
+fn eight_threads_of_small_vectors(
+    alloc: &MmapAllocator,
+    count: usize,
+    keep: bool,
+) -> (Arc<Barrier>, Vec<std::thread::JoinHandle<()>>) {
     let barrier = Arc::new(Barrier::new(9));
-    let threads: Vec<_> = (0..8u64)
+    let threads = (0..8u64)
         .map(|t| {
             let (alloc, barrier) = (alloc.clone(), barrier.clone());
             std::thread::spawn(move || {
                 let mut seed = 0x9E37_79B9_7F4A_7C15 ^ (t + 1);
-                let kept: Vec<MmapVec<u8>> = (0..50)
+                let mut built: Vec<MmapVec<u8>> = (0..count)
                     .map(|_| {
                         let len = 1 + (next(&mut seed) % 2000) as usize;
                         let mut v = MmapVec::with_capacity_in(len, alloc.clone());
@@ -152,12 +153,26 @@ fn small_vectors_kept_by_eight_threads_take_disk_near_their_size() {
                         v
                     })
                     .collect();
-                barrier.wait(); // all live
+                if !keep {
+                    built.clear();
+                }
+                barrier.wait(); // built
                 barrier.wait(); // measured
-                drop(kept);
+                drop(built);
             })
         })
         .collect();
+    (barrier, threads)
+}
+
+/// The first footprint case: 8 threads each keeping 50 small vectors. Before the fix
+/// their chunks took 540 MiB of disk (4 MiB per class and thread) for 0.8 MiB live; the
+/// target is at most twice the live bytes and 64 MiB.
+#[test]
+fn small_vectors_kept_by_eight_threads_take_disk_near_their_size() {
+    let dir = TestDir::fast("churn-kept");
+    let alloc = allocator(&dir);
+    let (barrier, threads) = eight_threads_of_small_vectors(&alloc, 50, true);
     barrier.wait();
     let live = alloc.stats().small.in_use_bytes;
     let disk = mapped_disk_under(&dir.segment_folder());
@@ -180,26 +195,7 @@ fn small_vectors_kept_by_eight_threads_take_disk_near_their_size() {
 fn trim_reaches_what_idle_threads_hold() {
     let dir = TestDir::fast("churn-idle");
     let alloc = allocator(&dir);
-    let barrier = Arc::new(Barrier::new(9));
-    let threads: Vec<_> = (0..8u64)
-        .map(|t| {
-            let (alloc, barrier) = (alloc.clone(), barrier.clone());
-            std::thread::spawn(move || {
-                let mut seed = 0x9E37_79B9_7F4A_7C15 ^ (t + 1);
-                let built: Vec<MmapVec<u8>> = (0..3000)
-                    .map(|_| {
-                        let len = 1 + (next(&mut seed) % 2000) as usize;
-                        let mut v = MmapVec::with_capacity_in(len, alloc.clone());
-                        v.resize(len, 5);
-                        v
-                    })
-                    .collect();
-                drop(built);
-                barrier.wait(); // idle
-                barrier.wait(); // trimmed and measured
-            })
-        })
-        .collect();
+    let (barrier, threads) = eight_threads_of_small_vectors(&alloc, 3000, false);
     barrier.wait();
     alloc.trim();
     let disk = mapped_disk_under(&dir.segment_folder());

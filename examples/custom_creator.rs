@@ -91,7 +91,8 @@ fn run(dir: &Path) -> io::Result<()> {
         .build()?;
     let mut numbers: MmapVec<u32> = MmapVec::new_in(alloc.clone());
     numbers.extend(0..100_000);
-    let bytes = mmap_vec![in alloc.clone(); 7u8; 10_000];
+    // 100 KB: above the small-block threshold (64 KiB), so a segment of its own.
+    let bytes = mmap_vec![in alloc.clone(); 7u8; 100_000];
     let files = list(dir)?;
     println!("  in {}: {files:?}", dir.display());
     assert_eq!(files, ["kept-0.seg", "kept-1.seg"]);
@@ -111,7 +112,8 @@ fn run(dir: &Path) -> io::Result<()> {
     let alloc = MmapAllocator::builder().creator(numbered("gone")).build()?;
     let squares: MmapVec<u64> = {
         let mut v = MmapVec::new_in(alloc.clone());
-        v.extend((0..1000u64).map(|i| i * i));
+        // 800 KB: a segment (blocks up to 64 KiB share chunk files).
+        v.extend((0..100_000u64).map(|i| i * i));
         v
     };
     assert_eq!(squares[999], 998_001);

@@ -263,7 +263,9 @@ struct HeaderCopy {
 }
 
 /// Why a store could not be created, opened or used.
-#[derive(Debug)]
+///
+/// Its `Debug` is its message (what `fn main() -> Result<(), Box<dyn Error>>` prints on an
+/// error), after the variant's name.
 #[non_exhaustive]
 pub enum StoreError {
     /// `create` on a path that exists.
@@ -364,11 +366,20 @@ impl fmt::Display for StoreError {
             ),
             StoreError::Dirty {
                 last_flush,
+                last_snapshot: 0,
+            } => write!(
+                f,
+                "the store was not closed cleanly (last flush: {last_flush}) and has no \
+                 snapshot to go back to: it cannot be opened"
+            ),
+            StoreError::Dirty {
+                last_flush,
                 last_snapshot,
             } => write!(
                 f,
-                "the store was not closed cleanly (last flush: {last_flush}, last snapshot: \
-                 {last_snapshot})"
+                "the store was not closed cleanly (last flush: {last_flush}); \
+                 `Store::recover(path)` puts it back to its last snapshot ({last_snapshot}) \
+                 and opens it"
             ),
             StoreError::ReadOnly => f.write_str("the store is open read-only"),
             StoreError::NoSnapshot => f.write_str("the store has no snapshot to recover from"),
@@ -398,6 +409,35 @@ impl fmt::Display for StoreError {
             ),
             StoreError::Io(e) => write!(f, "store I/O: {e}"),
         }
+    }
+}
+
+impl fmt::Debug for StoreError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let name = match self {
+            StoreError::Exists(_) => "Exists",
+            StoreError::NotAStore => "NotAStore",
+            StoreError::Version(_) => "Version",
+            StoreError::PageSize(_) => "PageSize",
+            StoreError::OtherBuild => "OtherBuild",
+            StoreError::Locked => "Locked",
+            StoreError::AddressTaken { .. } => "AddressTaken",
+            StoreError::OpenHere => "OpenHere",
+            StoreError::AnotherStoreOpen => "AnotherStoreOpen",
+            StoreError::Dirty { .. } => "Dirty",
+            StoreError::ReadOnly => "ReadOnly",
+            StoreError::NoSnapshot => "NoSnapshot",
+            StoreError::ForkChild => "ForkChild",
+            StoreError::NoRoot(_) => "NoRoot",
+            StoreError::RootExists(_) => "RootExists",
+            StoreError::BadRootName(_) => "BadRootName",
+            StoreError::RootsFull => "RootsFull",
+            StoreError::RootInUse(_) => "RootInUse",
+            StoreError::WrongType { .. } => "WrongType",
+            StoreError::HasherChanged(_) => "HasherChanged",
+            StoreError::Io(e) => return write!(f, "Io({e:?}): {self}"),
+        };
+        write!(f, "{name}: {self}")
     }
 }
 
@@ -984,7 +1024,17 @@ impl Store {
 
 impl Drop for Store {
     fn drop(&mut self) {
-        if let Err(e) = self.mark_clean() {
+        if std::thread::panicking() {
+            // A panic may have cut an update in half: the store stays dirty, as after a crash,
+            // rather than keep a half-done update as if it were complete.
+            if self.access == Access::Write {
+                crate::logging::report!(
+                    warn,
+                    "mmapvec: the store {} is left dirty: its handle was dropped by a panic",
+                    self.path.display()
+                );
+            }
+        } else if let Err(e) = self.mark_clean() {
             crate::logging::report!(
                 error,
                 "mmapvec: closing the store {}: {e}",

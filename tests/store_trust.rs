@@ -61,3 +61,217 @@ fn a_dirty_store_says_what_to_call() {
     );
     assert!(without.contains("no snapshot"), "{without}");
 }
+
+use std::os::unix::fs::{MetadataExt, PermissionsExt};
+use std::path::Path;
+
+/// Every entry below `dir` whose mode lets group or others in.
+fn not_private(dir: &Path) -> Vec<String> {
+    let mut open = Vec::new();
+    for entry in std::fs::read_dir(dir).unwrap().flatten() {
+        let meta = std::fs::symlink_metadata(entry.path()).unwrap();
+        if meta.permissions().mode() & 0o077 != 0 {
+            open.push(format!(
+                "{} {:o}",
+                entry.path().display(),
+                meta.permissions().mode()
+            ));
+        }
+        if meta.is_dir() {
+            open.extend(not_private(&entry.path()));
+        }
+    }
+    open
+}
+
+/// Item 10: snapshot copies and recovered files were 0644 and their folders 0755 under umask
+/// 022 (the live store is 0600/0700). Every file and folder of a store is private now.
+#[test]
+fn snapshots_and_recovered_files_are_private() {
+    let _serial = serial();
+    // SAFETY: umask only sets the process's file creation mask (restored below).
+    let before = unsafe { libc::umask(0o022) };
+    let path = TestPath::new("private");
+    let store = Store::create(&path.0).unwrap();
+    let mut v = StoreVec::new_in(store.allocator());
+    v.extend(0..200_000u64);
+    store.set_root("v", v).unwrap();
+    store.snapshot().unwrap();
+    store.close().unwrap();
+    let store = Store::recover(&path.0).unwrap();
+    store.close().unwrap();
+    // SAFETY: as above.
+    unsafe { libc::umask(before) };
+    let open = not_private(&path.0);
+    assert!(open.is_empty(), "readable by others: {open:?}");
+}
+
+/// Item 9: a `snapshots` folder that is a link was followed: the link's target lost its
+/// numbered folders and gained `partial-N` ones. Such a link is refused now, and the target is
+/// left alone.
+#[test]
+fn a_snapshots_link_is_not_followed() {
+    let _serial = serial();
+    let path = TestPath::new("snaplink");
+    let elsewhere = TestPath::new("snaplink-target");
+    std::fs::create_dir_all(elsewhere.0.join("1")).unwrap();
+    let store = Store::create(&path.0).unwrap();
+    store
+        .set_root("v", StoreVec::<u64>::new_in(store.allocator()))
+        .unwrap();
+    std::os::unix::fs::symlink(&elsewhere.0, path.0.join("snapshots")).unwrap();
+    let taken = store.snapshot();
+    assert!(taken.is_err(), "a snapshot through a link: {taken:?}");
+    assert_eq!(store.snapshots(), 0);
+    let names: Vec<_> = std::fs::read_dir(&elsewhere.0)
+        .unwrap()
+        .flatten()
+        .map(|e| e.file_name().to_string_lossy().into_owned())
+        .collect();
+    assert_eq!(names, ["1"], "the link's target was changed");
+    store.close().unwrap();
+}
+
+/// Item 6: snapshots wrote sparse files out in full (a 344 MiB `small` file holding 12 MiB
+/// became 344 MiB). Holes stay holes now (where the file system is not reflinking anyway).
+#[test]
+fn a_snapshot_keeps_the_holes_of_sparse_files() {
+    let _serial = serial();
+    let path = TestPath::new("sparse");
+    let store = Store::create(&path.0).unwrap();
+    // 48 MiB of 64 KiB vectors in chunks of their own class, then all but one dropped: the
+    // emptied chunks go back to the file system, as holes in the `small` file.
+    let alloc = store.allocator();
+    let mut many: Vec<StoreVec<u8>> = (0..768)
+        .map(|i| {
+            let mut v = StoreVec::with_capacity_in(60_000, alloc);
+            v.resize(60_000, i as u8);
+            v
+        })
+        .collect();
+    let keep = many.pop().unwrap();
+    drop(many);
+    store.set_root("keep", keep).unwrap();
+    let live = std::fs::metadata(path.0.join("small")).unwrap();
+    let taken = store.snapshot().unwrap();
+    let copy = std::fs::metadata(path.0.join("snapshots/1/small")).unwrap();
+    println!(
+        "small: {} MiB long, {} MiB of blocks; its copy: {} MiB of blocks ({taken:?})",
+        live.len() >> 20,
+        (live.blocks() * 512) >> 20,
+        (copy.blocks() * 512) >> 20
+    );
+    assert!(
+        live.blocks() * 512 < live.len() / 2,
+        "the test made no holes"
+    );
+    assert!(
+        copy.blocks() <= live.blocks() + 2048,
+        "the copy wrote the holes out: {} against {} blocks",
+        copy.blocks(),
+        live.blocks()
+    );
+    store.close().unwrap();
+}
+
+/// A tmpfs of `size` bytes mounted on a new folder (root only), unmounted on drop.
+struct Tmpfs(TestPath);
+
+impl Tmpfs {
+    fn mount(label: &str, size: usize) -> Option<Tmpfs> {
+        // SAFETY: geteuid has no preconditions.
+        if unsafe { libc::geteuid() } != 0 {
+            return None;
+        }
+        let dir = TestPath::new(label);
+        std::fs::create_dir(&dir.0).unwrap();
+        let target = std::ffi::CString::new(dir.0.as_os_str().as_encoded_bytes()).unwrap();
+        let options = std::ffi::CString::new(format!("size={size},mode=0700")).unwrap();
+        // SAFETY: NUL-terminated strings that live across the call.
+        let ret = unsafe {
+            libc::mount(
+                c"tmpfs".as_ptr(),
+                target.as_ptr(),
+                c"tmpfs".as_ptr(),
+                0,
+                options.as_ptr().cast(),
+            )
+        };
+        (ret == 0).then_some(Tmpfs(dir))
+    }
+}
+
+impl Drop for Tmpfs {
+    fn drop(&mut self) {
+        let target = std::ffi::CString::new(self.0.0.as_os_str().as_encoded_bytes()).unwrap();
+        // SAFETY: a NUL-terminated path.
+        unsafe { libc::umount2(target.as_ptr(), libc::MNT_DETACH) };
+    }
+}
+
+/// Item 7: `recover` copied the snapshot in before it removed the live files, so it needed
+/// room for a third copy: a store and its snapshot that fit on a small tmpfs could not be
+/// recovered there. The live files of a dirty store are worthless: they go first now.
+#[test]
+fn recover_needs_no_room_for_a_third_copy() {
+    let _serial = serial();
+    const NAME: &str = "recover_needs_no_room_for_a_third_copy";
+    if let Some((role, path)) = store_support::role() {
+        assert_eq!(role, "leave-dirty");
+        let store = Store::open(&path).unwrap();
+        store.root_mut::<StoreVec<u64>>("v").unwrap()[0] = 7;
+        // A crash: no close, no drop; the store stays dirty.
+        std::mem::forget(store);
+        return;
+    }
+    let Some(fs) = Tmpfs::mount("third-copy", 64 << 20) else {
+        println!("SKIPPED: needs root to mount a tmpfs");
+        return;
+    };
+    let path = fs.0.0.join("store");
+    let store = Store::create(&path).unwrap();
+    let mut v = StoreVec::new_in(store.allocator());
+    v.extend(0..(3u64 << 20));
+    store.set_root("v", v).unwrap();
+    store.snapshot().unwrap();
+    store.close().unwrap();
+    store_support::in_new_process(NAME, "leave-dirty", &path);
+    assert!(matches!(Store::open(&path), Err(StoreError::Dirty { .. })));
+    let store = Store::recover(&path).unwrap_or_else(|e| panic!("recover: {e:?}"));
+    let v = store.root::<StoreVec<u64>>("v").unwrap();
+    assert_eq!(v.len(), 3 << 20);
+    assert_eq!(v[(3 << 20) - 1], (3 << 20) - 1);
+    assert_eq!(v[0], 0, "the snapshot's value, not the crashed writer's");
+    drop(v);
+    store.close().unwrap();
+}
+
+/// Item 9's second half: a snapshot that failed (here: the disk is full) left its `partial-N`
+/// folder for good. Nothing of it stays now, its number is not used, and the store goes on.
+#[test]
+fn a_failed_snapshot_leaves_nothing() {
+    let _serial = serial();
+    let Some(fs) = Tmpfs::mount("failed-snapshot", 40 << 20) else {
+        println!("SKIPPED: needs root to mount a tmpfs");
+        return;
+    };
+    let path = fs.0.0.join("store");
+    let store = Store::create(&path).unwrap();
+    let mut v = StoreVec::new_in(store.allocator());
+    v.extend(0..(3u64 << 20));
+    store.set_root("v", v).unwrap();
+    let failed = store.snapshot();
+    assert!(failed.is_err(), "24 MiB copied into 16 MiB: {failed:?}");
+    assert_eq!(store.snapshots(), 0);
+    let left: Vec<_> = std::fs::read_dir(path.join("snapshots"))
+        .unwrap()
+        .flatten()
+        .map(|e| e.file_name())
+        .collect();
+    assert!(left.is_empty(), "left behind: {left:?}");
+    store.root_mut::<StoreVec<u64>>("v").unwrap()[1] = 11;
+    store.close().unwrap();
+    let store = Store::open(&path).unwrap();
+    assert_eq!(store.root::<StoreVec<u64>>("v").unwrap()[1], 11);
+    store.close().unwrap();
+}

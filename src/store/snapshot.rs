@@ -3,8 +3,12 @@
 //! A snapshot is a folder `snapshots/<n>/` holding a copy of the header (marked clean) and of
 //! every segment file: reflinks where the file system has them (XFS, btrfs: O(1) in the data,
 //! the blocks are shared until written), copies otherwise. It is made under a temporary name
-//! and renamed when complete, so a crash leaves either the old snapshot or the new one. Only
-//! the newest is kept.
+//! and renamed when complete, so a crash leaves either the old snapshot or the new one, and a
+//! snapshot that fails is removed. Only the newest is kept.
+//!
+//! Every file and folder made here is its owner's only (0600, 0700), whatever the umask, and
+//! no link is followed inside the store's folder: a `snapshots` that is a link is refused.
+//! Copies keep the holes of sparse files.
 
 use std::ffi::OsStr;
 use std::fs::{self, File};
@@ -15,7 +19,8 @@ use std::sync::atomic::Ordering;
 
 use super::space::SEGS;
 use super::{
-    Access, HEADER, Header, LOCK, SMALL, SMALL_META, Store, StoreError, lock_file, open_file,
+    Access, HEADER, Header, LOCK, PrivateMode, SMALL, SMALL_META, Store, StoreError, lock_file,
+    open_file,
 };
 use crate::sys;
 
@@ -41,23 +46,21 @@ fn clone_into(from: &Path, to: &Path, name: &OsStr) -> io::Result<(u64, bool)> {
     clone_path(&from.join(name), &to.join(name))
 }
 
-/// Copies (reflinks) the file `from` to the new file `to`, and syncs it.
+/// Copies (reflinks) the file `from` to the new file `to`, and syncs it. Neither path is
+/// followed if it is a link; the new file is private.
 fn clone_path(from: &Path, to: &Path) -> io::Result<(u64, bool)> {
-    let source = File::open(from)?;
-    let target = fs::OpenOptions::new()
-        .write(true)
-        .create_new(true)
-        .open(to)?;
+    let source = open_file(from, Access::Read, false)?;
+    let target = open_file(to, Access::Write, true)?;
     let reflinked = sys::clone_file(&source, &target)?;
     target.sync_all()?;
     Ok((source.metadata()?.len(), reflinked))
 }
 
-/// Copies every file of the folder `from` into the new folder `to`.
+/// Copies every file of the folder `from` into the new (private) folder `to`.
 fn clone_folder(from: &Path, to: &Path) -> io::Result<(u64, bool)> {
-    fs::create_dir(to)?;
+    fs::DirBuilder::new().mode_private().create(to)?;
     let (mut bytes, mut reflinked) = (0, true);
-    for name in sys::names_in(&File::open(from)?)? {
+    for name in sys::names_in(&real_folder(from)?)? {
         let (b, r) = clone_into(from, to, &name)?;
         bytes += b;
         reflinked &= r;
@@ -68,7 +71,7 @@ fn clone_folder(from: &Path, to: &Path) -> io::Result<(u64, bool)> {
 
 /// The numbers of the complete snapshots in `folder`, newest last.
 fn complete(folder: &Path) -> io::Result<Vec<u64>> {
-    let mut numbers = match File::open(folder) {
+    let mut numbers = match real_folder(folder) {
         Ok(dir) => sys::names_in(&dir)?
             .iter()
             .filter_map(|n| n.to_str()?.parse::<u64>().ok())
@@ -81,7 +84,16 @@ fn complete(folder: &Path) -> io::Result<Vec<u64>> {
 }
 
 fn sync_folder(path: &Path) -> io::Result<()> {
-    File::open(path)?.sync_all()
+    real_folder(path)?.sync_all()
+}
+
+/// Opens the folder `path`, which must be a folder, not a link to one (`O_NOFOLLOW`).
+fn real_folder(path: &Path) -> io::Result<File> {
+    use std::os::unix::fs::OpenOptionsExt;
+    fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_DIRECTORY | libc::O_NOFOLLOW)
+        .open(path)
 }
 
 impl Store {
@@ -104,10 +116,20 @@ impl Store {
     pub fn snapshot(&self) -> Result<Snapshot, StoreError> {
         self.check_use(true)?;
         let folder = self.path.join(SNAPSHOTS);
-        match fs::create_dir(&folder) {
+        match fs::DirBuilder::new().mode_private().create(&folder) {
             Err(e) if e.kind() != io::ErrorKind::AlreadyExists => return Err(e.into()),
             _ => {}
         }
+        // A link here would send the copies, and the removal of older snapshots, elsewhere.
+        real_folder(&folder).map_err(|e| {
+            io::Error::new(
+                e.kind(),
+                format!(
+                    "{} is not a folder of the store's own: {e}",
+                    folder.display()
+                ),
+            )
+        })?;
         let shared = self.shared();
         let _roots = shared.lock_roots();
         let space = shared.lock_space();
@@ -116,39 +138,16 @@ impl Store {
         let number = header.snapshots.load(Ordering::Acquire) + 1;
         let partial = folder.join(format!("partial-{number}"));
         let _ = fs::remove_dir_all(&partial);
-        fs::create_dir(&partial)?;
-        let (mut bytes, mut reflinked) = clone_folder(&self.path.join(SEGS), &partial.join(SEGS))?;
-        // The small blocks' file and their metadata, copied while no small block can be
-        // allocated or freed (the tier's locks): the copy's metadata is the copy's state.
-        let small = shared.tier.save_then(&shared.small_meta, || {
-            let mut copied = (0, true);
-            for name in [SMALL, SMALL_META] {
-                let (b, r) = clone_into(&self.path, &partial, OsStr::new(name))?;
-                copied = (copied.0 + b, copied.1 && r);
+        let made = self.snapshot_into(&partial, number);
+        if made.is_err() {
+            // Nothing of a failed snapshot stays, and its number is not used.
+            let _ = fs::remove_dir_all(&partial);
+            if header.snapshots.load(Ordering::Acquire) == number {
+                header.snapshots.store(number - 1, Ordering::Release);
+                let _ = self.sync_header();
             }
-            Ok(copied)
-        })?;
-        bytes += small.0;
-        reflinked &= small.1;
-        // The header as it will be once this snapshot is counted, marked clean.
-        header.snapshots.store(number, Ordering::Release);
-        header.flushes.fetch_add(1, Ordering::AcqRel);
-        self.sync_header()?;
-        let copied = clone_into(&self.path, &partial, OsStr::new(HEADER));
-        let copy = fs::OpenOptions::new()
-            .write(true)
-            .open(partial.join(HEADER));
-        let marked = copied.and_then(|_| {
-            let copy = copy?;
-            copy.write_all_at(&0u64.to_ne_bytes(), DIRTY_AT)?;
-            copy.sync_all()
-        });
-        if let Err(e) = marked {
-            header.snapshots.store(number - 1, Ordering::Release);
-            let _ = self.sync_header();
-            return Err(e.into());
         }
-        sync_folder(&partial)?;
+        let (bytes, reflinked) = made?;
         fs::rename(&partial, folder.join(number.to_string()))?;
         sync_folder(&folder)?;
         // Older snapshots are superseded.
@@ -160,6 +159,37 @@ impl Store {
             bytes,
             reflinked,
         })
+    }
+
+    /// Copies the store into the new folder `partial` as snapshot `number`, and counts it in
+    /// the header. The caller holds the store's locks and removes `partial` on failure.
+    fn snapshot_into(&self, partial: &Path, number: u64) -> Result<(u64, bool), StoreError> {
+        let shared = self.shared();
+        let header = self.header();
+        fs::DirBuilder::new().mode_private().create(partial)?;
+        let (mut bytes, mut reflinked) = clone_folder(&self.path.join(SEGS), &partial.join(SEGS))?;
+        // The small blocks' file and their metadata, copied while no small block can be
+        // allocated or freed (the tier's locks): the copy's metadata is the copy's state.
+        let small = shared.tier.save_then(&shared.small_meta, || {
+            let mut copied = (0, true);
+            for name in [SMALL, SMALL_META] {
+                let (b, r) = clone_into(&self.path, partial, OsStr::new(name))?;
+                copied = (copied.0 + b, copied.1 && r);
+            }
+            Ok(copied)
+        })?;
+        bytes += small.0;
+        reflinked &= small.1;
+        // The header as it will be once this snapshot is counted, marked clean.
+        header.snapshots.store(number, Ordering::Release);
+        header.flushes.fetch_add(1, Ordering::AcqRel);
+        self.sync_header()?;
+        clone_into(&self.path, partial, OsStr::new(HEADER))?;
+        let copy = open_file(&partial.join(HEADER), Access::Write, false)?;
+        copy.write_all_at(&0u64.to_ne_bytes(), DIRTY_AT)?;
+        copy.sync_all()?;
+        sync_folder(partial)?;
+        Ok((bytes, reflinked))
     }
 
     /// Puts the store in the folder `path` back to its last snapshot, whatever its state (a
@@ -191,22 +221,30 @@ impl Store {
         if copy.dirty != 0 {
             return Err(StoreError::NotAStore);
         }
-        // The segments first, into a new folder swapped in whole; the header last, by rename:
-        // until then the store is as dirty as it was, and a crash here is recovered again.
+        // The live files of a store left dirty are worthless: they go first, so that recovery
+        // needs no room for a third copy. Then the segments, into a new folder swapped in
+        // whole; the header last, by rename: until then the store is as dirty as it was (its
+        // header says so), and a crash here is recovered again.
         let segs = path.join(SEGS);
-        let fresh: PathBuf = path.join("segs.recovering");
-        let _ = fs::remove_dir_all(&fresh);
-        clone_folder(&snapshot.join(SEGS), &fresh)?;
         let old = path.join("segs.old");
         let _ = fs::remove_dir_all(&old);
-        // Missing after a recovery that stopped between the two renames.
+        // Missing after a recovery that stopped between the renames.
         match fs::rename(&segs, &old) {
             Err(e) if e.kind() == io::ErrorKind::NotFound => {}
             other => other?,
         }
-        fs::rename(&fresh, &segs)?;
-        sync_folder(path)?;
         let _ = fs::remove_dir_all(&old);
+        for name in [SMALL, SMALL_META] {
+            match fs::remove_file(path.join(name)) {
+                Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+                other => other?,
+            }
+        }
+        sync_folder(path)?;
+        let fresh: PathBuf = path.join("segs.recovering");
+        let _ = fs::remove_dir_all(&fresh);
+        clone_folder(&snapshot.join(SEGS), &fresh)?;
+        fs::rename(&fresh, &segs)?;
         for name in [SMALL, SMALL_META] {
             let fresh = path.join(format!("{name}.recovering"));
             let _ = fs::remove_file(&fresh);

@@ -749,10 +749,119 @@ pub(crate) fn clone_file(from: &File, to: &File) -> io::Result<bool> {
             return Err(error);
         }
     }
+    copy_keeping_holes(from, to)?;
+    Ok(false)
+}
+
+/// Copies the bytes of `from` into the empty file `to`, keeping `from`'s holes as holes: only
+/// the extents with data are copied (`SEEK_DATA`/`SEEK_HOLE`, `copy_file_range`), and the
+/// length is set last. A 344 MiB file with 12 MiB of data copies as 12 MiB. Where the file
+/// system cannot say where its data is, every byte is copied.
+#[cfg(target_os = "linux")]
+fn copy_keeping_holes(from: &File, to: &File) -> io::Result<()> {
+    let len = from.metadata()?.len();
+    let seek = |whence: libc::c_int, at: u64| -> io::Result<Option<u64>> {
+        let at =
+            libc::off_t::try_from(at).map_err(|_| io::Error::from_raw_os_error(libc::EFBIG))?;
+        // SAFETY: lseek on a valid descriptor reads no memory.
+        let ret = unsafe { libc::lseek(from.as_raw_fd(), at, whence) };
+        if ret >= 0 {
+            return Ok(Some(ret as u64));
+        }
+        match io::Error::last_os_error() {
+            // No data at or after `at`.
+            e if e.raw_os_error() == Some(libc::ENXIO) => Ok(None),
+            e => Err(e),
+        }
+    };
+    let mut at = 0;
+    while at < len {
+        let data = match seek(libc::SEEK_DATA, at) {
+            Ok(Some(data)) => data,
+            Ok(None) => break,
+            Err(e) if e.raw_os_error() == Some(libc::EINVAL) && at == 0 => {
+                return copy_all(from, to);
+            }
+            Err(e) => return Err(e),
+        };
+        let hole = seek(libc::SEEK_HOLE, data)?.unwrap_or(len).min(len);
+        copy_range(from, to, data, hole - data)?;
+        at = hole;
+    }
+    to.set_len(len)
+}
+
+/// Copies `len` bytes at `at` of `from` to the same place of `to`: `copy_file_range`, or
+/// reads and writes where the kernel cannot.
+#[cfg(target_os = "linux")]
+fn copy_range(from: &File, to: &File, at: u64, len: u64) -> io::Result<()> {
+    use std::os::unix::fs::FileExt;
+    let too_big = || io::Error::from_raw_os_error(libc::EFBIG);
+    let (mut done, mut off_in, mut off_out) = (0, at, at);
+    while done < len {
+        let mut from_off = libc::loff_t::try_from(off_in).map_err(|_| too_big())?;
+        let mut to_off = libc::loff_t::try_from(off_out).map_err(|_| too_big())?;
+        let want = usize::try_from(len - done)
+            .unwrap_or(usize::MAX)
+            .min(1 << 30);
+        // SAFETY: both descriptors are valid; the kernel reads and writes only the two offsets
+        // given, which live on this stack frame.
+        let ret = unsafe {
+            libc::copy_file_range(
+                from.as_raw_fd(),
+                &mut from_off,
+                to.as_raw_fd(),
+                &mut to_off,
+                want,
+                0,
+            )
+        };
+        match ret {
+            0 => break, // the source ended early (it shrank meanwhile)
+            n if n > 0 => {
+                done += n as u64;
+                off_in += n as u64;
+                off_out += n as u64;
+            }
+            _ => {
+                let e = io::Error::last_os_error();
+                match e.raw_os_error() {
+                    Some(libc::EINTR) => continue,
+                    Some(libc::ENOSYS | libc::EXDEV | libc::EOPNOTSUPP | libc::EINVAL) => {
+                        let mut buf = vec![0u8; 1 << 20];
+                        while done < len {
+                            let n = buf
+                                .len()
+                                .min(usize::try_from(len - done).unwrap_or(usize::MAX));
+                            let read = from.read_at(&mut buf[..n], off_in)?;
+                            if read == 0 {
+                                break;
+                            }
+                            to.write_all_at(&buf[..read], off_out)?;
+                            done += read as u64;
+                            off_in += read as u64;
+                            off_out += read as u64;
+                        }
+                    }
+                    _ => return Err(e),
+                }
+            }
+        }
+    }
+    Ok(())
+}
+
+/// Copies every byte of `from` into `to`.
+fn copy_all(from: &File, to: &File) -> io::Result<()> {
     let (mut from, mut to) = (from, to);
     std::io::Seek::rewind(&mut from)?;
     std::io::copy(&mut from, &mut to)?;
-    Ok(false)
+    Ok(())
+}
+
+#[cfg(not(target_os = "linux"))]
+fn copy_keeping_holes(from: &File, to: &File) -> io::Result<()> {
+    copy_all(from, to)
 }
 
 /// What kind of entry [`entry_at`] found.

@@ -1134,10 +1134,8 @@ impl Drop for SmallTier {
         // (Registered by the allocator that made the tier; unregistering an unknown object
         // does nothing.)
         fork::unregister(&*self);
-        if self.regions.count() == 0 {
-            return;
-        }
-        // Lost chunks, in increasing order.
+        // Lost chunks, in increasing order. (Every chunk's metadata is taken back, even with
+        // no region left: `trim` gives back regions, not the metadata of their chunks.)
         let mut lost = Vec::new();
         // `dont_fork` views leave the fork record together with the unmapping (see `fork`).
         let mut no_fork = chunk::keeps_out_of_children(self.config.dont_fork).then(fork::hold);

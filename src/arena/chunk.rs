@@ -342,21 +342,25 @@ impl ChunkMeta {
         // For a `dont_fork` chunk the view, its advice and the fork record change together
         // under the fork lock: a child never sees the view without its record (see `fork`).
         let mut no_fork = keeps_out_of_children(dont_fork).then(fork::hold);
-        // First the file is mapped where it touches nothing of ours, and unmapped: whatever
-        // refuses a mapping of it (its file system's `mmap`, the map count, `RLIMIT_AS`) does
-        // so here, with our range untouched, on any file system.
+        // First a page of the file is mapped where it touches nothing of ours, and unmapped:
+        // its file system's `mmap` refuses it here, if it does, with our range untouched, on
+        // any file system (and so does the map count). One page: the mapping over our own
+        // reservation needs no new address space, so neither may the probe.
+        let page = sys::page_size();
         // SAFETY: the file has CHUNK bytes from `offset`; the probe is never touched.
-        let probe = unsafe { sys::map_file_anywhere(file, offset, CHUNK, share) }?;
+        let probe = unsafe { sys::map_file_anywhere(file, offset, page, share) }?;
         // SAFETY: the mapping just made, which nothing refers to.
-        unsafe { sys::unmap(probe, CHUNK) }?;
+        unsafe { sys::unmap(probe, page) }?;
         // SAFETY: the caller gives us the reservation `[at, at + CHUNK)`, which nothing refers
         // to; the file has CHUNK bytes from `offset`, so every mapped page has a backing.
         if let Err(error) = unsafe { sys::map_file_fixed_at(at, file, offset, CHUNK, share) } {
-            // The file's own `mmap` just worked: this is the kernel refusing the split of our
-            // reservation (the map count), which it does before it unmaps anything, so the
-            // range is still ours if every page of it is mapped. (A failure after the old
-            // range was unmapped leaves a gap, which is reserved again if nobody took it.)
-            let range_kept = sys::reserve_at(at, CHUNK).is_ok() || sys::is_mapped(at, CHUNK);
+            // The file's own `mmap` just worked: an `ENOMEM` now is the kernel refusing the
+            // split of our reservation (the map count) or the address space, which it does
+            // before it unmaps anything, so the range is still ours if every page of it is
+            // mapped. (A failure after the old range was unmapped leaves a gap, which is
+            // reserved again if nobody took it.)
+            let range_kept = sys::reserve_at(at, CHUNK).is_ok()
+                || (error.raw_os_error() == Some(libc::ENOMEM) && sys::is_mapped(at, CHUNK));
             return Err(MapFailure { error, range_kept });
         }
         // The mapping holds the file from now on; a creator's file (its descriptor) drops at
@@ -406,6 +410,19 @@ impl ChunkMeta {
         let Err(error) = (unsafe { sys::reserve_fixed(at, CHUNK) }) else {
             return Ok(());
         };
+        // Over `RLIMIT_AS` every new mapping is refused, even over our own: the view stays,
+        // its pages given back and made inaccessible (no new mapping, no split), so the range
+        // stays ours; a later chunk there maps over it.
+        // SAFETY: our view, unused from now on (as the caller guarantees).
+        if unsafe { sys::discard_pages(at, CHUNK) }.is_ok()
+            // SAFETY: as above.
+            && unsafe { sys::make_inaccessible(at, CHUNK) }.is_ok()
+        {
+            return Err(MapFailure {
+                error,
+                range_kept: true,
+            });
+        }
         // SAFETY: as above; the view is one whole mapping, so unmapping it splits nothing.
         let range_kept = match unsafe { sys::unmap(at, CHUNK) } {
             Ok(()) => sys::reserve_at(at, CHUNK).is_ok(),

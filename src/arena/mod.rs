@@ -377,7 +377,7 @@ impl SmallTier {
             let unused = (first..first + chunks).all(|index| {
                 let ptr = self.table()[index].load(Ordering::Acquire);
                 // SAFETY: as in `meta`: a non-null entry is a leaked `Box<ChunkMeta>`.
-                unsafe { ptr.as_ref() }.is_none_or(|meta| !meta.is_mapped() && !meta.is_lost())
+                unsafe { ptr.as_ref() }.is_none_or(|meta| !meta.is_lost() && !meta.is_mapped())
             });
             if !unused {
                 return any;
@@ -473,11 +473,11 @@ impl SmallTier {
         let meta = self.meta(index);
         let kept = chunk::kept_when_empty(meta.block_size());
         let excess = (meta.backed() & !kept).count_ones() as u64 * chunk::PIECE as u64;
-        if excess == 0 {
+        if excess == 0 || meta.is_whole() {
             return;
         }
         let budget = self.idle_excess.fetch_add(excess, Ordering::Relaxed) + excess;
-        if budget <= IDLE_EXCESS_BUDGET && !meta.is_whole() {
+        if budget <= IDLE_EXCESS_BUDGET {
             meta.set_idle_excess(excess);
         } else {
             self.idle_excess.fetch_sub(excess, Ordering::Relaxed);
@@ -942,7 +942,7 @@ impl SmallTier {
     fn new_chunk(&self, creator: &dyn SegmentCreator) -> io::Result<u32> {
         let index = {
             let mut spare = self.lock_spare();
-            match spare.free.pop() {
+            let index = match spare.free.pop() {
                 Some(index) => index,
                 None => {
                     if spare.next as usize == self.regions.chunks() {
@@ -951,12 +951,16 @@ impl SmallTier {
                     spare.next += 1;
                     spare.next - 1
                 }
-            }
+            };
+            // Marked while `spare` is held: `give_back_regions` (under `spare`) must never see
+            // the index unused between its leaving `spare` and its mapping.
+            let meta = self.meta_or_new(index);
+            // Not ours while it is being mapped: see `suspects`.
+            meta.set_lost(true);
+            self.suspects.fetch_add(1, Ordering::AcqRel);
+            index
         };
-        let meta = self.meta_or_new(index);
-        // Not ours while it is being mapped: see `suspects`.
-        meta.set_lost(true);
-        self.suspects.fetch_add(1, Ordering::AcqRel);
+        let meta = self.meta(index);
         let cfg = &self.config;
         // SAFETY: the index was free: its range is part of our reservation (never mapped, or
         // put back by `release`) and nothing refers to it.
@@ -972,9 +976,10 @@ impl SmallTier {
             // An index whose reservation may be gone is never used again: MAP_FIXED there
             // could replace someone else's mapping, and a pointer there is not ours.
             if failure.range_kept {
+                let mut spare = self.lock_spare();
                 meta.set_lost(false);
                 self.suspects.fetch_sub(1, Ordering::AcqRel);
-                self.lock_spare().free.push(index);
+                spare.free.push(index);
             }
             return Err(failure.error);
         }

@@ -211,6 +211,15 @@ pub(crate) unsafe fn protect(addr: NonNull<u8>, len: usize, writable: bool) -> i
     check_zero(unsafe { libc::mprotect(addr.as_ptr().cast(), len, prot) })
 }
 
+/// Makes `[addr, addr + len)` inaccessible (`PROT_NONE`), as a reservation is.
+///
+/// # Safety
+/// The range must be the caller's mapping, and unused from now on.
+pub(crate) unsafe fn make_inaccessible(addr: NonNull<u8>, len: usize) -> io::Result<()> {
+    // SAFETY: the caller owns the range and gives up access to it.
+    check_zero(unsafe { libc::mprotect(addr.as_ptr().cast(), len, libc::PROT_NONE) })
+}
+
 /// Reserves exactly `[addr, addr + len)` if all of it is unmapped, and touches nothing
 /// otherwise: the address is only a hint (no `MAP_FIXED`), and a mapping placed elsewhere is
 /// undone. `Err` (`AlreadyExists`) when something is mapped in the range.

@@ -230,9 +230,9 @@ fn chunks_that_fail_at_the_map_limit_keep_their_place() {
 /// Issue 18: the same on a file system whose `mmap` may fail after it has unmapped the range
 /// it replaces (overlayfs here, the usual `/tmp` of containers; NFS, ZFS and FUSE are alike).
 /// The rule that kept a chunk's place trusted such an `ENOMEM` on five file systems only, so
-/// here every failure lost an index. The tier now unmaps the reservation itself and maps the
-/// file into the gap, which never replaces anything: what is there after a failure does not
-/// depend on the file system.
+/// here every failure lost an index. The tier now maps a page of the file elsewhere first (its
+/// file system's `mmap` and the map count refuse it there, touching nothing of ours), then
+/// over the reservation: what is there after a failure does not depend on the file system.
 #[test]
 fn chunks_that_fail_at_the_map_limit_keep_their_place_on_overlayfs() {
     const NAME: &str = "os_limits::chunks_that_fail_at_the_map_limit_keep_their_place_on_overlayfs";

@@ -4,6 +4,8 @@
 
 use mmapvec::store::{Store, StoreError, StoreVec};
 
+#[path = "core_support/mod.rs"]
+mod core_support;
 mod store_support;
 use store_support::{TestPath, serial};
 
@@ -185,28 +187,24 @@ impl Tmpfs {
         }
         let dir = TestPath::new(label);
         std::fs::create_dir(&dir.0).unwrap();
-        let target = std::ffi::CString::new(dir.0.as_os_str().as_encoded_bytes()).unwrap();
-        let options = std::ffi::CString::new(format!("size={size},mode=0700")).unwrap();
-        // SAFETY: NUL-terminated strings that live across the call.
-        let ret = unsafe {
-            libc::mount(
-                c"tmpfs".as_ptr(),
-                target.as_ptr(),
-                c"tmpfs".as_ptr(),
-                0,
-                options.as_ptr().cast(),
-            )
-        };
-        (ret == 0).then_some(Tmpfs(dir))
+        core_support::mount(c"tmpfs", &dir.0, &format!("size={size},mode=0700")).ok()?;
+        Some(Tmpfs(dir))
     }
 }
 
 impl Drop for Tmpfs {
     fn drop(&mut self) {
-        let target = std::ffi::CString::new(self.0.0.as_os_str().as_encoded_bytes()).unwrap();
-        // SAFETY: a NUL-terminated path.
-        unsafe { libc::umount2(target.as_ptr(), libc::MNT_DETACH) };
+        core_support::unmount(&self.0.0);
     }
+}
+
+/// A store at `path` holding the root `v`: 24 MiB of `u64`s counting up.
+fn store_of_24_mib(path: &Path) -> Store {
+    let store = Store::create(path).unwrap();
+    let mut v = StoreVec::new_in(store.allocator());
+    v.extend(0..(3u64 << 20));
+    store.set_root("v", v).unwrap();
+    store
 }
 
 /// Item 7: `recover` copied the snapshot in before it removed the live files, so it needed
@@ -229,10 +227,7 @@ fn recover_needs_no_room_for_a_third_copy() {
         return;
     };
     let path = fs.0.0.join("store");
-    let store = Store::create(&path).unwrap();
-    let mut v = StoreVec::new_in(store.allocator());
-    v.extend(0..(3u64 << 20));
-    store.set_root("v", v).unwrap();
+    let store = store_of_24_mib(&path);
     store.snapshot().unwrap();
     store.close().unwrap();
     store_support::in_new_process(NAME, "leave-dirty", &path);
@@ -256,10 +251,7 @@ fn a_failed_snapshot_leaves_nothing() {
         return;
     };
     let path = fs.0.0.join("store");
-    let store = Store::create(&path).unwrap();
-    let mut v = StoreVec::new_in(store.allocator());
-    v.extend(0..(3u64 << 20));
-    store.set_root("v", v).unwrap();
+    let store = store_of_24_mib(&path);
     let failed = store.snapshot();
     assert!(failed.is_err(), "24 MiB copied into 16 MiB: {failed:?}");
     assert_eq!(store.snapshots(), 0);

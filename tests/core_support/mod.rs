@@ -272,3 +272,45 @@ pub fn vm_flags(addr: usize) -> Option<Vec<String>> {
     }
     None
 }
+
+/// Mounts a file system of `kind` (`c"tmpfs"`, `c"overlay"`) with `options` on the folder
+/// `target` (root only), or says why it cannot.
+pub fn mount(kind: &std::ffi::CStr, target: &Path, options: &str) -> Result<(), String> {
+    let c_target =
+        std::ffi::CString::new(target.as_os_str().as_encoded_bytes()).map_err(|e| e.to_string())?;
+    let c_options = std::ffi::CString::new(options).map_err(|e| e.to_string())?;
+    // SAFETY: all four strings are NUL-terminated and live across the call.
+    let ret = unsafe {
+        libc::mount(
+            kind.as_ptr(),
+            c_target.as_ptr(),
+            kind.as_ptr(),
+            0,
+            c_options.as_ptr().cast(),
+        )
+    };
+    if ret != 0 {
+        return Err(format!(
+            "mount {kind:?} on {}: {}",
+            target.display(),
+            std::io::Error::last_os_error()
+        ));
+    }
+    Ok(())
+}
+
+/// Unmounts `target`, lazily (`MNT_DETACH`: a mapping still alive after a failed test must not
+/// leave the mount point busy forever).
+pub fn unmount(target: &Path) {
+    let Ok(c_target) = std::ffi::CString::new(target.as_os_str().as_encoded_bytes()) else {
+        return;
+    };
+    // SAFETY: a NUL-terminated path.
+    if unsafe { libc::umount2(c_target.as_ptr(), libc::MNT_DETACH) } != 0 {
+        eprintln!(
+            "umount {}: {}",
+            target.display(),
+            std::io::Error::last_os_error()
+        );
+    }
+}

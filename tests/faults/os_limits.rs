@@ -261,30 +261,13 @@ impl Overlay {
             std::fs::create_dir(dir.path().join(sub)).map_err(|e| e.to_string())?;
         }
         let p = |sub: &str| dir.path().join(sub).display().to_string();
-        let options = std::ffi::CString::new(format!(
+        let options = format!(
             "lowerdir={},upperdir={},workdir={}",
             p("lower"),
             p("upper"),
             p("work")
-        ))
-        .expect("no NUL");
-        let target = crate::support::cstring(&dir.path().join("merged"));
-        // SAFETY: all four strings are NUL-terminated and live across the call.
-        let ret = unsafe {
-            libc::mount(
-                c"overlay".as_ptr(),
-                target.as_ptr(),
-                c"overlay".as_ptr(),
-                0,
-                options.as_ptr().cast(),
-            )
-        };
-        if ret != 0 {
-            return Err(format!(
-                "cannot mount an overlayfs: {}",
-                std::io::Error::last_os_error()
-            ));
-        }
+        );
+        crate::core_support::mount(c"overlay", &dir.path().join("merged"), &options)?;
         Ok(Overlay { dir })
     }
 
@@ -295,9 +278,7 @@ impl Overlay {
 
 impl Drop for Overlay {
     fn drop(&mut self) {
-        let target = crate::support::cstring(&self.merged());
-        // SAFETY: a NUL-terminated path; lazy, so mappings still open do not keep it.
-        unsafe { libc::umount2(target.as_ptr(), libc::MNT_DETACH) };
+        crate::core_support::unmount(&self.merged());
     }
 }
 

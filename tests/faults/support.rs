@@ -109,25 +109,7 @@ impl Tmpfs {
             return Err("needs root to mount a tmpfs".into());
         }
         let dir = TestDir::new(label);
-        let target = cstring(dir.path());
-        let options = CString::new(format!("size={size},mode=0755")).expect("no NUL");
-        // SAFETY: all four strings are NUL-terminated and live across the call.
-        let ret = unsafe {
-            libc::mount(
-                c"tmpfs".as_ptr(),
-                target.as_ptr(),
-                c"tmpfs".as_ptr(),
-                0,
-                options.as_ptr().cast(),
-            )
-        };
-        if ret != 0 {
-            return Err(format!(
-                "mount tmpfs on {}: {}",
-                dir.path().display(),
-                io::Error::last_os_error()
-            ));
-        }
+        crate::core_support::mount(c"tmpfs", dir.path(), &format!("size={size},mode=0755"))?;
         Ok(Tmpfs { dir })
     }
 
@@ -139,16 +121,7 @@ impl Tmpfs {
 
 impl Drop for Tmpfs {
     fn drop(&mut self) {
-        let target = cstring(self.dir.path());
-        // SAFETY: `target` is a NUL-terminated path. MNT_DETACH: a mapping still alive after a
-        // failed test must not leave the mount point busy forever.
-        if unsafe { libc::umount2(target.as_ptr(), libc::MNT_DETACH) } != 0 {
-            eprintln!(
-                "umount {}: {}",
-                self.dir.path().display(),
-                io::Error::last_os_error()
-            );
-        }
+        crate::core_support::unmount(self.dir.path());
     }
 }
 

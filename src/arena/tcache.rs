@@ -11,7 +11,7 @@
 //!   tier's `in_use_bytes` (each cache publishes its total, see [`ThreadCache::cached`]).
 //! * So a cached block *pins* its chunk: the chunk stays mapped while it is cached. What it
 //!   costs on disk is bounded: a bin holds blocks of one chunk at a time, at most
-//!   [`MAX_PINNED`] bins hold blocks at once, and a pinned chunk's pieces under no live block
+//!   [`CLASSES`] bins hold blocks at once, and a pinned chunk's pieces under no live block
 //!   go as its other blocks are freed (`SmallTier::scavenge`) and at `trim`: what stays is the
 //!   pieces under the cached blocks themselves. And pins are short-lived:
 //!   - every [`GC_INTERVAL`] operations of the thread, the bins it did not use since the last
@@ -46,8 +46,6 @@ const _: () = assert!(class::block_size(CLASSES - 1) == MAX_CACHED);
 /// about 32 KiB of one class, or two blocks of it if they are larger.
 const SLOTS: usize = 32;
 const BYTES_PER_CLASS: usize = 32 << 10;
-/// Bins that may hold blocks at once, and so chunks one thread's cache may pin.
-pub(super) const MAX_PINNED: usize = CLASSES;
 /// A thread's operations on its cache between two collections of the bins it no longer uses
 /// (a power of two).
 pub(super) const GC_INTERVAL: u32 = 1024;
@@ -65,7 +63,7 @@ pub(super) struct ThreadCache {
     /// Bytes of the blocks held, published for the tier's statistics (written by this thread
     /// only, read by `SmallTier::stats` through the tier's list of caches).
     cached: Arc<AtomicU64>,
-    /// Bins holding blocks now (at most [`MAX_PINNED`]).
+    /// Bins holding blocks now (at most [`CLASSES`]).
     pinned: usize,
     /// Bins used (popped or pushed) since the last collection, one bit per class.
     touched: u64,
@@ -281,15 +279,12 @@ impl ThreadCache {
         self.account(-(given as i64));
     }
 
-    /// Keeps the free block `ptr` of `class`; `false` when its bin is full, holds another
-    /// chunk's blocks, or would pin one chunk too many.
+    /// Keeps the free block `ptr` of `class`; `false` when its bin is full or holds another
+    /// chunk's blocks. (Every bin may hold blocks: a cache pins a chunk per bin at most.)
     fn keep(&mut self, class: usize, ptr: NonNull<u8>) -> bool {
         let addr = ptr.as_ptr().addr();
         let bin = &mut self.bins[class];
         if bin.len == 0 {
-            if self.pinned == MAX_PINNED {
-                return false;
-            }
             self.pinned += 1;
             bin.chunk = chunk_of(addr);
         } else if bin.len == capacity(class) || bin.chunk != chunk_of(addr) {

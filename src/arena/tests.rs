@@ -193,7 +193,7 @@ fn freed_space_is_reused_across_cycles() {
     // the second cycle then does not find empty: at most a cache's worth more, once.)
     assert_eq!(created[1], created[2], "{created:?}");
     assert!(
-        created[1] <= created[0] + tcache::MAX_PINNED as u64,
+        created[1] <= created[0] + tcache::CLASSES as u64,
         "{created:?}"
     );
     assert_eq!(tier.stats().chunks_released, 0);

@@ -267,3 +267,181 @@ fn a_failed_snapshot_leaves_nothing() {
     assert_eq!(store.root::<StoreVec<u64>>("v").unwrap()[1], 11);
     store.close().unwrap();
 }
+
+/// Item 1: a store opened through a relative path resolved it again after `chdir`: `flush`,
+/// `snapshot` and `close` reached another store's folder (its snapshot taken from the other
+/// store's files, its old snapshot deleted, the first store left dirty). The folder is held
+/// by descriptor now. Runs in a process of its own: the current folder is the process's.
+#[test]
+fn a_relative_path_is_not_resolved_again_after_chdir() {
+    const NAME: &str = "a_relative_path_is_not_resolved_again_after_chdir";
+    let Some((_, root)) = store_support::role() else {
+        let _serial = serial();
+        let root = TestPath::new("chdir");
+        std::fs::create_dir_all(root.0.join("a")).unwrap();
+        std::fs::create_dir_all(root.0.join("b")).unwrap();
+        store_support::in_new_process(NAME, "chdir", &root.0);
+        return;
+    };
+    // The other store, in b/s: closed, with a snapshot of its own.
+    let other = Store::create(root.join("b/s")).unwrap();
+    let mut v = StoreVec::new_in(other.allocator());
+    v.extend([7u64; 4]);
+    other.set_root("other", v).unwrap();
+    other.snapshot().unwrap();
+    other.close().unwrap();
+    let other_before = std::fs::read(root.join("b/s/header")).unwrap();
+
+    std::env::set_current_dir(root.join("a")).unwrap();
+    let store = Store::create("s").unwrap();
+    let mut v = StoreVec::new_in(store.allocator());
+    v.extend(0..100u64);
+    store.set_root("mine", v).unwrap();
+    std::env::set_current_dir(root.join("b")).unwrap();
+    store.flush().unwrap();
+    let snapshot = store.snapshot().unwrap();
+    assert_eq!(snapshot.number, 1);
+    assert_eq!(store.path(), root.join("a/s"), "the path as it was at open");
+    store.close().unwrap();
+
+    // The other store is untouched: same header, its snapshot 1 still there.
+    assert_eq!(
+        std::fs::read(root.join("b/s/header")).unwrap(),
+        other_before
+    );
+    assert!(root.join("b/s/snapshots/1/header").exists());
+    let other = Store::open(root.join("b/s")).unwrap();
+    assert_eq!(*other.root::<StoreVec<u64>>("other").unwrap(), [7u64; 4]);
+    other.close().unwrap();
+    // The first store was closed cleanly and snapshotted in its own folder.
+    assert!(root.join("a/s/snapshots/1/header").exists());
+    let store = Store::open(root.join("a/s")).unwrap();
+    assert_eq!(store.root::<StoreVec<u64>>("mine").unwrap().len(), 100);
+    store.close().unwrap();
+}
+
+/// Item 1's second half: `recover` took any snapshot folder it found, even one copied in
+/// from another store (whose blocks are not this store's). A snapshot names its store now.
+#[test]
+fn recover_refuses_another_stores_snapshot() {
+    let _serial = serial();
+    let (one, two) = (TestPath::new("id-one"), TestPath::new("id-two"));
+    for path in [&one.0, &two.0] {
+        let store = Store::create(path).unwrap();
+        store.snapshot().unwrap();
+        store.close().unwrap();
+    }
+    std::fs::remove_dir_all(two.0.join("snapshots/1")).unwrap();
+    let copied = std::process::Command::new("cp")
+        .args(["-a"])
+        .arg(one.0.join("snapshots/1"))
+        .arg(two.0.join("snapshots/1"))
+        .status()
+        .unwrap();
+    assert!(copied.success());
+    let recovered = Store::recover(&two.0);
+    assert!(
+        matches!(recovered, Err(StoreError::NotAStore)),
+        "{recovered:?}"
+    );
+}
+
+/// Item 2: a disk that filled during a session failed its `close` (the first write of a new
+/// chunk's slot in the sparse `small.meta` found no space), the store stayed dirty, and what
+/// an earlier session had closed was lost with it. A chunk reserves its slot when it is made
+/// now, so the close needs no new disk; and a failed close gives the store back to retry.
+#[test]
+fn a_disk_filled_during_a_session_still_closes() {
+    let _serial = serial();
+    let Some(fs) = Tmpfs::mount("full-at-close", 48 << 20) else {
+        println!("SKIPPED: needs root to mount a tmpfs");
+        return;
+    };
+    let path = fs.0.0.join("store");
+    let store = Store::create(&path).unwrap();
+    let mut kept = StoreVec::new_in(store.allocator());
+    kept.extend(0..1000u64);
+    store.set_root("kept", kept).unwrap();
+    store.close().unwrap();
+
+    // A new session makes a chunk for each of many size classes...
+    let store = Store::open(&path).unwrap();
+    let mut small = StoreVec::with_capacity_in(64, store.allocator());
+    for len in (1..=64usize).map(|i| i * 8) {
+        let mut v: StoreVec<u8> = StoreVec::new_in(store.allocator());
+        if v.try_reserve_exact(len).is_err() {
+            break;
+        }
+        v.extend(std::iter::repeat_n(len as u8, len));
+        small.push(v);
+    }
+    let chunks = store.stats().small_chunk_bytes >> 22;
+    assert!(chunks >= 8, "only {chunks} chunks fit");
+    store.set_root("small", small).unwrap();
+    // ...then another program fills the disk.
+    let mut filler = std::fs::File::create(fs.0.0.join("filler")).unwrap();
+    let page = vec![1u8; 1 << 16];
+    while std::io::Write::write_all(&mut filler, &page).is_ok() {}
+    drop(filler);
+    let closed = store.close();
+    let store = match closed {
+        Ok(()) => None,
+        Err(failed) => {
+            // Allowed only if it can be retried once the disk has room.
+            eprintln!("close failed: {failed}");
+            Some(failed.into_store())
+        }
+    };
+    assert!(store.is_none(), "the close needed new disk");
+    std::fs::remove_file(fs.0.0.join("filler")).unwrap();
+    let store = Store::open(&path).unwrap();
+    assert_eq!(store.root::<StoreVec<u64>>("kept").unwrap().len(), 1000);
+    let small = store.root::<StoreVec<StoreVec<u8>>>("small").unwrap();
+    assert!(
+        small
+            .iter()
+            .enumerate()
+            .all(|(i, v)| v.len() == 8 * (i + 1))
+    );
+    drop(small);
+    store.close().unwrap();
+}
+
+/// Item 2's second half: a `close` that fails gives the store back, still open, so that it
+/// can be closed again once the cause is gone. The cause here: `RLIMIT_FSIZE` (set in a
+/// process of its own) refuses the metadata file's first save past its limit.
+#[test]
+fn a_failed_close_can_be_retried() {
+    const NAME: &str = "a_failed_close_can_be_retried";
+    let Some((_, path)) = store_support::role() else {
+        let _serial = serial();
+        let path = TestPath::new("close-retry");
+        store_support::in_new_process(NAME, "close", &path.0);
+        let store = Store::open(&path.0).unwrap();
+        assert_eq!(store.root::<StoreVec<u64>>("v").unwrap().len(), 10);
+        store.close().unwrap();
+        return;
+    };
+    let store = Store::create(&path).unwrap();
+    let mut v = StoreVec::new_in(store.allocator());
+    v.extend(0..10u64);
+    store.set_root("v", v).unwrap();
+    let limit = |bytes: libc::rlim_t| {
+        let rlimit = libc::rlimit {
+            rlim_cur: bytes,
+            rlim_max: libc::RLIM_INFINITY,
+        };
+        // SAFETY: setrlimit reads the struct; signal sets a disposition.
+        unsafe {
+            libc::signal(libc::SIGXFSZ, libc::SIG_IGN);
+            assert_eq!(libc::setrlimit(libc::RLIMIT_FSIZE, &rlimit), 0);
+        }
+    };
+    limit(4096);
+    let failed = store.close().expect_err("a save past RLIMIT_FSIZE");
+    assert!(format!("{failed:?}").contains("Io"), "{failed:?}");
+    limit(libc::RLIM_INFINITY);
+    let store = failed.into_store();
+    assert_eq!(store.root::<StoreVec<u64>>("v").unwrap().len(), 10);
+    store.close().unwrap();
+}

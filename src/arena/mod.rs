@@ -189,6 +189,8 @@ pub(crate) struct SmallTier {
     /// A store's tier: its chunk file (chunk *i* at offset *i* × `CHUNK`), and its region is
     /// part of the store's range (see [`SmallTier::in_store`]).
     store_file: Option<File>,
+    /// A store's tier: the file it is saved in (see `saved::reserve_slot`).
+    store_meta: Option<File>,
     /// The bytes each thread's cache of this tier holds (see `tcache`).
     caches: Mutex<Vec<Arc<AtomicU64>>>,
 }
@@ -243,6 +245,7 @@ impl SmallTier {
             },
             caches: Mutex::new(Vec::new()),
             store_file: None,
+            store_meta: None,
         }
     }
 
@@ -259,7 +262,16 @@ impl SmallTier {
     /// and no thread caches its blocks (a cached block would be kept as live in the store).
     /// Fork epochs are not used: the store's allocator passes epoch 0, and its views are kept
     /// out of children.
-    pub(crate) fn in_store(config: TierConfig, base: NonNull<u8>, len: usize, file: File) -> Self {
+    ///
+    /// `meta` is the file the tier is saved in ([`save`](Self::save)): each new chunk reserves
+    /// its part of it.
+    pub(crate) fn in_store(
+        config: TierConfig,
+        base: NonNull<u8>,
+        len: usize,
+        file: File,
+        meta: File,
+    ) -> Self {
         debug_assert!(base.as_ptr().addr().is_multiple_of(CHUNK) && len.is_multiple_of(CHUNK));
         let mut tier = SmallTier::new(TierConfig {
             thread_cache: false,
@@ -273,6 +285,7 @@ impl SmallTier {
         let pushed = tier.regions.push(base, len);
         debug_assert!(pushed, "a new tier has room for a region");
         tier.store_file = Some(file);
+        tier.store_meta = Some(meta);
         // The store keeps each chunk's file range whole (its bitmaps say nothing of pieces).
         tier.backing = Backing::Whole;
         tier
@@ -952,6 +965,12 @@ impl SmallTier {
                     spare.next - 1
                 }
             };
+            if let Some(meta) = &self.store_meta
+                && let Err(e) = saved::reserve_slot(meta, self.table().len(), index as usize)
+            {
+                spare.free.push(index);
+                return Err(e);
+            }
             // Marked while `spare` is held: `give_back_regions` (under `spare`) must never see
             // the index unused between its leaving `spare` and its mapping.
             let meta = self.meta_or_new(index);

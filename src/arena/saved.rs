@@ -41,6 +41,16 @@ fn invalid(what: &str) -> io::Error {
     )
 }
 
+/// Reserves the disk the metadata of chunk `index` takes in the file `meta` (of a tier of
+/// `chunks` indices): the file's header page, the chunk's record and its bitmap slot. Done
+/// when the chunk is made, so that saving never needs new disk: a full disk is then an error
+/// of the allocation that made the chunk, never of a later `flush` or `close`.
+pub(crate) fn reserve_slot(meta: &File, chunks: usize, index: usize) -> io::Result<()> {
+    sys::reserve_blocks(meta, 0, RECORDS)?;
+    sys::reserve_blocks(meta, RECORDS + (index * RECORD) as u64, RECORD as u64)?;
+    sys::reserve_blocks(meta, bitmap_at(chunks, index), (MAX_WORDS * 8) as u64)
+}
+
 impl SmallTier {
     /// Writes which chunks are in use and their bitmaps to `meta`, and syncs it and the chunk
     /// file. Every shard and `spare` are held meanwhile: the state saved is one state.

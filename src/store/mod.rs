@@ -92,10 +92,10 @@
 
 use std::cell::UnsafeCell;
 use std::fmt;
-use std::fs::{self, File, OpenOptions};
+use std::fs::{self, File};
 use std::io;
 use std::os::fd::AsRawFd;
-use std::os::unix::fs::{FileExt, OpenOptionsExt};
+use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 use std::ptr::NonNull;
 use std::sync::atomic::{AtomicI32, AtomicU64, Ordering};
@@ -107,6 +107,7 @@ use crate::segment;
 use crate::sys::{self, Share};
 
 mod alloc;
+mod folder;
 mod persist;
 mod roots;
 mod snapshot;
@@ -125,6 +126,7 @@ pub use persist::{Persist, PersistHasher, fingerprint, type_fingerprint};
 pub use roots::{Root, RootMut};
 pub use snapshot::Snapshot;
 
+use folder::Folder;
 use roots::{ROOTS, RootSlot, RootState};
 use space::Space;
 
@@ -179,18 +181,24 @@ struct Header {
     build: u64,
     /// The length of the small blocks' region, which follows the first chunk of the range.
     small: u64,
-    _reserved: [u64; 7],
+    /// The store's identity, random, made with it and kept by its snapshots: `recover` takes
+    /// only a snapshot of this store (zero in stores made before it was recorded).
+    id: [u64; 2],
+    _reserved: [u64; 5],
     /// The roots: written by the writer under `Shared::roots`, read under it.
     roots: UnsafeCell<[RootSlot; ROOTS]>,
 }
 
 const _: () = assert!(size_of::<Header>() <= 4096);
+/// The bytes of the header before its roots that [`Header::read`] reads.
+const HEADER_WORDS: usize = 88;
+const _: () = assert!(std::mem::offset_of!(Header, _reserved) == HEADER_WORDS);
 
 impl Header {
     /// A header read from the start of a file: checked for the magic, the version, the page
     /// size and the build, not yet for being clean.
     fn read(file: &File) -> Result<HeaderCopy, StoreError> {
-        let mut bytes = [0u8; 72];
+        let mut bytes = [0u8; HEADER_WORDS];
         file.read_exact_at(&mut bytes, 0)
             .map_err(|e| match e.kind() {
                 io::ErrorKind::UnexpectedEof => StoreError::NotAStore,
@@ -211,6 +219,7 @@ impl Header {
             snapshots: word(48),
             build: word(56),
             small: word(64),
+            id: [word(72), word(80)],
         };
         if copy.version != VERSION {
             return Err(StoreError::Version(copy.version));
@@ -229,7 +238,8 @@ impl Header {
 
     /// The first bytes of a new store's header (the roots that follow are zeros).
     fn bytes(base: usize, len: usize, small: usize, dirty: bool) -> Vec<u8> {
-        let mut bytes = Vec::with_capacity(72);
+        let mut bytes = Vec::with_capacity(HEADER_WORDS);
+        let id = uuid::Uuid::new_v4().as_u64_pair();
         bytes.extend_from_slice(&MAGIC);
         bytes.extend_from_slice(&VERSION.to_ne_bytes());
         bytes.extend_from_slice(&(sys::page_size() as u32).to_ne_bytes());
@@ -241,6 +251,8 @@ impl Header {
             0,
             build_fingerprint(),
             small as u64,
+            id.0,
+            id.1,
         ] {
             bytes.extend_from_slice(&word.to_ne_bytes());
         }
@@ -260,6 +272,7 @@ struct HeaderCopy {
     snapshots: u64,
     build: u64,
     small: u64,
+    id: [u64; 2],
 }
 
 /// Why a store could not be created, opened or used.
@@ -456,6 +469,63 @@ impl From<io::Error> for StoreError {
     }
 }
 
+/// A [`Store::close`] that failed: the error, and the store, still open (and dirty), to close
+/// again once the cause is gone. Dropping it drops the store, which tries to close once more
+/// and logs what fails.
+///
+/// Its `Debug` is the error's message, as [`StoreError`]'s is; `?` turns it into the
+/// [`StoreError`] (dropping the store).
+pub struct CloseError {
+    error: StoreError,
+    store: Box<Store>,
+}
+
+impl CloseError {
+    /// Why the store could not be closed.
+    pub fn error(&self) -> &StoreError {
+        &self.error
+    }
+
+    /// The store, still open: close it again, or go on using it.
+    pub fn into_store(self) -> Store {
+        *self.store
+    }
+
+    /// Both parts.
+    pub fn into_parts(self) -> (StoreError, Store) {
+        (self.error, *self.store)
+    }
+}
+
+impl fmt::Display for CloseError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(
+            f,
+            "closing the store {}: {}",
+            self.store.path.display(),
+            self.error
+        )
+    }
+}
+
+impl fmt::Debug for CloseError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "CloseError({:?})", self.error)
+    }
+}
+
+impl std::error::Error for CloseError {
+    fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
+        Some(&self.error)
+    }
+}
+
+impl From<CloseError> for StoreError {
+    fn from(e: CloseError) -> Self {
+        e.error
+    }
+}
+
 /// What a store holds ([`Store::stats`]).
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 #[non_exhaustive]
@@ -613,7 +683,11 @@ impl fork::ForkLocks for Shared {
 /// See the [module docs](self) for what a store is and the rules that keep it sound.
 #[derive(Debug)]
 pub struct Store {
+    /// The folder's path as it was when the store was opened (absolute), for messages and
+    /// [`path`](Self::path) only: the folder is used through `folder`.
     path: PathBuf,
+    /// The store's folder, held from open to drop: never resolved again through a path.
+    folder: Folder,
     /// Holds the `flock` for as long as the store is open (closed by the drop, under
     /// `fork::hold`).
     lock: Option<File>,
@@ -658,33 +732,41 @@ impl Store {
             .max(2 * CHUNK)
             .checked_next_multiple_of(CHUNK)
             .ok_or_else(|| io::Error::from_raw_os_error(libc::ENOMEM))?;
-        match fs::DirBuilder::new().mode_private().create(path) {
-            Ok(()) => {}
+        let folder = match Folder::make(path) {
+            Ok(folder) => folder,
             Err(e) if e.kind() == io::ErrorKind::AlreadyExists => {
                 return Err(StoreError::Exists(path.to_path_buf()));
             }
             Err(e) => return Err(e.into()),
-        }
-        let made = Self::create_in(path, len);
+        };
+        let made = folder
+            .try_clone()
+            .map_err(StoreError::from)
+            .and_then(|held| Self::create_in(path, held, len));
         if made.is_err() {
             // Nothing of ours is in the folder yet that anyone could want: it was just made.
-            let _ = fs::remove_dir_all(path);
+            // Its entries go through the descriptor; the folder itself by its path, only if
+            // it is empty.
+            if let Ok(names) = folder.names() {
+                for name in names {
+                    let _ = folder.remove_tree(&name.to_string_lossy());
+                }
+            }
+            let _ = fs::remove_dir(path);
         }
         made
     }
 
-    fn create_in(path: &Path, len: usize) -> Result<Store, StoreError> {
-        let lock = open_file(&path.join(LOCK), Access::Write, true)?;
+    fn create_in(path: &Path, folder: Folder, len: usize) -> Result<Store, StoreError> {
+        let lock = folder.file(LOCK.as_ref(), Access::Write, true)?;
         // A fresh folder: nobody else can hold the lock yet, but take it as every open does.
         if !lock_file(&lock, Access::Write)? {
             return Err(StoreError::Locked);
         }
-        let header_file = open_file(&path.join(HEADER), Access::Write, true)?;
-        fs::DirBuilder::new()
-            .mode_private()
-            .create(path.join(space::SEGS))?;
+        let header_file = folder.file(HEADER.as_ref(), Access::Write, true)?;
+        folder.make_dir(space::SEGS)?;
         for name in [SMALL, SMALL_META] {
-            open_file(&path.join(name), Access::Write, true)?;
+            folder.file(name.as_ref(), Access::Write, true)?;
         }
         fork::install();
         let base = {
@@ -696,14 +778,14 @@ impl Store {
             *open = Some(base.as_ptr().addr());
             base
         };
-        let mut store = Store::unmapped(path, lock, header_file, base, len, Access::Write);
+        let mut store = Store::unmapped(path, folder, lock, header_file, base, len, Access::Write);
         // `store` owns the reservation from here: an error below unmaps it (its drop).
         let file = &store.header_file;
         file.set_len(sys::page_size() as u64)?;
         let header = Header::bytes(base.as_ptr().addr(), len, small_region(len), true);
         file.write_all_at(&header, 0)?;
         file.sync_all()?;
-        File::open(path)?.sync_all()?;
+        store.folder.sync()?;
         store.map_header()?;
         store.start()?;
         Ok(store)
@@ -724,14 +806,19 @@ impl Store {
     }
 
     pub(crate) fn open_with(path: &Path, access: Access) -> Result<Store, StoreError> {
-        let lock = open_file(&path.join(LOCK), access, false).map_err(|e| match e.kind() {
-            io::ErrorKind::NotFound => StoreError::NotAStore,
-            _ => StoreError::Io(e),
-        })?;
+        let folder = Folder::open(path).map_err(not_found)?;
+        Self::open_in(path, folder, access)
+    }
+
+    /// Opens the store whose folder (`path` when it was opened) is `folder`.
+    fn open_in(path: &Path, folder: Folder, access: Access) -> Result<Store, StoreError> {
+        let lock = folder
+            .file(LOCK.as_ref(), access, false)
+            .map_err(not_found)?;
         if !lock_file(&lock, access)? {
             return Err(StoreError::Locked);
         }
-        let header_file = open_file(&path.join(HEADER), access, false)?;
+        let header_file = folder.file(HEADER.as_ref(), access, false)?;
         let header = Header::read(&header_file)?;
         if header.dirty != 0 {
             return Err(StoreError::Dirty {
@@ -768,7 +855,7 @@ impl Store {
             })?;
             *open = Some(base);
         }
-        let mut store = Store::unmapped(path, lock, header_file, at, len, access);
+        let mut store = Store::unmapped(path, folder, lock, header_file, at, len, access);
         store.map_header()?;
         // Everything mapped and checked before the store is marked open for writing: a store
         // refused here is left as it was.
@@ -782,6 +869,7 @@ impl Store {
 
     fn unmapped(
         path: &Path,
+        folder: Folder,
         lock: File,
         header_file: File,
         base: NonNull<u8>,
@@ -793,7 +881,8 @@ impl Store {
             LOCK_FD.store(lock.as_raw_fd(), Ordering::Release);
         }
         Store {
-            path: path.to_path_buf(),
+            path: std::path::absolute(path).unwrap_or_else(|_| path.to_path_buf()),
+            folder,
             lock: Some(lock),
             header_file,
             base,
@@ -843,21 +932,24 @@ impl Store {
         // SAFETY: as above; it becomes private read/write memory of this process.
         unsafe { sys::protect(runtime, page, true) }?;
         // The folder itself, never a link to elsewhere.
-        let segs = OpenOptions::new()
-            .read(true)
-            .custom_flags(libc::O_NOFOLLOW | libc::O_DIRECTORY)
-            .open(self.path.join(space::SEGS))?;
+        let segs = self.folder.dir(space::SEGS)?.into_file();
         let share = match self.access {
             Access::Write => Share::Write,
             Access::Read => Share::Private,
         };
         let small = self.header().small as usize;
-        let chunks = open_file(&self.path.join(SMALL), self.access, false)?;
-        let small_meta = open_file(&self.path.join(SMALL_META), self.access, false)?;
+        let chunks = self.folder.file(SMALL.as_ref(), self.access, false)?;
+        let small_meta = self.folder.file(SMALL_META.as_ref(), self.access, false)?;
         // SAFETY: the small region follows the first chunk of the range (checked to fit at
         // open), CHUNK-aligned.
         let region = unsafe { self.base.add(DATA) };
-        let tier = SmallTier::in_store(TierConfig::default(), region, small, chunks);
+        let tier = SmallTier::in_store(
+            TierConfig::default(),
+            region,
+            small,
+            chunks,
+            small_meta.try_clone()?,
+        );
         let tier = Arc::new(tier);
         let restored = tier.restore(&small_meta, share);
         let start = self.base.as_ptr().addr() + DATA + small;
@@ -930,7 +1022,9 @@ impl Store {
         StoreAllocator::new(self)
     }
 
-    /// The store's folder.
+    /// The store's folder, as its path was when the store was opened (made absolute). The
+    /// store holds its folder by descriptor: a later `chdir` or rename does not change which
+    /// folder it uses, only what this path may lead to.
     pub fn path(&self) -> &Path {
         &self.path
     }
@@ -984,17 +1078,44 @@ impl Store {
             shared.sync(&space)?;
             self.header().flushes.fetch_add(1, Ordering::AcqRel);
         }
-        File::open(&self.path)?.sync_all()?;
+        self.folder.sync()?;
         self.sync_header()?;
         Ok(())
     }
 
     /// Closes the store: a writer makes its contents durable and marks it clean (on disk)
     /// first. Dropping the handle does the same, without the error.
-    pub fn close(mut self) -> Result<(), StoreError> {
-        let marked = self.mark_clean();
-        drop(self);
-        marked
+    ///
+    /// On an error the store stays open and dirty, and comes back in the [`CloseError`]: free
+    /// some disk (say) and close it again. Nothing the store needs to close is allocated at
+    /// close: the disk its metadata takes is reserved as its blocks are made, so a disk that
+    /// fills up fails an allocation, not the close.
+    ///
+    /// ```
+    /// # use mmapvec::store::Store;
+    /// # fn main() -> Result<(), Box<dyn std::error::Error>> {
+    /// # let dir = std::env::temp_dir().join(format!("mmapvec-doc-close-{}", std::process::id()));
+    /// # let _ = std::fs::remove_dir_all(&dir);
+    /// let store = Store::create(&dir)?;
+    /// if let Err(failed) = store.close() {
+    ///     eprintln!("{failed}; trying once more");
+    ///     failed.into_store().close()?;
+    /// }
+    /// # std::fs::remove_dir_all(&dir)?;
+    /// # Ok(())
+    /// # }
+    /// ```
+    pub fn close(mut self) -> Result<(), CloseError> {
+        match self.mark_clean() {
+            Ok(()) => {
+                drop(self);
+                Ok(())
+            }
+            Err(error) => Err(CloseError {
+                error,
+                store: Box::new(self),
+            }),
+        }
     }
 
     /// Syncs the blocks and clears the dirty flag on disk, once; only in the process that
@@ -1013,7 +1134,7 @@ impl Store {
         if let Some(shared) = self.shared.as_deref() {
             let _roots = shared.lock_roots();
             shared.sync(&shared.lock_space())?;
-            File::open(&self.path)?.sync_all()?;
+            self.folder.sync()?;
         }
         let header = self.header();
         header.flushes.fetch_add(1, Ordering::AcqRel);
@@ -1094,31 +1215,17 @@ impl Drop for Store {
     }
 }
 
-/// Opens (or, with `create`, makes) a store file, never through a symbolic link.
-fn open_file(path: &Path, access: Access, create: bool) -> io::Result<File> {
-    OpenOptions::new()
-        .read(true)
-        .write(access == Access::Write)
-        .create_new(create)
-        .mode(0o600)
-        .custom_flags(libc::O_NOFOLLOW)
-        .open(path)
+/// A store's folder or a file in it that is not there: not a store.
+fn not_found(e: io::Error) -> StoreError {
+    match e.kind() {
+        io::ErrorKind::NotFound | io::ErrorKind::NotADirectory => StoreError::NotAStore,
+        _ => StoreError::Io(e),
+    }
 }
 
 /// Takes the store's lock for `access`, without waiting: `false` if another handle holds it.
 fn lock_file(file: &File, access: Access) -> io::Result<bool> {
     sys::try_lock(file, access == Access::Write)
-}
-
-/// `DirBuilder` with the mode a store's folder gets: its owner's only.
-trait PrivateMode {
-    fn mode_private(&mut self) -> &mut Self;
-}
-
-impl PrivateMode for fs::DirBuilder {
-    fn mode_private(&mut self) -> &mut Self {
-        std::os::unix::fs::DirBuilderExt::mode(self, 0o700)
-    }
 }
 
 /// The dirty flag as the header file holds it on disk (for the tests).

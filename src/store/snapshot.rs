@@ -10,18 +10,14 @@
 //! no link is followed inside the store's folder: a `snapshots` that is a link is refused.
 //! Copies keep the holes of sparse files.
 
-use std::ffi::OsStr;
-use std::fs::{self, File};
 use std::io;
 use std::os::unix::fs::FileExt;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::sync::atomic::Ordering;
 
+use super::folder::Folder;
 use super::space::SEGS;
-use super::{
-    Access, HEADER, Header, LOCK, PrivateMode, SMALL, SMALL_META, Store, StoreError, lock_file,
-    open_file,
-};
+use super::{Access, HEADER, Header, LOCK, SMALL, SMALL_META, Store, StoreError, lock_file};
 use crate::sys;
 
 /// The folder of the snapshots.
@@ -41,59 +37,48 @@ pub struct Snapshot {
     pub reflinked: bool,
 }
 
-/// Copies (reflinks) the file `name` of `from` into `to`.
-fn clone_into(from: &Path, to: &Path, name: &OsStr) -> io::Result<(u64, bool)> {
-    clone_path(&from.join(name), &to.join(name))
-}
-
-/// Copies (reflinks) the file `from` to the new file `to`, and syncs it. Neither path is
-/// followed if it is a link; the new file is private.
-fn clone_path(from: &Path, to: &Path) -> io::Result<(u64, bool)> {
-    let source = open_file(from, Access::Read, false)?;
-    let target = open_file(to, Access::Write, true)?;
+/// Copies (reflinks) the file `from_name` of `from` to the new file `to_name` of `to`, and
+/// syncs it. Neither is followed if it is a link; the new file is private.
+fn clone_file(
+    from: &Folder,
+    from_name: &str,
+    to: &Folder,
+    to_name: &str,
+) -> io::Result<(u64, bool)> {
+    let source = from.file(from_name.as_ref(), Access::Read, false)?;
+    let target = to.file(to_name.as_ref(), Access::Write, true)?;
     let reflinked = sys::clone_file(&source, &target)?;
     target.sync_all()?;
     Ok((source.metadata()?.len(), reflinked))
 }
 
-/// Copies every file of the folder `from` into the new (private) folder `to`.
-fn clone_folder(from: &Path, to: &Path) -> io::Result<(u64, bool)> {
-    fs::DirBuilder::new().mode_private().create(to)?;
+/// Copies every file of the folder `from` into `to`, a folder just made.
+fn clone_folder(from: &Folder, to: &Folder) -> io::Result<(u64, bool)> {
     let (mut bytes, mut reflinked) = (0, true);
-    for name in sys::names_in(&real_folder(from)?)? {
-        let (b, r) = clone_into(from, to, &name)?;
+    for name in from.names()? {
+        let name = name.to_str().ok_or_else(|| {
+            io::Error::new(
+                io::ErrorKind::InvalidData,
+                "a segment name that is not UTF-8",
+            )
+        })?;
+        let (b, r) = clone_file(from, name, to, name)?;
         bytes += b;
         reflinked &= r;
     }
-    File::open(to)?.sync_all()?;
+    to.sync()?;
     Ok((bytes, reflinked))
 }
 
 /// The numbers of the complete snapshots in `folder`, newest last.
-fn complete(folder: &Path) -> io::Result<Vec<u64>> {
-    let mut numbers = match real_folder(folder) {
-        Ok(dir) => sys::names_in(&dir)?
-            .iter()
-            .filter_map(|n| n.to_str()?.parse::<u64>().ok())
-            .collect::<Vec<_>>(),
-        Err(e) if e.kind() == io::ErrorKind::NotFound => Vec::new(),
-        Err(e) => return Err(e),
-    };
+fn complete(folder: &Folder) -> io::Result<Vec<u64>> {
+    let mut numbers = folder
+        .names()?
+        .iter()
+        .filter_map(|n| n.to_str()?.parse::<u64>().ok())
+        .collect::<Vec<_>>();
     numbers.sort_unstable();
     Ok(numbers)
-}
-
-fn sync_folder(path: &Path) -> io::Result<()> {
-    real_folder(path)?.sync_all()
-}
-
-/// Opens the folder `path`, which must be a folder, not a link to one (`O_NOFOLLOW`).
-fn real_folder(path: &Path) -> io::Result<File> {
-    use std::os::unix::fs::OpenOptionsExt;
-    fs::OpenOptions::new()
-        .read(true)
-        .custom_flags(libc::O_DIRECTORY | libc::O_NOFOLLOW)
-        .open(path)
 }
 
 impl Store {
@@ -115,18 +100,14 @@ impl Store {
     /// data is consistent (no other thread changing it).
     pub fn snapshot(&self) -> Result<Snapshot, StoreError> {
         self.check_use(true)?;
-        let folder = self.path.join(SNAPSHOTS);
-        match fs::DirBuilder::new().mode_private().create(&folder) {
-            Err(e) if e.kind() != io::ErrorKind::AlreadyExists => return Err(e.into()),
-            _ => {}
-        }
-        // A link here would send the copies, and the removal of older snapshots, elsewhere.
-        real_folder(&folder).map_err(|e| {
+        // Never through a link: one here would send the copies, and the removal of older
+        // snapshots, elsewhere.
+        let folder = self.folder.dir_or_new(SNAPSHOTS).map_err(|e| {
             io::Error::new(
                 e.kind(),
                 format!(
-                    "{} is not a folder of the store's own: {e}",
-                    folder.display()
+                    "{}/{SNAPSHOTS} is not a folder of the store's own: {e}",
+                    self.path.display()
                 ),
             )
         })?;
@@ -136,23 +117,26 @@ impl Store {
         space.sync()?;
         let header = self.header();
         let number = header.snapshots.load(Ordering::Acquire) + 1;
-        let partial = folder.join(format!("partial-{number}"));
-        let _ = fs::remove_dir_all(&partial);
-        let made = self.snapshot_into(&partial, number);
+        let partial = format!("partial-{number}");
+        folder.remove_tree(&partial)?;
+        let made = folder
+            .make_dir(&partial)
+            .map_err(StoreError::from)
+            .and_then(|into| self.snapshot_into(&into, number));
         if made.is_err() {
             // Nothing of a failed snapshot stays, and its number is not used.
-            let _ = fs::remove_dir_all(&partial);
+            let _ = folder.remove_tree(&partial);
             if header.snapshots.load(Ordering::Acquire) == number {
                 header.snapshots.store(number - 1, Ordering::Release);
                 let _ = self.sync_header();
             }
         }
         let (bytes, reflinked) = made?;
-        fs::rename(&partial, folder.join(number.to_string()))?;
-        sync_folder(&folder)?;
+        folder.rename(&partial, &number.to_string())?;
+        folder.sync()?;
         // Older snapshots are superseded.
         for old in complete(&folder)?.into_iter().filter(|&n| n < number) {
-            let _ = fs::remove_dir_all(folder.join(old.to_string()));
+            let _ = folder.remove_tree(&old.to_string());
         }
         Ok(Snapshot {
             number,
@@ -163,17 +147,17 @@ impl Store {
 
     /// Copies the store into the new folder `partial` as snapshot `number`, and counts it in
     /// the header. The caller holds the store's locks and removes `partial` on failure.
-    fn snapshot_into(&self, partial: &Path, number: u64) -> Result<(u64, bool), StoreError> {
+    fn snapshot_into(&self, partial: &Folder, number: u64) -> Result<(u64, bool), StoreError> {
         let shared = self.shared();
         let header = self.header();
-        fs::DirBuilder::new().mode_private().create(partial)?;
-        let (mut bytes, mut reflinked) = clone_folder(&self.path.join(SEGS), &partial.join(SEGS))?;
+        let segs = partial.make_dir(SEGS)?;
+        let (mut bytes, mut reflinked) = clone_folder(&self.folder.dir(SEGS)?, &segs)?;
         // The small blocks' file and their metadata, copied while no small block can be
         // allocated or freed (the tier's locks): the copy's metadata is the copy's state.
         let small = shared.tier.save_then(&shared.small_meta, || {
             let mut copied = (0, true);
             for name in [SMALL, SMALL_META] {
-                let (b, r) = clone_into(&self.path, partial, OsStr::new(name))?;
+                let (b, r) = clone_file(&self.folder, name, partial, name)?;
                 copied = (copied.0 + b, copied.1 && r);
             }
             Ok(copied)
@@ -184,27 +168,33 @@ impl Store {
         header.snapshots.store(number, Ordering::Release);
         header.flushes.fetch_add(1, Ordering::AcqRel);
         self.sync_header()?;
-        clone_into(&self.path, partial, OsStr::new(HEADER))?;
-        let copy = open_file(&partial.join(HEADER), Access::Write, false)?;
+        clone_file(&self.folder, HEADER, partial, HEADER)?;
+        let copy = partial.file(HEADER.as_ref(), Access::Write, false)?;
         copy.write_all_at(&0u64.to_ne_bytes(), DIRTY_AT)?;
         copy.sync_all()?;
-        sync_folder(partial)?;
+        partial.sync()?;
         Ok((bytes, reflinked))
     }
 
     /// Puts the store in the folder `path` back to its last snapshot, whatever its state (a
     /// store left dirty by a writer that died, typically), then opens it for writing. Refused
     /// while anyone has it open ([`StoreError::Locked`]); [`StoreError::NoSnapshot`] if it
-    /// has none.
+    /// has none. Only a snapshot of this store is taken (its header names the store): a
+    /// snapshot folder copied in from another store is [`StoreError::NotAStore`].
     pub fn recover(path: impl AsRef<Path>) -> Result<Store, StoreError> {
         let path = path.as_ref();
-        Self::restore(path)?;
-        Store::open(path)
+        let folder = Folder::open(path).map_err(|e| match e.kind() {
+            io::ErrorKind::NotFound | io::ErrorKind::NotADirectory => StoreError::NotAStore,
+            _ => StoreError::Io(e),
+        })?;
+        Self::restore(&folder)?;
+        Store::open_in(path, folder, Access::Write)
     }
 
-    fn restore(path: &Path) -> Result<(), StoreError> {
-        let lock =
-            open_file(&path.join(LOCK), Access::Write, false).map_err(|e| match e.kind() {
+    fn restore(folder: &Folder) -> Result<(), StoreError> {
+        let lock = folder
+            .file(LOCK.as_ref(), Access::Write, false)
+            .map_err(|e| match e.kind() {
                 io::ErrorKind::NotFound => StoreError::NotAStore,
                 _ => StoreError::Io(e),
             })?;
@@ -212,50 +202,48 @@ impl Store {
             return Err(StoreError::Locked);
         }
         // The store's own header must be readable by this build (its range and format).
-        Header::read(&open_file(&path.join(HEADER), Access::Read, false)?)?;
-        let folder = path.join(SNAPSHOTS);
-        let number = *complete(&folder)?.last().ok_or(StoreError::NoSnapshot)?;
-        let snapshot = folder.join(number.to_string());
-        let saved = open_file(&snapshot.join(HEADER), Access::Read, false)?;
-        let copy = Header::read(&saved)?;
-        if copy.dirty != 0 {
+        let live = Header::read(&folder.file(HEADER.as_ref(), Access::Read, false)?)?;
+        let snapshots = match folder.dir(SNAPSHOTS) {
+            Ok(snapshots) => snapshots,
+            Err(e) if e.kind() == io::ErrorKind::NotFound => return Err(StoreError::NoSnapshot),
+            Err(e) => return Err(e.into()),
+        };
+        let number = *complete(&snapshots)?.last().ok_or(StoreError::NoSnapshot)?;
+        let snapshot = snapshots.dir(&number.to_string())?;
+        let copy = Header::read(&snapshot.file(HEADER.as_ref(), Access::Read, false)?)?;
+        if copy.dirty != 0 || copy.id != live.id || (copy.base, copy.len) != (live.base, live.len) {
             return Err(StoreError::NotAStore);
         }
         // The live files of a store left dirty are worthless: they go first, so that recovery
         // needs no room for a third copy. Then the segments, into a new folder swapped in
         // whole; the header last, by rename: until then the store is as dirty as it was (its
         // header says so), and a crash here is recovered again.
-        let segs = path.join(SEGS);
-        let old = path.join("segs.old");
-        let _ = fs::remove_dir_all(&old);
+        folder.remove_tree("segs.old")?;
         // Missing after a recovery that stopped between the renames.
-        match fs::rename(&segs, &old) {
+        match folder.rename(SEGS, "segs.old") {
             Err(e) if e.kind() == io::ErrorKind::NotFound => {}
             other => other?,
         }
-        let _ = fs::remove_dir_all(&old);
+        folder.remove_tree("segs.old")?;
         for name in [SMALL, SMALL_META] {
-            match fs::remove_file(path.join(name)) {
-                Err(e) if e.kind() == io::ErrorKind::NotFound => {}
-                other => other?,
-            }
+            folder.remove_file(name)?;
         }
-        sync_folder(path)?;
-        let fresh: PathBuf = path.join("segs.recovering");
-        let _ = fs::remove_dir_all(&fresh);
-        clone_folder(&snapshot.join(SEGS), &fresh)?;
-        fs::rename(&fresh, &segs)?;
+        folder.sync()?;
+        let fresh = "segs.recovering";
+        folder.remove_tree(fresh)?;
+        clone_folder(&snapshot.dir(SEGS)?, &folder.make_dir(fresh)?)?;
+        folder.rename(fresh, SEGS)?;
         for name in [SMALL, SMALL_META] {
-            let fresh = path.join(format!("{name}.recovering"));
-            let _ = fs::remove_file(&fresh);
-            clone_path(&snapshot.join(name), &fresh)?;
-            fs::rename(&fresh, path.join(name))?;
+            let fresh = format!("{name}.recovering");
+            folder.remove_file(&fresh)?;
+            clone_file(&snapshot, name, folder, &fresh)?;
+            folder.rename(&fresh, name)?;
         }
-        let header = path.join("header.recovering");
-        let _ = fs::remove_file(&header);
-        clone_path(&snapshot.join(HEADER), &header)?;
-        fs::rename(&header, path.join(HEADER))?;
-        sync_folder(path)?;
+        let header = "header.recovering";
+        folder.remove_file(header)?;
+        clone_file(&snapshot, HEADER, folder, header)?;
+        folder.rename(header, HEADER)?;
+        folder.sync()?;
         drop(lock);
         Ok(())
     }

@@ -478,6 +478,32 @@ pub(crate) fn allocate_blocks(file: &File, offset: u64, len: u64) -> io::Result<
     }
 }
 
+/// Gives the file blocks for `[offset, offset + len)` without changing its length
+/// (`FALLOC_FL_KEEP_SIZE`): a later write there cannot fail for want of space. `Ok` where the
+/// file system cannot reserve (`EOPNOTSUPP`): the write then takes its chance, as before.
+#[cfg(target_os = "linux")]
+pub(crate) fn reserve_blocks(file: &File, offset: u64, len: u64) -> io::Result<()> {
+    let too_big = || io::Error::from_raw_os_error(libc::EFBIG);
+    let offset = libc::off_t::try_from(offset).map_err(|_| too_big())?;
+    let len = libc::off_t::try_from(len).map_err(|_| too_big())?;
+    loop {
+        // SAFETY: fallocate only acts on the valid descriptor borrowed from `file`.
+        let ret =
+            unsafe { libc::fallocate(file.as_raw_fd(), libc::FALLOC_FL_KEEP_SIZE, offset, len) };
+        match check_zero(ret) {
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+            Err(e) if e.raw_os_error() == Some(libc::EOPNOTSUPP) => return Ok(()),
+            other => return other,
+        }
+    }
+}
+
+/// Elsewhere nothing is reserved (there is no portable call that keeps the length).
+#[cfg(not(target_os = "linux"))]
+pub(crate) fn reserve_blocks(_file: &File, _offset: u64, _len: u64) -> io::Result<()> {
+    Ok(())
+}
+
 /// Portable stand-in: POSIX `posix_fallocate` is missing on macOS, so other systems only set the
 /// length (a sparse file); the README's platform table says so.
 #[cfg(not(target_os = "linux"))]

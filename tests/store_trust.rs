@@ -445,3 +445,51 @@ fn a_failed_close_can_be_retried() {
     assert_eq!(store.root::<StoreVec<u64>>("v").unwrap().len(), 10);
     store.close().unwrap();
 }
+
+/// Item 15: `clone()` of a map in a read-only store aborted the process (an allocation error
+/// in a reader). A reader's allocations come from the temporary allocator now: it can clone
+/// what it reads, change the copies and drop them, and the store is left as it was.
+#[test]
+fn a_reader_can_clone_and_change_copies() {
+    use mmapvec::store::StoreMap;
+    let _serial = serial();
+    let path = TestPath::new("reader-clone");
+    let store = Store::create(&path.0).unwrap();
+    let mut map: StoreMap<u64, StoreVec<u64>> =
+        StoreMap::with_hasher_in(Default::default(), store.allocator());
+    for k in 0..200u64 {
+        let mut v = StoreVec::new_in(store.allocator());
+        v.extend(0..k);
+        map.insert(k, v);
+    }
+    store.set_root("map", map).unwrap();
+    let mut big = StoreVec::new_in(store.allocator());
+    big.extend(0..(1u64 << 18)); // a segment of its own
+    store.set_root("big", big).unwrap();
+    store.close().unwrap();
+
+    let reader = Store::open_read_only(&path.0).unwrap();
+    let map = reader.root::<StoreMap<u64, StoreVec<u64>>>("map").unwrap();
+    let mut copy = map.clone();
+    copy.insert(1000, StoreVec::new_in(reader.allocator()));
+    copy.get_mut(&5).unwrap().extend(100..10_000);
+    copy.remove(&7);
+    assert_eq!(copy.len(), 200);
+    assert_eq!(copy[&5].len(), 5 + 9_900);
+    let big = reader.root::<StoreVec<u64>>("big").unwrap();
+    let mut grown = (*big).clone();
+    grown.extend(0..1000);
+    grown.truncate(10);
+    grown.shrink_to_fit();
+    assert_eq!(grown[..], [0, 1, 2, 3, 4, 5, 6, 7, 8, 9]);
+    drop((copy, grown, map, big));
+    reader.close().unwrap();
+
+    let store = Store::open(&path.0).unwrap();
+    let map = store.root::<StoreMap<u64, StoreVec<u64>>>("map").unwrap();
+    assert_eq!(map.len(), 200);
+    assert_eq!(map[&5].len(), 5);
+    assert!(map.contains_key(&7) && !map.contains_key(&1000));
+    drop(map);
+    store.close().unwrap();
+}

@@ -42,6 +42,14 @@ pub type StoreSet<'s, T, S = foldhash::fast::FixedState> =
 /// Blocks of up to 512 KiB come from the small-block tier of the temporary allocator, run on the
 /// store's chunk file (`small`); larger ones are segments of their own, which grow in place or
 /// move without copying.
+///
+/// **Where nothing can be written to the store** (a store opened read-only, or a fork child's
+/// copy of a writer's containers), it allocates from the process's temporary allocator
+/// ([`MmapAllocator::default`](crate::MmapAllocator::default)) instead: a reader can clone
+/// what it reads and build temporary values from it, and those blocks are freed there. Such a
+/// value cannot be kept in the store (a reader cannot set a root); the store's own blocks are
+/// never freed or changed by such a process (their deallocation is a no-op there, and growing
+/// one copies it out).
 #[derive(Clone, Copy, PartialEq, Eq)]
 pub struct StoreAllocator<'s> {
     /// The start of the store's range. The runtime page after the header holds the address
@@ -86,14 +94,23 @@ impl<'s> StoreAllocator<'s> {
         }
     }
 
-    fn usable(&self) -> Result<&'s Shared, AllocError> {
+    /// The store's state if this process may allocate in it: the writer that opened it.
+    fn usable(&self) -> Option<&'s Shared> {
         let shared = self.shared();
-        if shared.is_owner() && shared.access == super::Access::Write {
-            Ok(shared)
-        } else {
-            Err(AllocError)
-        }
+        (shared.is_owner() && shared.access == super::Access::Write).then_some(shared)
     }
+
+    /// Whether `ptr` is in the store's range (a block of the store, not a temporary one).
+    fn in_store(&self, ptr: NonNull<u8>) -> bool {
+        let addr = ptr.as_ptr().addr();
+        let base = self.base.as_ptr().addr();
+        addr >= base && addr - base < self.shared().range_len
+    }
+}
+
+/// Where a process that cannot write the store (a reader, a fork child) gets its blocks.
+fn temporary() -> crate::MmapAllocator {
+    crate::MmapAllocator::default()
 }
 
 fn slice(addr: usize, len: usize) -> NonNull<[u8]> {
@@ -118,11 +135,15 @@ unsafe impl Allocator for StoreAllocator<'_> {
         if layout.size() == 0 {
             return;
         }
-        let shared = self.shared();
-        // A fork child never touches its parent's store (its views are not even mapped here).
-        if !shared.is_owner() {
-            return;
+        if !self.in_store(ptr) {
+            // SAFETY: a block outside the store's range came from `temporary` (the caller's
+            // promise: it came from this allocator), with this layout.
+            return unsafe { temporary().deallocate(ptr, layout) };
         }
+        // A reader or a fork child never frees its store's blocks.
+        let Some(shared) = self.usable() else {
+            return;
+        };
         if shared.tier.contains(ptr) {
             // SAFETY: a live block of the tier (the caller's promise: it came from `allocate`,
             // and the tier's region holds only its own blocks).
@@ -164,7 +185,15 @@ unsafe impl Allocator for StoreAllocator<'_> {
             return Ok(dangling(new_layout.align()));
         }
         let addr = ptr.as_ptr().expose_provenance();
-        let shared = self.usable()?;
+        if !self.in_store(ptr) {
+            // SAFETY: a temporary block (see `deallocate`), the caller's layouts.
+            return unsafe { temporary().shrink(ptr, old_layout, new_layout) };
+        }
+        let Some(shared) = self.usable() else {
+            // A store block where it cannot be changed: copied out.
+            // SAFETY: forwarded.
+            return unsafe { self.moved(ptr, old_layout, new_layout, false) };
+        };
         if shared.tier.contains(ptr) {
             // SAFETY: a live block of the tier (see `deallocate`).
             let len = unsafe { shared.tier.block_len(ptr) };
@@ -229,7 +258,13 @@ impl StoreAllocator<'_> {
         if layout.size() == 0 {
             return Ok(dangling(layout.align()));
         }
-        let shared = self.usable()?;
+        let Some(shared) = self.usable() else {
+            return if zeroed {
+                temporary().allocate_zeroed(layout)
+            } else {
+                temporary().allocate(layout)
+            };
+        };
         if shared.tier.serves(layout) {
             match shared.tier.allocate(layout, zeroed, STORE_EPOCH, &NoFiles) {
                 Ok(block) => return Ok(block),
@@ -267,7 +302,21 @@ impl StoreAllocator<'_> {
             };
         }
         let addr = ptr.as_ptr().expose_provenance();
-        let shared = self.usable()?;
+        if !self.in_store(ptr) {
+            // SAFETY: a temporary block (see `deallocate`), the caller's layouts.
+            return unsafe {
+                if zeroed {
+                    temporary().grow_zeroed(ptr, old_layout, new_layout)
+                } else {
+                    temporary().grow(ptr, old_layout, new_layout)
+                }
+            };
+        }
+        let Some(shared) = self.usable() else {
+            // A store block where it cannot be changed: copied out.
+            // SAFETY: forwarded.
+            return unsafe { self.moved(ptr, old_layout, new_layout, zeroed) };
+        };
         if shared.tier.contains(ptr) {
             // SAFETY: a live block of the tier (see `deallocate`).
             let len = unsafe { shared.tier.block_len(ptr) };

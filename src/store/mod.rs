@@ -618,6 +618,8 @@ pub(crate) struct Shared {
     access: Access,
     /// The process generation that opened the store: a fork child's copy never writes.
     generation: u64,
+    /// The length of the store's range (which starts at the allocator's `base`).
+    range_len: usize,
 }
 
 impl Shared {
@@ -973,6 +975,7 @@ impl Store {
             roots: Mutex::new([RootState::default(); ROOTS]),
             access: self.access,
             generation: self.generation,
+            range_len: self.len,
         });
         // SAFETY: `shared` stays boxed (at its address) until the drop, which unregisters it
         // first; its `lock_for_fork` only takes its own mutexes.

@@ -374,7 +374,11 @@ impl fmt::Display for StoreError {
             }
             StoreError::AddressTaken { base, len } => write!(
                 f,
-                "the store's address range {base:#x}..{:#x} is taken in this process",
+                "the store's address range {base:#x}..{:#x} is taken in this process: another \
+                 mapping is there. If it runs with `ulimit -s unlimited` (Linux then maps from \
+                 about 20 TiB up), run it with a finite stack limit; or close what this \
+                 process mapped there first (another store). Stores made by this version \
+                 are placed where neither of Linux's layouts maps anything",
                 base.saturating_add(*len)
             ),
             StoreError::Dirty {
@@ -569,22 +573,34 @@ pub(crate) fn lock_for_fork(held: &mut Vec<Box<dyn std::any::Any>>) {
     held.push(Box::new(open_here()));
 }
 
-/// Where new stores go: hint addresses from 16 TiB to 64 TiB, away from where Linux puts a
-/// process's own mappings (just below the stack, near 128 TiB on x86-64) and its heap (near
-/// the program): a store's range is then unlikely to be taken in the processes that reopen
-/// it. Tried at a few random places; anywhere the kernel likes after that.
+/// The bands of address space where new stores go (64-bit Linux's layouts, x86-64 and
+/// arm64 with 47- or 48-bit user space):
+/// * the default (top-down) layout maps the program and its heap near 85 TiB and everything
+///   else down from just below the stack, near 128 TiB;
+/// * the legacy (bottom-up) layout, which `ulimit -s unlimited` selects, maps from a random
+///   base between about 20.3 and 21.3 TiB upwards;
+/// * AddressSanitizer's shadow takes everything below 16 TiB.
+///
+/// So a store goes between 16 and 20 TiB, where none of them puts anything; a store too large
+/// for that band between 24 and 80 TiB (above the legacy base and what a process usually maps
+/// above it, below the program). A store's range is then free in the processes that reopen it,
+/// whichever layout they run with.
+#[cfg(target_pointer_width = "64")]
+const BANDS: [(usize, usize); 2] = [(16 << 40, 20 << 40), (24 << 40, 80 << 40)];
+
+/// Reserves the range of a new store in the first of [`BANDS`] it fits, at a random place on
+/// a 1 GiB grid (tried a few times: another mapping may be there); anywhere the kernel likes
+/// after that.
 fn reserve_new_range(len: usize) -> io::Result<NonNull<u8>> {
     #[cfg(target_pointer_width = "64")]
-    {
-        const LOW: usize = 16 << 40;
-        const HIGH: usize = 64 << 40;
+    for (low, high) in BANDS {
         const STEP: usize = 1 << 30;
-        if len > HIGH - LOW {
-            return segment::reserve_aligned(len, CHUNK);
+        if len > high - low {
+            continue;
         }
         for _ in 0..8 {
             let random = uuid::Uuid::new_v4().as_u128() as usize;
-            let at = LOW + random % ((HIGH - LOW - len) / STEP + 1) * STEP;
+            let at = low + random % ((high - low - len) / STEP + 1) * STEP;
             if let Some(at) = NonNull::new(at as *mut u8)
                 && sys::reserve_at(at, len).is_ok()
             {

@@ -386,8 +386,13 @@ fn readers_share_a_store_and_cannot_change_it() {
             Err(StoreError::ReadOnly)
         ));
         assert!(matches!(store.flush(), Err(StoreError::ReadOnly)));
+        // A reader's allocations are temporary blocks, outside the store's range.
         let layout = Layout::new::<u64>();
-        assert!(store.allocator().allocate(layout).is_err());
+        let block = store.allocator().allocate(layout).unwrap();
+        let (base, len) = store.range();
+        assert!(!(base..base + len).contains(&block.cast::<u8>().as_ptr().addr()));
+        // SAFETY: the block just allocated, with its layout.
+        unsafe { store.allocator().deallocate(block.cast(), layout) };
     };
     if let Some((_, path)) = role() {
         check(&Store::open_read_only(&path).unwrap());
@@ -463,7 +468,10 @@ fn a_fork_child_never_writes_its_parents_store() {
             Err(StoreError::ForkChild)
         ));
         assert!(matches!(store.flush(), Err(StoreError::ForkChild)));
-        assert!(store.allocator().allocate(Layout::new::<u64>()).is_err());
+        // A child's allocations are temporary blocks, outside its parent's store.
+        let block = store.allocator().allocate(Layout::new::<u64>()).unwrap();
+        let (base, len) = store.range();
+        assert!(!(base..base + len).contains(&block.cast::<u8>().as_ptr().addr()));
         // SAFETY: the child's own copy of the handle, dropped once (the child `_exit`s).
         drop(unsafe { std::ptr::read(store) });
     });

@@ -510,7 +510,9 @@ fn stores_reopen_under_the_legacy_memory_layout() {
             .and_then(|l| usize::from_str_radix(l.split('-').next()?, 16).ok())
             .unwrap();
         if first > 32 << 40 {
-            println!("SKIPPED: the child does not run the legacy layout (first mapping {first:#x})");
+            println!(
+                "SKIPPED: the child does not run the legacy layout (first mapping {first:#x})"
+            );
             return;
         }
         let mut taken = Vec::new();
@@ -558,4 +560,69 @@ fn stores_reopen_under_the_legacy_memory_layout() {
         output.status,
         String::from_utf8_lossy(&output.stderr)
     );
+}
+
+/// Item 11: a segment file cut short (or removed) after a clean close was mapped as it was
+/// found, and the first read past its new end was a SIGSEGV. The store lists its segments
+/// with their lengths at every durable point now, and `open` refuses what does not match.
+#[test]
+fn a_cut_or_missing_segment_is_refused_at_open() {
+    let _serial = serial();
+    for damage in ["cut", "removed", "grown", "added"] {
+        let path = TestPath::new("cut-segment");
+        let store = Store::create(&path.0).unwrap();
+        let mut big = StoreVec::new_in(store.allocator());
+        big.extend(0..(1u64 << 18)); // 2 MiB: a segment of its own
+        store.set_root("big", big).unwrap();
+        store.close().unwrap();
+        let segs = path.0.join("segs");
+        let seg = std::fs::read_dir(&segs)
+            .unwrap()
+            .flatten()
+            .map(|e| e.path())
+            .find(|p| !p.file_name().unwrap().to_string_lossy().starts_with('.'))
+            .unwrap();
+        let len = std::fs::metadata(&seg).unwrap().len();
+        match damage {
+            "cut" => std::fs::File::options()
+                .write(true)
+                .open(&seg)
+                .unwrap()
+                .set_len(len / 2)
+                .unwrap(),
+            "removed" => std::fs::remove_file(&seg).unwrap(),
+            "grown" => std::fs::File::options()
+                .write(true)
+                .open(&seg)
+                .unwrap()
+                .set_len(len + 4096)
+                .unwrap(),
+            _ => {
+                let name = seg.file_name().unwrap().to_string_lossy().into_owned();
+                let (addr, span) = name.split_once('-').unwrap();
+                let addr = usize::from_str_radix(addr, 16).unwrap();
+                let span = usize::from_str_radix(span, 16).unwrap();
+                let other = segs.join(format!("{:x}-{span:x}", addr + span));
+                std::fs::copy(&seg, &other).unwrap();
+            }
+        }
+        for read_only in [false, true] {
+            let opened = if read_only {
+                Store::open_read_only(&path.0)
+            } else {
+                Store::open(&path.0)
+            };
+            match opened {
+                Err(StoreError::NotAStore) => {}
+                Ok(store) => {
+                    let big = store.root::<StoreVec<u64>>("big").unwrap();
+                    panic!(
+                        "{damage}: opened; the last element reads {}",
+                        big[big.len() - 1]
+                    );
+                }
+                Err(e) => panic!("{damage}: {e:?}"),
+            }
+        }
+    }
 }

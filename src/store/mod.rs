@@ -98,7 +98,7 @@ use std::os::fd::AsRawFd;
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 use std::ptr::NonNull;
-use std::sync::atomic::{AtomicI32, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicI32, AtomicU32, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 
 use crate::arena::{CHUNK, SmallTier, TierConfig};
@@ -132,8 +132,12 @@ use space::Space;
 
 /// The first eight bytes of a store's header.
 const MAGIC: [u8; 8] = *b"MMAPVST\0";
-/// The header format this code reads and writes.
-const VERSION: u32 = 2;
+/// The header format this code writes. Version 3 added the store's id and the list of
+/// segments (`segs/.manifest`); a version 2 store is read, and upgraded when it is opened for
+/// writing.
+const VERSION: u32 = 3;
+/// The oldest header format this code reads.
+const OLDEST_VERSION: u32 = 2;
 /// The header file: its length is one page of the machine that made the store.
 const HEADER: &str = "header";
 /// The file whose `flock` says who has the store open.
@@ -165,7 +169,8 @@ fn build_fingerprint() -> u64 {
 #[repr(C)]
 struct Header {
     magic: [u8; 8],
-    version: u32,
+    /// Written once, when a version 2 store is upgraded.
+    version: AtomicU32,
     /// The page size of the machine that made the store: the range's layout depends on it.
     page_size: u32,
     /// The range's start and length.
@@ -221,7 +226,7 @@ impl Header {
             small: word(64),
             id: [word(72), word(80)],
         };
-        if copy.version != VERSION {
+        if !(OLDEST_VERSION..=VERSION).contains(&copy.version) {
             return Err(StoreError::Version(copy.version));
         }
         if copy.page_size as usize != sys::page_size() {
@@ -354,7 +359,10 @@ impl fmt::Display for StoreError {
             StoreError::Exists(path) => write!(f, "{} exists already", path.display()),
             StoreError::NotAStore => f.write_str("not a store: no valid header or segments"),
             StoreError::Version(v) => {
-                write!(f, "store format version {v}, this build reads {VERSION}")
+                write!(
+                    f,
+                    "store format version {v}, this build reads {OLDEST_VERSION} to {VERSION}"
+                )
             }
             StoreError::PageSize(p) => write!(
                 f,
@@ -805,7 +813,10 @@ impl Store {
         file.sync_all()?;
         store.folder.sync()?;
         store.map_header()?;
-        store.start()?;
+        store.start(true)?;
+        // Its (empty) list of segments, which a version 3 store must have.
+        store.shared().lock_space().sync()?;
+        store.folder.sync()?;
         Ok(store)
     }
 
@@ -877,10 +888,16 @@ impl Store {
         store.map_header()?;
         // Everything mapped and checked before the store is marked open for writing: a store
         // refused here is left as it was.
-        store.start()?;
+        store.start(false)?;
         if access == Access::Write {
             store.header().dirty.store(1, Ordering::Release);
             store.sync_header()?;
+            if store.header().version.load(Ordering::Relaxed) < VERSION {
+                // Upgraded: the list of segments written, then the version that requires it.
+                store.shared().lock_space().sync()?;
+                store.header().version.store(VERSION, Ordering::Relaxed);
+                store.sync_header()?;
+            }
         }
         Ok(store)
     }
@@ -942,8 +959,9 @@ impl Store {
         }
     }
 
-    /// Makes the runtime page and maps every block back: the store is ready.
-    fn start(&mut self) -> Result<(), StoreError> {
+    /// Makes the runtime page and maps every block back: the store is ready. A `new` store
+    /// has no list of segments yet.
+    fn start(&mut self, new: bool) -> Result<(), StoreError> {
         let page = sys::page_size();
         // SAFETY: the second page of the range is our reservation, which nothing refers to.
         let runtime = unsafe { self.base.add(page) };
@@ -983,7 +1001,8 @@ impl Store {
         // ranges that may no longer be ours.
         self.lost_at_start = tier.lost_ranges();
         restored.map_err(corrupt)?;
-        let space = Space::open(segs, start, end, share, &mut self.lost_at_start);
+        let manifest = !new && self.header().version.load(Ordering::Relaxed) >= 3;
+        let space = Space::open(segs, start, end, share, manifest, &mut self.lost_at_start);
         let shared = Box::new(Shared {
             space: Mutex::new(space.map_err(corrupt)?),
             tier,

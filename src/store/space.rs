@@ -28,6 +28,13 @@ use crate::sys::{self, Share};
 
 /// The folder of the store's segments.
 pub(super) const SEGS: &str = "segs";
+/// The file in `segs` that lists every segment (address, span, length) as of the last durable
+/// point: a segment cut short, grown, removed or added since is refused at open.
+const MANIFEST: &str = ".manifest";
+/// Where a new manifest is written before it replaces the old one.
+const MANIFEST_NEW: &str = ".manifest.new";
+/// The manifest's first eight bytes.
+const MANIFEST_MAGIC: u64 = u64::from_ne_bytes(*b"MMAPVMF1");
 
 /// The smallest span: 16 pages of 4 KiB.
 const MIN_SPAN: usize = 64 << 10;
@@ -69,6 +76,14 @@ fn parse_name(name: &OsStr) -> Option<(usize, usize)> {
     ))
 }
 
+/// FNV-1a of `bytes`: catches a damaged manifest (not an attacker, who can write a matching
+/// one: a store is trusted input).
+fn checksum(bytes: &[u8]) -> u64 {
+    bytes.iter().fold(0xcbf2_9ce4_8422_2325u64, |hash, &b| {
+        (hash ^ u64::from(b)).wrapping_mul(0x0000_0100_0000_01b3)
+    })
+}
+
 fn corrupt(what: String) -> io::Error {
     io::Error::new(io::ErrorKind::InvalidData, what)
 }
@@ -95,15 +110,19 @@ impl Space {
     /// address (`[start, end)` must be reserved by the caller, and nothing in it used yet).
     /// On error, what was mapped stays mapped (the caller unmaps its whole range), less the
     /// ranges that may no longer be ours, which are added to `lost`.
+    ///
+    /// With `manifest` (a store that keeps one), the segments must be exactly those its
+    /// manifest lists, with their lengths.
     pub(super) fn open(
         dir: File,
         start: usize,
         end: usize,
         share: Share,
+        manifest: bool,
         lost: &mut Vec<(usize, usize)>,
     ) -> io::Result<Space> {
         let mut space = Space::new(dir, start, end, share);
-        let mapped = space.map_all(start, end);
+        let mapped = space.map_all(start, end, manifest);
         match mapped {
             Ok(()) => Ok(space),
             Err(e) => {
@@ -115,10 +134,13 @@ impl Space {
 
     /// Checks every name and file of the folder, then maps them one at a time (one descriptor
     /// open at a time, whatever the number of segments).
-    fn map_all(&mut self, start: usize, end: usize) -> io::Result<()> {
+    fn map_all(&mut self, start: usize, end: usize, manifest: bool) -> io::Result<()> {
         let mut found = Vec::new();
         let mut seen = std::collections::HashSet::new();
         for name in sys::names_in(&self.dir)? {
+            if name == MANIFEST || name == MANIFEST_NEW {
+                continue;
+            }
             let (addr, span) = parse_name(&name)
                 .filter(|&(addr, span)| seg_name(addr, span) == name)
                 .ok_or_else(|| corrupt(format!("unexpected file {name:?} in the store")))?;
@@ -150,6 +172,24 @@ impl Space {
             found.push((addr, Seg { len, span }, name, entry.ino));
         }
         found.sort_by_key(|&(addr, ..)| addr);
+        if manifest {
+            let listed = self.read_manifest()?;
+            let on_disk: Vec<_> = found.iter().map(|&(addr, seg, ..)| (addr, seg)).collect();
+            if listed != on_disk {
+                let (missing, changed): (Vec<&(usize, Seg)>, Vec<_>) = listed
+                    .iter()
+                    .filter(|l| !on_disk.contains(l))
+                    .partition(|(addr, _)| !on_disk.iter().any(|(a, _)| a == addr));
+                let extra = on_disk.len() + missing.len() - listed.len();
+                return Err(corrupt(format!(
+                    "the segments are not those the store recorded: {} missing, {} of another \
+                     length, {extra} not recorded (first: {:?})",
+                    missing.len(),
+                    changed.len(),
+                    missing.first().or(changed.first())
+                )));
+            }
+        }
         for pair in found.windows(2) {
             if pair[0].0 + pair[0].1.span > pair[1].0 {
                 return Err(corrupt(format!(
@@ -422,7 +462,68 @@ impl Space {
             // SAFETY: the block's mapping, ours while it is in `segs`.
             unsafe { sys::sync(at(addr), seg.len) }?;
         }
+        if self.share == Share::Write {
+            self.write_manifest()?;
+        }
         self.dir.sync_all()
+    }
+
+    /// Writes the list of segments to a new file, synced, then renames it over the manifest
+    /// (the folder is synced by the caller): a crash leaves the old list or the new one.
+    fn write_manifest(&self) -> io::Result<()> {
+        let mut bytes = Vec::with_capacity(24 + self.segs.len() * 24);
+        bytes.extend_from_slice(&MANIFEST_MAGIC.to_ne_bytes());
+        bytes.extend_from_slice(&(self.segs.len() as u64).to_ne_bytes());
+        for (&addr, seg) in &self.segs {
+            for word in [addr, seg.span, seg.len] {
+                bytes.extend_from_slice(&(word as u64).to_ne_bytes());
+            }
+        }
+        let sum = checksum(&bytes);
+        bytes.extend_from_slice(&sum.to_ne_bytes());
+        match sys::remove_at(&self.dir, OsStr::new(MANIFEST_NEW), false) {
+            Err(e) if e.kind() != io::ErrorKind::NotFound => return Err(e),
+            _ => {}
+        }
+        let file = sys::open_at(&self.dir, OsStr::new(MANIFEST_NEW), Some(0o600))?;
+        std::os::unix::fs::FileExt::write_all_at(&file, &bytes, 0)?;
+        file.sync_all()?;
+        sys::rename_at(&self.dir, OsStr::new(MANIFEST_NEW), OsStr::new(MANIFEST))
+    }
+
+    /// The segments the manifest lists, by address.
+    fn read_manifest(&self) -> io::Result<Vec<(usize, Seg)>> {
+        let missing = |e: io::Error| match e.kind() {
+            io::ErrorKind::NotFound => corrupt("the store's list of segments is missing".into()),
+            _ => e,
+        };
+        let file = sys::open_read_at(&self.dir, OsStr::new(MANIFEST)).map_err(missing)?;
+        let mut bytes = Vec::new();
+        io::Read::read_to_end(&mut &file, &mut bytes)?;
+        let bad = || corrupt("the store's list of segments is damaged".into());
+        if bytes.len() < 24 || !(bytes.len() - 24).is_multiple_of(24) {
+            return Err(bad());
+        }
+        let word = |i: usize| u64::from_ne_bytes(bytes[i * 8..i * 8 + 8].try_into().unwrap());
+        let words = bytes.len() / 8;
+        let count = (words - 3) / 3;
+        if word(0) != MANIFEST_MAGIC
+            || word(1) != count as u64
+            || word(words - 1) != checksum(&bytes[..bytes.len() - 8])
+        {
+            return Err(bad());
+        }
+        let as_usize = |w: u64| usize::try_from(w).map_err(|_| bad());
+        (0..count)
+            .map(|i| {
+                let at = 2 + i * 3;
+                let seg = Seg {
+                    span: as_usize(word(at + 1))?,
+                    len: as_usize(word(at + 2))?,
+                };
+                Ok((as_usize(word(at))?, seg))
+            })
+            .collect()
     }
 
     /// Records the new mapped length of the block at `addr`.

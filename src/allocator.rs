@@ -207,7 +207,7 @@ impl fmt::Debug for MmapAllocator {
 impl MmapAllocator {
     /// The allocator for `settings`, making its files with `creator`.
     pub(crate) fn new(settings: Settings, creator: Arc<dyn SegmentCreator>) -> MmapAllocator {
-        fork::install();
+        crate::install_fork_handlers();
         let inner = Arc::new_cyclic(|me| Inner {
             table: SegmentTable::new(),
             creator,

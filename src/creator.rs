@@ -351,7 +351,7 @@ impl DirCreator {
         DirCreator {
             base: std::path::absolute(&base).unwrap_or(base),
             state: {
-                fork::install();
+                crate::install_fork_handlers();
                 let state = Arc::new(StateLock(Mutex::new(State::default())));
                 // SAFETY: the `Arc`'s contents stay at their address until the last clone goes,
                 // and the creator holds one until its `Drop`, which unregisters first;

@@ -17,6 +17,10 @@
 //!   caches and queues) and the process-wide [`hold`] lock, and the parent and child handlers
 //!   release them. So no lock is held by a thread that does not exist in the child, and no
 //!   fork happens in the middle of a truncation or of a `dont_fork` mapping change.
+//! * **Layers.** This module is the bottom of the crate and knows nothing of what is above it:
+//!   the modules above give it their process-wide locks as *layers* (a list fixed when the
+//!   handlers are installed, [`install`]) and their objects through [`register`]; the prepare
+//!   handler locks each, and the child handler gives each its turn ([`ForkLocks::in_child`]).
 //! * **`dont_fork` holes.** `MADV_DONTFORK` leaves a hole in the child where each such view
 //!   was. The child still holds the inherited vectors, so a hole is a trap: the kernel may put a
 //!   new mapping there, which the inherited vector's drop would then unmap. The child handler
@@ -78,11 +82,19 @@ pub(crate) fn forking_thread() -> u64 {
 /// that never completes. A flag set first never makes anyone wait: a thread that sees it set
 /// while the first one is still registering goes on (a fork in that instant runs without our
 /// handlers, as any fork before the first allocator did).
-pub(crate) fn install() {
+///
+/// `layers` are the process-wide locks of the modules above, locked in this order after every
+/// registered object; every caller passes the same list (the crate's, see `lib.rs`), and only
+/// the first call's is kept: they are recorded before the handlers exist, so no fork can miss
+/// one.
+pub(crate) fn install(layers: &'static [&'static dyn ForkLocks]) {
     static INSTALLED: AtomicBool = AtomicBool::new(false);
-    if !INSTALLED.swap(true, Ordering::AcqRel)
-        && let Err(e) = sys::at_fork(prepare, parent, child)
-    {
+    if INSTALLED.swap(true, Ordering::AcqRel) {
+        return;
+    }
+    // Published before the handlers are installed, never changed after.
+    let _ = LAYERS.set(layers);
+    if let Err(e) = sys::at_fork(prepare, parent, child) {
         crate::logging::report!(
             error,
             "mmapvec: pthread_atfork failed, fork children are not protected: {e}"
@@ -130,6 +142,22 @@ pub(crate) trait ForkLocks: Sync {
     /// takes note of the epoch the fork is about to begin (`epoch`). Called only from the
     /// prepare handler; the guards are dropped after the fork.
     fn lock_for_fork(&'static self, held: &mut Vec<Box<dyn Any>>, epoch: u64);
+
+    /// Runs in the child, on its only thread, after the `dont_fork` holes are filled and
+    /// before the guards are dropped: `held` holds every guard taken by the prepare handler
+    /// (its own among them, which it may find by type). Only calls that are safe in a fork
+    /// child of a threaded process (system calls; glibc's and musl's `malloc` are usable
+    /// here).
+    fn in_child(&'static self, held: &mut [Box<dyn Any>]) {
+        let _ = held;
+    }
+}
+
+/// The layers given to [`install`].
+static LAYERS: std::sync::OnceLock<&'static [&'static dyn ForkLocks]> = std::sync::OnceLock::new();
+
+fn layers() -> &'static [&'static dyn ForkLocks] {
+    LAYERS.get().copied().unwrap_or(&[])
 }
 
 /// A registered object. Raw, because registration does not own it: see [`register`].
@@ -213,10 +241,9 @@ extern "C" fn prepare() {
         let object: &'static dyn ForkLocks = unsafe { &*r.0 };
         object.lock_for_fork(&mut locks, next);
     }
-    crate::release::lock_for_fork(&mut locks);
-    crate::reuse::timer::lock_for_fork(&mut locks);
-    #[cfg(target_os = "linux")]
-    crate::store::lock_for_fork(&mut locks);
+    for layer in layers() {
+        layer.lock_for_fork(&mut locks, next);
+    }
     let views = hold();
     EPOCH.store(next, Ordering::Release);
     // SAFETY: this thread holds the registry lock (`registry`), so it alone touches the slot
@@ -251,8 +278,15 @@ extern "C" fn child() {
             let _ = unsafe { sys::reserve_fixed(ptr, len) };
         }
     }
-    #[cfg(target_os = "linux")]
-    crate::store::in_child();
+    let mut held = held;
+    for r in held._registry.iter() {
+        // SAFETY: as in `prepare`: alive while the registry lock (in `held`) is held.
+        let object: &'static dyn ForkLocks = unsafe { &*r.0 };
+        object.in_child(&mut held._locks);
+    }
+    for layer in layers() {
+        layer.in_child(&mut held._locks);
+    }
     drop(held);
 }
 

@@ -35,6 +35,20 @@ pub use stats::{FailureCause, Failures, SmallStats, Stats};
 
 use allocator_api2::collections::TryReserveError;
 
+/// The process-wide locks of the modules above `fork` (the bottom of the crate), in the order
+/// the prepare handler takes them: the release queue, the decay thread's watch, the open
+/// store's record.
+#[cfg(target_os = "linux")]
+static FORK_LAYERS: [&dyn fork::ForkLocks; 3] = [&release::FORK, &reuse::timer::FORK, &store::FORK];
+#[cfg(not(target_os = "linux"))]
+static FORK_LAYERS: [&dyn fork::ForkLocks; 2] = [&release::FORK, &reuse::timer::FORK];
+
+/// Installs the fork handlers (once per process) with the crate's layers: called whenever an
+/// allocator or a store is made, before it maps anything.
+pub(crate) fn install_fork_handlers() {
+    fork::install(&FORK_LAYERS);
+}
+
 /// A vector whose buffer lives in a memory-mapped file: `allocator_api2::vec::Vec` with
 /// [`MmapAllocator`]. Everything `Vec` has, it has.
 ///

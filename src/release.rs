@@ -36,10 +36,17 @@ fn queue() -> MutexGuard<'static, Option<Queue>> {
     QUEUE.lock().unwrap_or_else(|e| e.into_inner())
 }
 
-/// Takes the queue's lock for the fork handlers (no thread may hold it at the moment of a
-/// fork); `fork` calls it directly, a static needs no registration.
-pub(crate) fn lock_for_fork(held: &mut Vec<Box<dyn Any>>) {
-    held.push(Box::new(queue()));
+/// The release queue's part in the fork handlers (a layer, see `fork::install`): no thread
+/// may hold the queue's lock at the moment of a fork.
+pub(crate) struct ForkLayer;
+
+/// The layer given to `fork::install`.
+pub(crate) static FORK: ForkLayer = ForkLayer;
+
+impl fork::ForkLocks for ForkLayer {
+    fn lock_for_fork(&'static self, held: &mut Vec<Box<dyn Any>>, _epoch: u64) {
+        held.push(Box::new(queue()));
+    }
 }
 
 fn start() -> Queue {

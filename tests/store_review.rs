@@ -42,6 +42,14 @@ fn in_fork_child(body: impl FnOnce()) -> i32 {
 fn seg_files(path: &Path) -> Vec<(String, u64)> {
     let mut v: Vec<_> = std::fs::read_dir(path.join("segs"))
         .unwrap()
+        // Not the list of segments (`.manifest`).
+        .filter(|e| {
+            !e.as_ref()
+                .unwrap()
+                .file_name()
+                .to_string_lossy()
+                .starts_with('.')
+        })
         .map(|e| {
             let e = e.unwrap();
             (
@@ -517,30 +525,55 @@ fn the_allocator_contract_holds() {
         a.allocate(Layout::from_size_align(isize::MAX as usize - 4095, 4096).unwrap())
             .is_err()
     );
-    // A fork child: every change refused, deallocate a no-op, the files untouched.
+    // A fork child: its blocks are temporary ones, a store block it grows or shrinks is
+    // copied out, its deallocation is a no-op, and the files are untouched.
     let v = a.allocate(Layout::new::<[u64; 64]>()).unwrap();
+    // SAFETY: the block just allocated, 512 bytes.
+    unsafe { v.cast::<u8>().as_ptr().write_bytes(0x5A, 512) };
     let files = seg_files(&path.0);
+    let (base, len) = store.range();
+    let outside = move |p: std::ptr::NonNull<[u8]>| {
+        !(base..base + len).contains(&p.cast::<u8>().as_ptr().addr())
+    };
     let status = in_fork_child(|| {
         let l = Layout::new::<[u64; 64]>();
-        assert!(a.allocate(l).is_err());
-        // SAFETY: `v` with its layout; a fork child must leave it alone.
-        assert!(unsafe { a.grow(v.cast(), l, Layout::new::<[u64; 4096]>()) }.is_err());
+        let mine = a.allocate(l).unwrap();
+        assert!(outside(mine));
+        // SAFETY: `v` with its layout.
+        let grown = unsafe { a.grow(v.cast(), l, Layout::new::<[u64; 4096]>()) }.unwrap();
+        assert!(outside(grown));
+        // SAFETY: the grown block keeps the first 512 bytes.
+        assert_eq!(unsafe { grown.cast::<u8>().as_ptr().add(511).read() }, 0x5A);
         // SAFETY: as above.
-        assert!(unsafe { a.shrink(v.cast(), l, Layout::new::<u64>()) }.is_err());
-        // SAFETY: as above.
+        let shrunk = unsafe { a.shrink(v.cast(), l, Layout::new::<u64>()) }.unwrap();
+        assert!(outside(shrunk));
+        // SAFETY: as above; a no-op for the store's block.
         unsafe { a.deallocate(v.cast(), l) };
+        // SAFETY: the temporary blocks, with their layouts.
+        unsafe {
+            a.deallocate(mine.cast(), l);
+            a.deallocate(grown.cast(), Layout::new::<[u64; 4096]>());
+            a.deallocate(shrunk.cast(), Layout::new::<u64>());
+        }
     });
     assert!(
         libc::WIFEXITED(status) && libc::WEXITSTATUS(status) == 0,
         "{status:#x}"
     );
     assert_eq!(seg_files(&path.0), files);
+    // SAFETY: the parent's block is still there, as it was.
+    assert_eq!(unsafe { v.cast::<u8>().as_ptr().add(511).read() }, 0x5A);
     // SAFETY: `v` with its layout.
     unsafe { a.deallocate(v.cast(), Layout::new::<[u64; 64]>()) };
     store.close().unwrap();
-    // A reader allocates nothing.
+    // A reader allocates temporary blocks only.
     let store = Store::open_read_only(&path.0).unwrap();
-    assert!(store.allocator().allocate(Layout::new::<u64>()).is_err());
+    let (base, len) = store.range();
+    let l = Layout::new::<u64>();
+    let block = store.allocator().allocate(l).unwrap();
+    assert!(!(base..base + len).contains(&block.cast::<u8>().as_ptr().addr()));
+    // SAFETY: the block just allocated.
+    unsafe { store.allocator().deallocate(block.cast(), l) };
     assert!(store.allocator().allocate(Layout::new::<()>()).is_ok());
     store.close().unwrap();
 }

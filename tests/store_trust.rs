@@ -626,3 +626,141 @@ fn a_cut_or_missing_segment_is_refused_at_open() {
         }
     }
 }
+
+/// Item 14: a fork child that dropped containers of containers it inherited (a vector of
+/// vectors, a box of a vector, a map of vectors, an `Option<StoreBox<_>>`) died of SIGSEGV:
+/// the store's views are kept out of children, so the outer container's buffer was not
+/// mapped. A child gets private copy-on-write views now: it reads, changes and drops what it
+/// inherited, and nothing of that reaches its parent's store.
+#[test]
+fn a_fork_child_reads_changes_and_drops_what_it_inherited() {
+    use mmapvec::store::{StoreBox, StoreMap};
+    type Map<'s> = StoreMap<'s, u64, StoreVec<'s, u64>>;
+    let _serial = serial();
+    let path = TestPath::new("fork-child-drops");
+    for read_only in [false, true] {
+        if !read_only {
+            let store = Store::create(&path.0).unwrap();
+            let a = store.allocator();
+            let mut vv = StoreVec::new_in(a);
+            for i in 0..100u64 {
+                let mut v = StoreVec::new_in(a);
+                v.extend(0..i);
+                vv.push(v);
+            }
+            store.set_root("vv", vv).unwrap();
+            let mut big = StoreVec::new_in(a);
+            big.extend(0..(1u64 << 18)); // a segment
+            store.set_root("boxed", StoreBox::new_in(big, a)).unwrap();
+            let mut map: Map = StoreMap::with_hasher_in(Default::default(), a);
+            for k in 0..50u64 {
+                let mut v = StoreVec::new_in(a);
+                v.extend(0..k);
+                map.insert(k, v);
+            }
+            store.set_root("map", map).unwrap();
+            let mut inner = StoreVec::new_in(a);
+            inner.extend([1u64, 2, 3]);
+            store
+                .set_root("maybe", Some(StoreBox::new_in(inner, a)))
+                .unwrap();
+            store.close().unwrap();
+        }
+        let store = if read_only {
+            Store::open_read_only(&path.0).unwrap()
+        } else {
+            Store::open(&path.0).unwrap()
+        };
+        let vv = store.root::<StoreVec<StoreVec<u64>>>("vv").unwrap();
+        let boxed = store.root::<StoreBox<StoreVec<u64>>>("boxed").unwrap();
+        let map = store.root::<Map>("map").unwrap();
+        let maybe = store
+            .root::<Option<StoreBox<StoreVec<u64>>>>("maybe")
+            .unwrap();
+        // SAFETY: the child only runs the closure and `_exit`s; the tests take turns, and the
+        // allocators' and store's locks are held across the fork by their handlers.
+        let pid = unsafe { libc::fork() };
+        assert!(pid >= 0);
+        if pid == 0 {
+            let ok = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+                let total: u64 = vv.iter().map(|v| v.iter().sum::<u64>()).sum();
+                assert_eq!(
+                    total,
+                    (0..100u64).map(|i| i * i.saturating_sub(1) / 2).sum()
+                );
+                assert_eq!(boxed[(1 << 18) - 1], (1 << 18) - 1);
+                assert_eq!(map[&49].len(), 49);
+                assert_eq!(maybe.as_ref().unwrap()[..], [1, 2, 3]);
+                // Changes of its own: a copy of the store's vectors, written in place and
+                // grown; then everything it holds is dropped.
+                let mut mine = (*vv).clone();
+                mine[10][0] = 1000;
+                mine[20].extend(0..10_000);
+                mine.push(StoreVec::new_in(store.allocator()));
+                let mut copied = (**boxed).clone();
+                copied[0] = 7;
+                drop((mine, copied, vv, boxed, map, maybe));
+            }));
+            // SAFETY: ends the child at once.
+            unsafe { libc::_exit(i32::from(ok.is_err())) };
+        }
+        let mut status = 0;
+        // SAFETY: our child; `status` is writable.
+        assert_eq!(unsafe { libc::waitpid(pid, &mut status, 0) }, pid);
+        assert!(
+            libc::WIFEXITED(status) && libc::WEXITSTATUS(status) == 0,
+            "read_only {read_only}: the child ended with {status:#x}"
+        );
+        drop((vv, boxed, map, maybe));
+        store.close().unwrap();
+        let store = Store::open(&path.0).unwrap();
+        let vv = store.root::<StoreVec<StoreVec<u64>>>("vv").unwrap();
+        assert_eq!((vv.len(), vv[20].len()), (100, 20));
+        assert_eq!(
+            store.root::<StoreBox<StoreVec<u64>>>("boxed").unwrap()[0],
+            0
+        );
+        drop(vv);
+        store.close().unwrap();
+    }
+}
+
+/// Item 14, the child's own copy: writing through a container the child inherited changes its
+/// private copy, never the parent's store.
+#[test]
+fn a_fork_childs_writes_stay_in_the_child() {
+    let _serial = serial();
+    let path = TestPath::new("fork-child-writes");
+    let store = Store::create(&path.0).unwrap();
+    let mut v = StoreVec::new_in(store.allocator());
+    v.extend(0..(1u64 << 16));
+    store.set_root("v", v).unwrap();
+    let mut v = store.root_mut::<StoreVec<u64>>("v").unwrap();
+    // SAFETY: as above.
+    let pid = unsafe { libc::fork() };
+    assert!(pid >= 0);
+    if pid == 0 {
+        let ok = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+            v.iter_mut().for_each(|x| *x = u64::MAX);
+            assert!(v.iter().all(|&x| x == u64::MAX));
+        }));
+        // SAFETY: ends the child at once.
+        unsafe { libc::_exit(i32::from(ok.is_err())) };
+    }
+    let mut status = 0;
+    // SAFETY: our child; `status` is writable.
+    assert_eq!(unsafe { libc::waitpid(pid, &mut status, 0) }, pid);
+    assert!(
+        libc::WIFEXITED(status) && libc::WEXITSTATUS(status) == 0,
+        "{status:#x}"
+    );
+    assert!(v.iter().enumerate().all(|(i, &x)| x == i as u64));
+    v[0] = 5;
+    drop(v);
+    store.close().unwrap();
+    let store = Store::open(&path.0).unwrap();
+    let v = store.root::<StoreVec<u64>>("v").unwrap();
+    assert_eq!((v[0], v[1]), (5, 1));
+    drop(v);
+    store.close().unwrap();
+}

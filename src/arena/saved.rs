@@ -223,6 +223,41 @@ impl SmallTier {
     }
 
     /// The ranges of chunks lost (see `ChunkMeta::is_lost`), which the store must not unmap.
+    /// In a fork child of a store's writer: maps every chunk in use again, as a private
+    /// (copy-on-write) view of the store's chunk file, where the parent's view was (a hole
+    /// the fork handler filled with a reservation). The child reads what it inherited, and
+    /// nothing it writes reaches the file. A chunk that cannot be mapped stays inaccessible.
+    ///
+    /// # Safety
+    /// Only in a fork child, from its fork handler, while the tier's chunk views are holes
+    /// refilled with reservations (its views are `dont_fork`), nothing else of the child's.
+    pub(crate) unsafe fn map_private_in_child(&self) {
+        let Some(file) = &self.store_file else {
+            return;
+        };
+        for index in 0..self.table().len() as u32 {
+            let slot = self.table()[index as usize].load(Ordering::Acquire);
+            // SAFETY: a non-null entry is a leaked `Box<ChunkMeta>`, freed only with the tier.
+            let Some(meta) = (unsafe { slot.as_ref() }) else {
+                continue;
+            };
+            if !meta.is_mapped() || meta.is_lost() {
+                continue;
+            }
+            // SAFETY: the chunk's range is the parent's view of it, a reserved hole here (the
+            // caller's promise); the file holds the whole chunk (a store's chunks are whole).
+            let _ = unsafe {
+                sys::map_file_fixed_at(
+                    self.chunk_at(index),
+                    file,
+                    u64::from(index) * CHUNK as u64,
+                    CHUNK,
+                    sys::Share::Private,
+                )
+            };
+        }
+    }
+
     pub(crate) fn lost_ranges(&self) -> Vec<(usize, usize)> {
         (0..self.table().len() as u32)
             .filter(|&index| self.lost(index))

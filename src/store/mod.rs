@@ -54,9 +54,16 @@
 //! * **Types.** A root is opened only as the type it was stored as (name, size, alignment and
 //!   a layout fingerprint from [`Persist`]), and only types whose every pointer leads into the
 //!   store implement [`Persist`].
-//! * **fork.** A child gets none of the store's views (`MADV_DONTFORK`), and every call on
-//!   its copy of the handle is [`StoreError::ForkChild`]: it can never write its parent's
-//!   store.
+//! * **fork.** A child gets none of the store's shared views (`MADV_DONTFORK`): its fork
+//!   handler maps every block again as a private, copy-on-write view of its file, so the
+//!   child can read, change and drop the containers it inherited, and nothing it writes
+//!   reaches the store. Its allocations come from the temporary allocator, it frees none of
+//!   the store's blocks, and every call on its copy of the handle is
+//!   [`StoreError::ForkChild`]: it can never write its parent's store. What the child reads
+//!   is the files' contents: pages it has not written still show what the parent writes to
+//!   them after the fork (fork where the data is not being changed, as for a snapshot), and
+//!   reading past the end of a block the parent shrinks after the fork is a `SIGBUS`. A fork
+//!   costs a few system calls per segment of the open store.
 //!
 //! # Nothing outlives its store
 //! Containers, guards and the allocator borrow the [`Store`]: closing (or dropping) it while
@@ -556,13 +563,26 @@ pub struct StoreStats {
 /// `fork::hold`, which the fork handlers hold: a fork child finds it exact.
 static LOCK_FD: AtomicI32 = AtomicI32::new(-1);
 
-/// The fork child handler's part: the child's copy of the lock's descriptor is pointed at
-/// `/dev/null`, so the child does not keep the store locked after its parent closes it (a
-/// `flock` belongs to the open file, which a child shares until it closes its copy).
-pub(crate) fn in_child() {
-    let fd = LOCK_FD.swap(-1, Ordering::AcqRel);
-    if fd >= 0 {
-        sys::point_at_null(fd);
+/// The stores' part in the fork handlers (a layer, see `fork::install`): the record of the
+/// open store is held across a fork (a child's drop of an inherited handle takes it), and in
+/// the child the copy of the lock's descriptor is pointed at `/dev/null`, so the child does
+/// not keep the store locked after its parent closes it (a `flock` belongs to the open file,
+/// which a child shares until it closes its copy).
+pub(crate) struct ForkLayer;
+
+/// The layer given to `fork::install`.
+pub(crate) static FORK: ForkLayer = ForkLayer;
+
+impl fork::ForkLocks for ForkLayer {
+    fn lock_for_fork(&'static self, held: &mut Vec<Box<dyn std::any::Any>>, _epoch: u64) {
+        held.push(Box::new(open_here()));
+    }
+
+    fn in_child(&'static self, _held: &mut [Box<dyn std::any::Any>]) {
+        let fd = LOCK_FD.swap(-1, Ordering::AcqRel);
+        if fd >= 0 {
+            sys::point_at_null(fd);
+        }
     }
 }
 
@@ -573,12 +593,6 @@ static OPEN: Mutex<Option<usize>> = Mutex::new(None);
 fn open_here() -> MutexGuard<'static, Option<usize>> {
     // Set and cleared only: a poisoned lock is consistent.
     OPEN.lock().unwrap_or_else(|e| e.into_inner())
-}
-
-/// Holds the open store's record around a `fork` (the prepare handler), so that a child never
-/// inherits it locked: a child's drop of an inherited handle takes it.
-pub(crate) fn lock_for_fork(held: &mut Vec<Box<dyn std::any::Any>>) {
-    held.push(Box::new(open_here()));
 }
 
 /// The bands of address space where new stores go (64-bit Linux's layouts, x86-64 and
@@ -700,6 +714,26 @@ impl fork::ForkLocks for Shared {
         held.push(Box::new(self.lock_roots()));
         held.push(Box::new(self.lock_space()));
     }
+
+    /// A child reads and drops what it inherited: the store's blocks are mapped again in the
+    /// child as private copy-on-write views of their files (the shared views are kept out of
+    /// children), so that nothing the child does reaches the store. Its allocator then takes
+    /// new blocks from the temporary allocator, and frees none of the store's.
+    fn in_child(&'static self, held: &mut [Box<dyn std::any::Any>]) {
+        // The space's guard, taken by `lock_for_fork` above (one store per process).
+        let Some(space) = held
+            .iter_mut()
+            .find_map(|g| g.downcast_mut::<MutexGuard<'static, Space>>())
+        else {
+            return;
+        };
+        // SAFETY: in the child, from its fork handler; the store's views are `dont_fork`, so
+        // their ranges are the holes the handler refilled with reservations.
+        unsafe {
+            space.map_private_in_child();
+            self.tier.map_private_in_child();
+        }
+    }
 }
 
 /// An open store: a folder, its lock, and its range of address space with everything the
@@ -794,7 +828,7 @@ impl Store {
         for name in [SMALL, SMALL_META] {
             folder.file(name.as_ref(), Access::Write, true)?;
         }
-        fork::install();
+        crate::install_fork_handlers();
         let base = {
             let mut open = open_here();
             if open.is_some() {
@@ -869,7 +903,7 @@ impl Store {
         {
             return Err(StoreError::NotAStore);
         }
-        fork::install();
+        crate::install_fork_handlers();
         {
             let mut open = open_here();
             match *open {

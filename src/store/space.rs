@@ -272,6 +272,24 @@ impl Space {
         sys::open_at(&self.dir, &seg_name(addr, span), None)
     }
 
+    /// In a fork child of the store's writer: maps every segment again, as a private
+    /// (copy-on-write) view of its file, where the parent's view was. A segment that cannot be
+    /// mapped stays inaccessible.
+    ///
+    /// # Safety
+    /// Only in a fork child, from its fork handler, while the segments' views are holes
+    /// refilled with reservations (they are `dont_fork`), nothing else of the child's.
+    pub(super) unsafe fn map_private_in_child(&self) {
+        for (&addr, seg) in &self.segs {
+            let Ok(file) = sys::open_read_at(&self.dir, &seg_name(addr, seg.span)) else {
+                continue;
+            };
+            // SAFETY: the block's range is the parent's view, a reserved hole here (the
+            // caller's promise); the file is `len` bytes long (the parent keeps it so).
+            let _ = unsafe { sys::map_file_fixed_at(at(addr), &file, 0, seg.len, Share::Private) };
+        }
+    }
+
     /// How many blocks are mapped now.
     pub(super) fn blocks(&self) -> usize {
         self.segs.len()

@@ -49,6 +49,11 @@
 
 mod chunk;
 mod class;
+
+/// The block size of every size class, smallest first (part of a store's format).
+pub(crate) fn class_sizes() -> impl Iterator<Item = usize> {
+    (0..class::COUNT).map(class::block_size)
+}
 mod region;
 mod saved;
 mod shard;

@@ -258,6 +258,28 @@ impl SmallTier {
         }
     }
 
+    /// Every live block (handed out, not freed) of the tier, as (address, length).
+    pub(crate) fn live_blocks(&self) -> Vec<(usize, usize)> {
+        let mut live = Vec::new();
+        for i in 0..SHARDS {
+            let shard = self.lock_shard(i);
+            for (&index, blocks) in &shard.chunks {
+                let start = self.chunk_at(index).as_ptr().addr();
+                let len = class::block_size(blocks.class());
+                let (_, _, used) = blocks.parts();
+                for (w, &bits) in used.iter().enumerate() {
+                    let mut bits = bits;
+                    while bits != 0 {
+                        let bit = bits.trailing_zeros() as usize;
+                        bits &= bits - 1;
+                        live.push((start + (w * 64 + bit) * len, len));
+                    }
+                }
+            }
+        }
+        live
+    }
+
     pub(crate) fn lost_ranges(&self) -> Vec<(usize, usize)> {
         (0..self.table().len() as u32)
             .filter(|&index| self.lost(index))

@@ -235,7 +235,7 @@ unsafe impl Allocator for StoreAllocator<'_> {
 /// The fork epoch the store's tier runs in: always the first. Its views are kept out of fork
 /// children and a child never allocates or frees in the store, so no chunk is ever shared with
 /// a child, and none needs closing at a fork.
-const STORE_EPOCH: u64 = 0;
+pub(super) const STORE_EPOCH: u64 = 0;
 
 /// The creator the store's tier is given: never used (the tier's chunks are ranges of the
 /// store's chunk file).

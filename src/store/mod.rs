@@ -115,6 +115,8 @@ use crate::sys::{self, Share};
 
 mod alloc;
 mod folder;
+mod gc;
+mod layout;
 mod persist;
 mod roots;
 mod snapshot;
@@ -129,6 +131,7 @@ pub use alloc::{StoreMap, StoreSet};
 /// [`StoreMap`] and [`StoreSet`], re-exported so that no other dependency is needed.
 #[cfg(feature = "hashbrown")]
 pub use foldhash::fast::FixedState;
+pub use gc::Recovery;
 pub use persist::{Persist, PersistHasher, fingerprint, type_fingerprint};
 pub use roots::{Root, RootMut};
 pub use snapshot::Snapshot;
@@ -167,9 +170,19 @@ fn small_region(len: usize) -> usize {
     (len / 8).min(crate::arena::REGION) / CHUNK * CHUNK
 }
 
-/// Which compiler built this code (see `build.rs`), hashed.
+/// Which compiler built this code (see `build.rs`), hashed: what a version 2 store records
+/// (version 3 records [`layout::fingerprint`] instead, which a compiler update keeps).
 fn build_fingerprint() -> u64 {
     persist::hash_str(env!("MMAPVEC_BUILD"))
+}
+
+/// What a store of header `version` records of the build that made it.
+fn fingerprint_for(version: u32) -> u64 {
+    if version >= 3 {
+        layout::fingerprint()
+    } else {
+        build_fingerprint()
+    }
 }
 
 /// The header, as it lies at the start of the store's range (and of the `header` file).
@@ -189,8 +202,9 @@ struct Header {
     flushes: AtomicU64,
     /// Snapshots taken so far.
     snapshots: AtomicU64,
-    /// The fingerprint of the compiler that made the store ([`build_fingerprint`]).
-    build: u64,
+    /// What the build that made the store must agree on ([`fingerprint_for`]): rewritten
+    /// once, when a version 2 store is upgraded.
+    build: AtomicU64,
     /// The length of the small blocks' region, which follows the first chunk of the range.
     small: u64,
     /// The store's identity, random, made with it and kept by its snapshots: `recover` takes
@@ -242,7 +256,7 @@ impl Header {
         if file.metadata()?.len() < size_of::<Header>() as u64 {
             return Err(StoreError::NotAStore);
         }
-        if copy.build != build_fingerprint() {
+        if copy.build != fingerprint_for(copy.version) {
             return Err(StoreError::OtherBuild);
         }
         Ok(copy)
@@ -261,7 +275,7 @@ impl Header {
             u64::from(dirty),
             0,
             0,
-            build_fingerprint(),
+            fingerprint_for(VERSION),
             small as u64,
             id.0,
             id.1,
@@ -301,8 +315,11 @@ pub enum StoreError {
     Version(u32),
     /// The store was made on a machine with another page size.
     PageSize(u32),
-    /// The store was made by code built with another compiler (or for another target): the
-    /// layout of the values in it may differ from this build's.
+    /// The store was made by a build that does not lay out its containers as this one does:
+    /// the field order of `Vec`, `Box` or hashbrown's tables (probed at run time), the crate's
+    /// format and size classes, the pointer width and byte order are compared. A compiler
+    /// update that keeps them opens the store. (A store of format version 2 was tied to the
+    /// exact `rustc` that made it.)
     OtherBuild,
     /// Another process (or another handle of this one) has the store open in a way that
     /// excludes this one: a writer excludes everyone, readers exclude a writer.
@@ -378,8 +395,10 @@ impl fmt::Display for StoreError {
             ),
             StoreError::OtherBuild => write!(
                 f,
-                "the store was made by code built with another compiler or for another target \
-                 (this build: {})",
+                "the store was made by a build that lays out `Vec`, `Box` or hashbrown's tables \
+                 differently, or with another version of this crate's format or size classes, \
+                 or for another target (this build: layouts {}, {})",
+                layout::probes(),
                 env!("MMAPVEC_BUILD")
             ),
             StoreError::Locked => f.write_str("the store is open elsewhere (locked)"),
@@ -767,6 +786,8 @@ pub struct Store {
     shared: Option<Box<Shared>>,
     /// Chunks lost while a failed open restored the small blocks (see `Drop`).
     lost_at_start: Vec<(usize, usize)>,
+    /// What [`Store::recover`] did, if the store was opened by it.
+    recovery: Option<Recovery>,
 }
 
 // SAFETY: the raw pointer is the start of the store's range, which this value owns (reserved
@@ -929,6 +950,10 @@ impl Store {
             if store.header().version.load(Ordering::Relaxed) < VERSION {
                 // Upgraded: the list of segments written, then the version that requires it.
                 store.shared().lock_space().sync()?;
+                store
+                    .header()
+                    .build
+                    .store(fingerprint_for(VERSION), Ordering::Relaxed);
                 store.header().version.store(VERSION, Ordering::Relaxed);
                 store.sync_header()?;
             }
@@ -962,6 +987,7 @@ impl Store {
             first_page_lost: false,
             shared: None,
             lost_at_start: Vec::new(),
+            recovery: None,
         }
     }
 
@@ -1099,6 +1125,13 @@ impl Store {
     /// folder it uses, only what this path may lead to.
     pub fn path(&self) -> &Path {
         &self.path
+    }
+
+    /// What [`recover`](Self::recover) did when it opened this handle: the snapshot it went
+    /// back to, and the blocks it freed that no root reached. `None` for a handle opened
+    /// otherwise.
+    pub fn recovery(&self) -> Option<Recovery> {
+        self.recovery
     }
 
     /// The store's address range: start and length.

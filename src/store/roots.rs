@@ -81,6 +81,17 @@ impl Store {
         self.header().roots.get()
     }
 
+    /// Where each root's value is: (address, size). Call with the roots' lock held.
+    pub(super) fn root_values(&self) -> Vec<(usize, usize)> {
+        // SAFETY: as in `find`.
+        let slots = unsafe { &*self.slots() };
+        slots
+            .iter()
+            .filter(|s| s.used != 0 && s.size != 0)
+            .filter_map(|s| Some((usize::try_from(s.addr).ok()?, usize::try_from(s.size).ok()?)))
+            .collect()
+    }
+
     /// The slot of the root `name`. Call with the roots' lock held.
     fn find(&self, name: &str) -> Option<usize> {
         // SAFETY: the table is in the header's mapping; the caller holds the roots' lock,

@@ -181,17 +181,32 @@ impl Store {
     /// while anyone has it open ([`StoreError::Locked`]); [`StoreError::NoSnapshot`] if it
     /// has none. Only a snapshot of this store is taken (its header names the store): a
     /// snapshot folder copied in from another store is [`StoreError::NotAStore`].
+    ///
+    /// Then it frees every block that no root reaches: blocks that only the crashed writer's
+    /// local variables held when the snapshot was taken (a vector being built). It traces the
+    /// roots conservatively, reading every block they reach once; [`Store::recovery`] says
+    /// what was freed.
     pub fn recover(path: impl AsRef<Path>) -> Result<Store, StoreError> {
         let path = path.as_ref();
         let folder = Folder::open(path).map_err(|e| match e.kind() {
             io::ErrorKind::NotFound | io::ErrorKind::NotADirectory => StoreError::NotAStore,
             _ => StoreError::Io(e),
         })?;
-        Self::restore(&folder)?;
-        Store::open_in(path, folder, Access::Write)
+        let snapshot = Self::restore(&folder)?;
+        let mut store = Store::open_in(path, folder, Access::Write)?;
+        // What only the writer's local variables held when the snapshot was taken.
+        let (unreachable_blocks, unreachable_bytes) = store.free_unreachable();
+        store.flush()?;
+        store.recovery = Some(super::Recovery {
+            snapshot,
+            unreachable_blocks,
+            unreachable_bytes,
+        });
+        Ok(store)
     }
 
-    fn restore(folder: &Folder) -> Result<(), StoreError> {
+    /// Puts the snapshot back; returns its number.
+    fn restore(folder: &Folder) -> Result<u64, StoreError> {
         let lock = folder
             .file(LOCK.as_ref(), Access::Write, false)
             .map_err(|e| match e.kind() {
@@ -245,6 +260,6 @@ impl Store {
         folder.rename(header, HEADER)?;
         folder.sync()?;
         drop(lock);
-        Ok(())
+        Ok(number)
     }
 }

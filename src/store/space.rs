@@ -290,6 +290,14 @@ impl Space {
         }
     }
 
+    /// Every block, as (address, mapped length).
+    pub(super) fn block_list(&self) -> Vec<(usize, usize)> {
+        self.segs
+            .iter()
+            .map(|(&addr, seg)| (addr, seg.len))
+            .collect()
+    }
+
     /// How many blocks are mapped now.
     pub(super) fn blocks(&self) -> usize {
         self.segs.len()

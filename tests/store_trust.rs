@@ -853,3 +853,72 @@ fn recover_frees_what_no_root_reaches() {
     assert_eq!(store.stats().segments, segments);
     store.close().unwrap();
 }
+
+/// Item 4: a store a writer left dirty could not be read at all (`Dirty`; with no snapshot,
+/// nothing could be saved from it). `open_dirty_read_only` reads what the writer left: a root
+/// closed cleanly before, and one set after the last flush, in a chunk made after it.
+#[test]
+fn a_dirty_store_can_be_read_for_salvage() {
+    const NAME: &str = "a_dirty_store_can_be_read_for_salvage";
+    if let Some((_, path)) = store_support::role() {
+        let store = Store::create(&path).unwrap();
+        let mut kept = StoreVec::new_in(store.allocator());
+        kept.extend(0..1000u64);
+        store.set_root("kept", kept).unwrap();
+        store.close().unwrap();
+        let store = Store::open(&path).unwrap();
+        let mut later: StoreVec<u16> = StoreVec::new_in(store.allocator());
+        later.extend(0..77u16); // a size class the store had no chunk for
+        store.set_root("later", later).unwrap();
+        let mut big = StoreVec::new_in(store.allocator());
+        big.extend(0..(1u64 << 17)); // a segment the last flush did not list
+        store.set_root("big", big).unwrap();
+        std::process::exit(0); // dirty: no close
+    }
+    let _serial = serial();
+    let path = TestPath::new("salvage");
+    let status = std::process::Command::new(std::env::current_exe().unwrap())
+        .args(["--exact", NAME, "--nocapture", "--test-threads=1"])
+        .env(store_support::ROLE, "writer")
+        .env(store_support::PATH, &path.0)
+        .status()
+        .unwrap();
+    assert!(status.success(), "{status}");
+    assert!(matches!(
+        Store::open_read_only(&path.0),
+        Err(StoreError::Dirty { .. })
+    ));
+    // SAFETY: the writer was killed between operations: nothing was half-changed.
+    let store = unsafe { Store::open_dirty_read_only(&path.0) }.unwrap();
+    assert!(!store.is_writable());
+    assert!(
+        store
+            .root::<StoreVec<u64>>("kept")
+            .unwrap()
+            .iter()
+            .copied()
+            .eq(0..1000)
+    );
+    assert!(
+        store
+            .root::<StoreVec<u16>>("later")
+            .unwrap()
+            .iter()
+            .copied()
+            .eq(0..77)
+    );
+    assert!(
+        store
+            .root::<StoreVec<u64>>("big")
+            .unwrap()
+            .iter()
+            .copied()
+            .eq(0..(1 << 17))
+    );
+    store.close().unwrap();
+    // Still dirty: salvage changed nothing.
+    assert!(matches!(
+        Store::open(&path.0),
+        Err(StoreError::Dirty { .. })
+    ));
+}

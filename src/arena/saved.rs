@@ -258,6 +258,71 @@ impl SmallTier {
         }
     }
 
+    /// A salvage open (a store left dirty): maps every chunk that the chunk file holds and the
+    /// metadata does not list (made after the last save), privately, read-only in effect.
+    /// Their blocks are not known (no bitmap): they serve reads only.
+    pub(crate) fn map_unlisted_chunks(&self) {
+        let Some(file) = &self.store_file else {
+            return;
+        };
+        let Ok(meta) = file.metadata() else {
+            return;
+        };
+        let in_file = usize::try_from(meta.len() / CHUNK as u64).unwrap_or(usize::MAX);
+        for index in 0..in_file.min(self.table().len()) as u32 {
+            let chunk = self.meta_or_new(index);
+            if chunk.is_mapped() || chunk.is_lost() {
+                continue;
+            }
+            let source = Source::Existing {
+                file,
+                offset: u64::from(index) * CHUNK as u64,
+                share: sys::Share::Private,
+            };
+            // SAFETY: the index is not mapped: its range is part of the store's reservation,
+            // unused; the file holds the whole chunk (its length, checked above).
+            let mapped = unsafe {
+                chunk.map(
+                    self.chunk_at(index),
+                    source,
+                    Backing::Whole,
+                    self.config.dont_fork,
+                )
+            };
+            match mapped {
+                // Its class is not known: marked past the last one (see `mapped_block_len`).
+                Ok(()) => chunk.assign(class::COUNT, 0, 0),
+                Err(failure) if !failure.range_kept => {
+                    chunk.set_lost(true);
+                    self.suspects.fetch_add(1, Ordering::AcqRel);
+                }
+                Err(_) => {}
+            }
+        }
+    }
+
+    /// The length of the block that starts at `ptr` in a mapped chunk, whatever its state (a
+    /// salvage open: see [`map_unlisted_chunks`](Self::map_unlisted_chunks)).
+    pub(crate) fn mapped_block_len(&self, ptr: NonNull<u8>) -> Option<usize> {
+        if !self.contains(ptr) {
+            return None;
+        }
+        let index = self.index_of(ptr);
+        let slot = self.table()[index as usize].load(Ordering::Acquire);
+        // SAFETY: a non-null entry is a leaked `Box<ChunkMeta>`, freed only with the tier.
+        let meta = unsafe { slot.as_ref() }?;
+        if !meta.is_mapped() {
+            return None;
+        }
+        let offset = ptr.as_ptr().addr() - self.chunk_at(index).as_ptr().addr();
+        if meta.class() >= class::COUNT {
+            // A chunk the metadata did not list: its blocks are not known.
+            return Some(CHUNK - offset);
+        }
+        let len = meta.block_size();
+        (offset.is_multiple_of(len) && offset / len < CHUNK / len).then_some(len)
+    }
+
     /// Every live block (handed out, not freed) of the tier, as (address, length).
     pub(crate) fn live_blocks(&self) -> Vec<(usize, usize)> {
         let mut live = Vec::new();

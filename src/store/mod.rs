@@ -421,7 +421,8 @@ impl fmt::Display for StoreError {
             } => write!(
                 f,
                 "the store was not closed cleanly (last flush: {last_flush}) and has no \
-                 snapshot to go back to: it cannot be opened"
+                 snapshot to go back to: `Store::open_dirty_read_only(path)` reads what the \
+                 writer left, to save what can be saved"
             ),
             StoreError::Dirty {
                 last_flush,
@@ -430,7 +431,7 @@ impl fmt::Display for StoreError {
                 f,
                 "the store was not closed cleanly (last flush: {last_flush}); \
                  `Store::recover(path)` puts it back to its last snapshot ({last_snapshot}) \
-                 and opens it"
+                 and opens it; `Store::open_dirty_read_only(path)` reads what the writer left"
             ),
             StoreError::ReadOnly => f.write_str("the store is open read-only"),
             StoreError::NoSnapshot => f.write_str("the store has no snapshot to recover from"),
@@ -677,6 +678,8 @@ pub(crate) struct Shared {
     generation: u64,
     /// The length of the store's range (which starts at the allocator's `base`).
     range_len: usize,
+    /// Opened by [`Store::open_dirty_read_only`]: a root is any mapped block.
+    salvage: bool,
 }
 
 impl Shared {
@@ -700,6 +703,12 @@ impl Shared {
             return false;
         }
         match NonNull::new(std::ptr::without_provenance_mut::<u8>(addr)) {
+            Some(ptr) if self.tier.contains(ptr) && self.salvage => {
+                // The live blocks were saved at the last flush: any block of a mapped chunk.
+                self.tier
+                    .mapped_block_len(ptr)
+                    .is_some_and(|len| size <= len)
+            }
             Some(ptr) if self.tier.contains(ptr) => {
                 // A root is a small block of its own, in use (`set_root` allocates one).
                 self.tier.live_block_len(ptr).is_some_and(|len| size <= len)
@@ -788,6 +797,8 @@ pub struct Store {
     lost_at_start: Vec<(usize, usize)>,
     /// What [`Store::recover`] did, if the store was opened by it.
     recovery: Option<Recovery>,
+    /// Opened by [`Store::open_dirty_read_only`].
+    salvage: bool,
 }
 
 // SAFETY: the raw pointer is the start of the store's range, which this value owns (reserved
@@ -891,11 +902,42 @@ impl Store {
 
     pub(crate) fn open_with(path: &Path, access: Access) -> Result<Store, StoreError> {
         let folder = Folder::open(path).map_err(not_found)?;
-        Self::open_in(path, folder, access)
+        Self::open_in(path, folder, access, false)
     }
 
-    /// Opens the store whose folder (`path` when it was opened) is `folder`.
-    fn open_in(path: &Path, folder: Folder, access: Access) -> Result<Store, StoreError> {
+    /// Opens a store that a writer left dirty (it crashed, or was killed), read-only, to read
+    /// what can be saved from it: its roots and blocks as the writer left them in the files.
+    /// [`StoreError::Dirty`] says the same store opens with [`recover`](Self::recover) at
+    /// its last snapshot; this is for a store with none, or for what came after it.
+    ///
+    /// What it sees: the root table and every byte as the writer last wrote them (after a
+    /// crash of the process, the writer's last state: its writes were in the files; after a
+    /// power loss, any mix of what had reached the disk). Every segment file is mapped as it
+    /// is, and every chunk of small blocks (the list of segments and of live small blocks is
+    /// from the writer's last flush, so it is not used). A root set after the last flush is
+    /// found.
+    ///
+    /// # Safety
+    /// A value the writer was changing when it died may be half-changed, and its pointers
+    /// may lead outside any block (a vector whose buffer was being moved): reading such a
+    /// value may read garbage or die of `SIGSEGV`. Only read values whose consistency the
+    /// program can check, or copy out what it can, in a process that may die.
+    pub unsafe fn open_dirty_read_only(path: impl AsRef<Path>) -> Result<Store, StoreError> {
+        let path = path.as_ref();
+        let folder = Folder::open(path).map_err(not_found)?;
+        Self::open_in(path, folder, Access::Read, true)
+    }
+
+    /// Opens the store whose folder (`path` when it was opened) is `folder`; a `salvage`
+    /// (read) open takes a dirty store as it is ([`open_dirty_read_only`]).
+    ///
+    /// [`open_dirty_read_only`]: Self::open_dirty_read_only
+    fn open_in(
+        path: &Path,
+        folder: Folder,
+        access: Access,
+        salvage: bool,
+    ) -> Result<Store, StoreError> {
         let lock = folder
             .file(LOCK.as_ref(), access, false)
             .map_err(not_found)?;
@@ -904,7 +946,7 @@ impl Store {
         }
         let header_file = folder.file(HEADER.as_ref(), access, false)?;
         let header = Header::read(&header_file)?;
-        if header.dirty != 0 {
+        if header.dirty != 0 && !salvage {
             return Err(StoreError::Dirty {
                 last_flush: header.flushes,
                 last_snapshot: header.snapshots,
@@ -940,6 +982,7 @@ impl Store {
             *open = Some(base);
         }
         let mut store = Store::unmapped(path, folder, lock, header_file, at, len, access);
+        store.salvage = salvage;
         store.map_header()?;
         // Everything mapped and checked before the store is marked open for writing: a store
         // refused here is left as it was.
@@ -988,6 +1031,7 @@ impl Store {
             shared: None,
             lost_at_start: Vec::new(),
             recovery: None,
+            salvage: false,
         }
     }
 
@@ -1061,7 +1105,12 @@ impl Store {
         // ranges that may no longer be ours.
         self.lost_at_start = tier.lost_ranges();
         restored.map_err(corrupt)?;
-        let manifest = !new && self.header().version.load(Ordering::Relaxed) >= 3;
+        if self.salvage {
+            // Chunks made after the last flush are in the file, not in its metadata.
+            tier.map_unlisted_chunks();
+            self.lost_at_start = tier.lost_ranges();
+        }
+        let manifest = !new && !self.salvage && self.header().version.load(Ordering::Relaxed) >= 3;
         let space = Space::open(segs, start, end, share, manifest, &mut self.lost_at_start);
         let shared = Box::new(Shared {
             space: Mutex::new(space.map_err(corrupt)?),
@@ -1071,6 +1120,7 @@ impl Store {
             access: self.access,
             generation: self.generation,
             range_len: self.len,
+            salvage: self.salvage,
         });
         // SAFETY: `shared` stays boxed (at its address) until the drop, which unregisters it
         // first; its `lock_for_fork` only takes its own mutexes.

@@ -193,7 +193,7 @@ impl Store {
             _ => StoreError::Io(e),
         })?;
         let snapshot = Self::restore(&folder)?;
-        let mut store = Store::open_in(path, folder, Access::Write)?;
+        let mut store = Store::open_in(path, folder, Access::Write, false)?;
         // What only the writer's local variables held when the snapshot was taken.
         let (unreachable_blocks, unreachable_bytes) = store.free_unreachable();
         store.flush()?;

@@ -167,6 +167,12 @@ impl ChunkMeta {
         self.backed.load(Ordering::Relaxed)
     }
 
+    /// Records the pieces of `which` as backed (a store's chunk reopened: the pieces under its
+    /// live blocks have their disk blocks).
+    pub(super) fn mark_backed(&self, which: u64) {
+        self.backed.fetch_or(which, Ordering::Relaxed);
+    }
+
     /// Backs the pieces of `want` not backed yet, for the chunk mapped at `at` with `backing`.
     /// Returns the bytes newly backed, which count even if a later run failed.
     ///
@@ -305,10 +311,7 @@ impl ChunkMeta {
         dont_fork: bool,
     ) -> Result<(), MapFailure> {
         debug_assert!(!self.is_mapped());
-        debug_assert!(
-            backing == Backing::Whole || matches!(source, Source::Creator(_)),
-            "a store's chunks are reserved whole"
-        );
+
         let made;
         let mut whole = backing == Backing::Whole;
         let (file, offset) = match source {
@@ -330,7 +333,10 @@ impl ChunkMeta {
             Source::Store { file, offset } => {
                 // The range may hold an earlier chunk's bytes (kept empty at a close): zeros.
                 sys::punch_hole(file, offset, CHUNK as u64)?;
-                sys::allocate_blocks(file, offset, CHUNK as u64)?;
+                // Backed by pieces, the file covers the chunk already (the tier extends it).
+                if whole {
+                    sys::allocate_blocks(file, offset, CHUNK as u64)?;
+                }
                 (file, offset)
             }
             Source::Existing { file, offset, .. } => (file, offset),

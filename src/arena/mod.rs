@@ -289,10 +289,17 @@ impl SmallTier {
         let _ = tier.table.set(table);
         let pushed = tier.regions.push(base, len);
         debug_assert!(pushed, "a new tier has room for a region");
+        // A store's chunks get disk piece by piece, as blocks are handed out, where the file
+        // system reserves a block at a write fault (so a full disk is an allocation error):
+        // a small store costs about its data, not a 4 MiB chunk per size class. Elsewhere
+        // each chunk's file range is reserved whole.
+        tier.backing = if tier.backing == Backing::Pieces && sys::faults_reserve_blocks(&file) {
+            Backing::Pieces
+        } else {
+            Backing::Whole
+        };
         tier.store_file = Some(file);
         tier.store_meta = Some(meta);
-        // The store keeps each chunk's file range whole (its bitmaps say nothing of pieces).
-        tier.backing = Backing::Whole;
         tier
     }
 
@@ -972,6 +979,7 @@ impl SmallTier {
             };
             if let Some(meta) = &self.store_meta
                 && let Err(e) = saved::reserve_slot(meta, self.table().len(), index as usize)
+                    .and_then(|()| self.cover_chunk(index))
             {
                 spare.free.push(index);
                 return Err(e);
@@ -1015,6 +1023,20 @@ impl SmallTier {
         c.mapped_bytes.fetch_add(CHUNK as u64, Ordering::Relaxed);
         c.chunks_created.fetch_add(1, Ordering::Relaxed);
         Ok(index)
+    }
+
+    /// A store's tier backed by pieces: makes the chunk file long enough for chunk `index`
+    /// (sparse: the pieces get their blocks as they are used). Called under `spare`, which
+    /// serializes every extension, so that the file only ever grows.
+    fn cover_chunk(&self, index: u32) -> io::Result<()> {
+        let (Some(file), Backing::Pieces) = (&self.store_file, self.backing) else {
+            return Ok(());
+        };
+        let end = (u64::from(index) + 1) * CHUNK as u64;
+        if file.metadata()?.len() < end {
+            file.set_len(end)?;
+        }
+        Ok(())
     }
 
     /// Where chunk `index` gets its file.

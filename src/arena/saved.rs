@@ -15,7 +15,7 @@ use std::os::unix::fs::FileExt;
 use std::ptr::NonNull;
 use std::sync::atomic::Ordering;
 
-use super::chunk::{Backing, Blocks, Source};
+use super::chunk::{self, Backing, Blocks, Source};
 use super::{CHUNK, SHARDS, SmallTier, class};
 use crate::sys;
 
@@ -162,7 +162,7 @@ impl SmallTier {
             };
             // SAFETY: the region is part of the store's range, reserved by the store and not
             // used yet; each index is mapped once; the file holds the chunk (checked above).
-            let mapped = unsafe { meta.map(at, source, Backing::Whole, self.config.dont_fork) };
+            let mapped = unsafe { meta.map(at, source, self.backing, self.config.dont_fork) };
             if let Err(failure) = mapped {
                 if !failure.range_kept {
                     // May be someone else's now: never unmapped by the store (`lost_ranges`).
@@ -170,6 +170,22 @@ impl SmallTier {
                     self.suspects.fetch_add(1, Ordering::AcqRel);
                 }
                 return Err(failure.error);
+            }
+            if self.backing == Backing::Pieces {
+                // The pieces under live blocks have their disk blocks (they were backed when
+                // the blocks were handed out); the others are backed again before use.
+                let size = class::block_size(class);
+                let (_, _, used) = blocks.parts();
+                let mut under = 0;
+                for (w, &bits) in used.iter().enumerate() {
+                    let mut bits = bits;
+                    while bits != 0 {
+                        let start = (w * 64 + bits.trailing_zeros() as usize) * size;
+                        bits &= bits - 1;
+                        under |= chunk::pieces(start, start + size);
+                    }
+                }
+                meta.mark_backed(under);
             }
             let home = index % SHARDS;
             meta.assign(class, 0, home);
@@ -185,7 +201,8 @@ impl SmallTier {
             shard.chunks.insert(index as u32, blocks);
             drop(shard);
             let c = &self.counters;
-            c.arena_bytes.fetch_add(CHUNK as u64, Ordering::Relaxed);
+            let backed = meta.backed().count_ones() as u64 * chunk::PIECE as u64;
+            c.arena_bytes.fetch_add(backed, Ordering::Relaxed);
             c.mapped_bytes.fetch_add(CHUNK as u64, Ordering::Relaxed);
         }
         let mut spare = self.lock_spare();

@@ -31,7 +31,7 @@ pub(super) const SEGS: &str = "segs";
 /// The file in `segs` that lists every segment (address, span, length) as of the last durable
 /// point: a segment cut short, grown, removed or added since is refused at open.
 const MANIFEST: &str = ".manifest";
-/// Where a new manifest is written before it replaces the old one.
+/// A file name an earlier version wrote the manifest to before a rename (skipped if found).
 const MANIFEST_NEW: &str = ".manifest.new";
 /// The manifest's first eight bytes.
 const MANIFEST_MAGIC: u64 = u64::from_ne_bytes(*b"MMAPVMF1");
@@ -62,6 +62,10 @@ pub(super) struct Space {
     by_len: BTreeSet<(usize, usize)>,
     /// Ranges that may no longer be ours (see the module docs).
     lost: Vec<(usize, usize)>,
+    /// The writer's manifest, written in place at every durable point, and the bytes of disk
+    /// reserved for it (see `reserve_manifest`).
+    manifest: Option<File>,
+    manifest_reserved: u64,
 }
 
 fn seg_name(addr: usize, span: usize) -> OsString {
@@ -74,6 +78,12 @@ fn parse_name(name: &OsStr) -> Option<(usize, usize)> {
         usize::from_str_radix(addr, 16).ok()?,
         usize::from_str_radix(span, 16).ok()?,
     ))
+}
+
+/// The bytes of a manifest of `segments` entries: magic, count, three words per segment,
+/// checksum.
+fn manifest_len(segments: usize) -> usize {
+    24 + segments * 24
 }
 
 /// FNV-1a of `bytes`: catches a damaged manifest (not an attacker, who can write a matching
@@ -99,6 +109,8 @@ impl Space {
             free: BTreeMap::new(),
             by_len: BTreeSet::new(),
             lost: Vec::new(),
+            manifest: None,
+            manifest_reserved: 0,
         };
         if end > start {
             space.insert_free(start, end - start);
@@ -122,7 +134,9 @@ impl Space {
         lost: &mut Vec<(usize, usize)>,
     ) -> io::Result<Space> {
         let mut space = Space::new(dir, start, end, share);
-        let mapped = space.map_all(start, end, manifest);
+        let mapped = space
+            .map_all(start, end, manifest)
+            .and_then(|()| space.open_manifest());
         match mapped {
             Ok(()) => Ok(space),
             Err(e) => {
@@ -328,6 +342,8 @@ impl Space {
     pub(super) fn allocate(&mut self, size: usize, align: usize) -> io::Result<(usize, usize)> {
         self.writable()?;
         let len = self.round(size)?;
+        // Its line in the manifest, before anything is made.
+        self.reserve_manifest(self.segs.len() + 1)?;
         let (addr, span) = self.take_span(len, align)?;
         let name = seg_name(addr, span);
         let made = sys::open_at(&self.dir, &name, Some(0o600)).and_then(|file| {
@@ -494,8 +510,44 @@ impl Space {
         self.dir.sync_all()
     }
 
-    /// Writes the list of segments to a new file, synced, then renames it over the manifest
-    /// (the folder is synced by the caller): a crash leaves the old list or the new one.
+    /// A writer's manifest file, made if missing, with room reserved for the segments there
+    /// are and one more.
+    fn open_manifest(&mut self) -> io::Result<()> {
+        if self.share != Share::Write {
+            return Ok(());
+        }
+        let file = match sys::open_at(&self.dir, OsStr::new(MANIFEST), None) {
+            Err(e) if e.kind() == io::ErrorKind::NotFound => {
+                sys::open_at(&self.dir, OsStr::new(MANIFEST), Some(0o600))?
+            }
+            other => other?,
+        };
+        self.manifest = Some(file);
+        self.reserve_manifest(self.segs.len() + 1)
+    }
+
+    /// Reserves the disk a manifest of `segments` entries takes, so that writing it at a
+    /// durable point needs no new disk: a full disk fails the allocation that makes a
+    /// segment, never a `flush` or `close` (in 4 KiB steps; the file's length is what was
+    /// written).
+    fn reserve_manifest(&mut self, segments: usize) -> io::Result<()> {
+        let Some(file) = &self.manifest else {
+            return Ok(());
+        };
+        let need = manifest_len(segments) as u64;
+        if need <= self.manifest_reserved {
+            return Ok(());
+        }
+        let reserve = need.next_multiple_of(4096);
+        sys::reserve_blocks(file, 0, reserve)?;
+        self.manifest_reserved = reserve;
+        Ok(())
+    }
+
+    /// Writes the list of segments over the manifest, in place, and syncs it. In place and
+    /// not by rename (which needs a new file's disk): a manifest is only read from a store
+    /// marked clean, and the clean mark is written after the manifest is synced, so a crash
+    /// in the middle of this write leaves a dirty store, whose manifest is not used.
     fn write_manifest(&self) -> io::Result<()> {
         let mut bytes = Vec::with_capacity(24 + self.segs.len() * 24);
         bytes.extend_from_slice(&MANIFEST_MAGIC.to_ne_bytes());
@@ -507,14 +559,15 @@ impl Space {
         }
         let sum = checksum(&bytes);
         bytes.extend_from_slice(&sum.to_ne_bytes());
-        match sys::remove_at(&self.dir, OsStr::new(MANIFEST_NEW), false) {
-            Err(e) if e.kind() != io::ErrorKind::NotFound => return Err(e),
-            _ => {}
-        }
-        let file = sys::open_at(&self.dir, OsStr::new(MANIFEST_NEW), Some(0o600))?;
-        std::os::unix::fs::FileExt::write_all_at(&file, &bytes, 0)?;
-        file.sync_all()?;
-        sys::rename_at(&self.dir, OsStr::new(MANIFEST_NEW), OsStr::new(MANIFEST))
+        debug_assert_eq!(bytes.len(), manifest_len(self.segs.len()));
+        // A space made without its manifest (`Space::new` alone, in the unit tests).
+        let Some(file) = &self.manifest else {
+            return Ok(());
+        };
+        std::os::unix::fs::FileExt::write_all_at(file, &bytes, 0)?;
+        // A longer earlier list's tail stays: the count says where this one ends. (Not cut:
+        // a truncation would give back the disk reserved past the end.)
+        file.sync_data()
     }
 
     /// The segments the manifest lists, by address.
@@ -527,16 +580,18 @@ impl Space {
         let mut bytes = Vec::new();
         io::Read::read_to_end(&mut &file, &mut bytes)?;
         let bad = || corrupt("the store's list of segments is damaged".into());
-        if bytes.len() < 24 || !(bytes.len() - 24).is_multiple_of(24) {
+        if bytes.len() < 24 {
             return Err(bad());
         }
         let word = |i: usize| u64::from_ne_bytes(bytes[i * 8..i * 8 + 8].try_into().unwrap());
-        let words = bytes.len() / 8;
-        let count = (words - 3) / 3;
-        if word(0) != MANIFEST_MAGIC
-            || word(1) != count as u64
-            || word(words - 1) != checksum(&bytes[..bytes.len() - 8])
-        {
+        let count = usize::try_from(word(1)).map_err(|_| bad())?;
+        let len = count
+            .checked_mul(24)
+            .and_then(|n| n.checked_add(24))
+            .filter(|&n| n <= bytes.len())
+            .ok_or_else(bad)?;
+        let words = len / 8;
+        if word(0) != MANIFEST_MAGIC || word(words - 1) != checksum(&bytes[..len - 8]) {
             return Err(bad());
         }
         let as_usize = |w: u64| usize::try_from(w).map_err(|_| bad());

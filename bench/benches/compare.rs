@@ -2,9 +2,10 @@
 //! hashbrown on `MmapAllocator` against the heap, and raw `allocate` + `deallocate` latency.
 //!
 //! Every group runs its contenders in the same process, one after the other, so their ratios
-//! are comparable even on a noisy machine. Run with `cargo bench --bench compare`;
-//! `MMAPVEC_BENCH_QUICK=1` runs only the smallest sizes with short measurements.
-//! `scripts/bench-report` turns the results into `docs/benchmarks.md`.
+//! are comparable even on a noisy machine. Run with
+//! `cargo bench -p mmapvec-bench --bench compare`; `MMAPVEC_BENCH_QUICK=1` runs only the
+//! smallest sizes with short measurements. `scripts/bench-report` turns the results into
+//! `docs/benchmarks.md`.
 //!
 //! mmap-vec 0.2 builds a slice from a null pointer, which aborts in debug builds, so it is only
 //! measured when debug assertions are off (`cargo bench` builds in release).

@@ -1,9 +1,9 @@
 //! The builder's tuning options, each measured against the default allocator in the same run.
 //!
 //! One group per option: `populate`, `access_pattern`, `huge_pages`, `heap_threshold`,
-//! `reserve_disk`, `release_in_background` and `grow_strategy`. Run with `cargo bench --bench tuning`;
-//! `MMAPVEC_BENCH_QUICK=1` uses smaller sizes and short measurements. `scripts/bench-report`
-//! turns the results into `docs/benchmarks.md`.
+//! `reserve_disk`, `release_in_background` and `grow_strategy`. Run with
+//! `cargo bench -p mmapvec-bench --bench tuning`; `MMAPVEC_BENCH_QUICK=1` uses smaller sizes
+//! and short measurements. `scripts/bench-report` turns the results into `docs/benchmarks.md`.
 
 use std::hint::black_box;
 use std::time::{Duration, Instant};

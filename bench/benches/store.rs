@@ -52,9 +52,9 @@
 //! for its rkyv archive; with less it is skipped with a message. A process has one store open at
 //! a time: every group closes its store before the next opens one.
 //!
-//! Run with `cargo bench --bench store` (full: long, see the docs); `MMAPVEC_BENCH_QUICK=1`
-//! shrinks everything (tables of 16 and 64 MiB, n = 1e5) and measures briefly: under two
-//! minutes here, build not included.
+//! Run with `cargo bench -p mmapvec-bench --bench store` (full: long, see the docs);
+//! `MMAPVEC_BENCH_QUICK=1` shrinks everything (tables of 16 and 64 MiB, n = 1e5) and measures
+//! briefly: under two minutes here, build not included.
 
 use std::collections::HashMap as StdHashMap;
 use std::fs::{self, File};

@@ -25,19 +25,20 @@
 //! allocator (no generic helper), a plain `write`, and `black_box` on what goes in and comes out
 //! so that neither the allocation nor the size is folded away: without it LLVM deletes
 //! `malloc` + write + `free` as dead code, and the loop times nothing (issue 12's 1.3 ns for
-//! glibc). `cargo bench --bench sweep -- user_` runs them alone.
+//! glibc). `cargo bench -p mmapvec-bench --bench sweep -- user_` runs them alone.
 //!
 //! The `mixed` groups are small vectors and blocks of many sizes at once, as a server's requests
 //! make them. Every earlier row used one size at a time, and none showed the small-block tier
 //! making and releasing 4 MiB chunk files hundreds of times a second under such a mix. Sizes
 //! come from a xorshift sequence (`benches/common/mixed.rs`) that every contender replays the
 //! same.
-//! `cargo bench --bench sweep -- mixed` runs them alone; `benches/footprint.rs` measures the disk
-//! the same workloads take.
+//! `cargo bench -p mmapvec-bench --bench sweep -- mixed` runs them alone;
+//! `benches/footprint.rs` measures the disk the same workloads take.
 //!
-//! Run with `cargo bench --bench sweep` (about 5 minutes, see `budget`); `MMAPVEC_BENCH_QUICK=1` drops
-//! the largest sizes and measures briefly. `scripts/bench-report --only sweep` runs it and
-//! writes the sweep's tables, targets and `docs/sweep.svg`.
+//! Run with `cargo bench -p mmapvec-bench --bench sweep` (about 5 minutes, see `budget`);
+//! `MMAPVEC_BENCH_QUICK=1` drops the largest sizes and measures briefly.
+//! `scripts/bench-report --only sweep` runs it and writes the sweep's tables, targets and
+//! `docs/sweep.svg`.
 //!
 //! mmap-vec 0.2 builds a slice from a null pointer, which aborts in debug builds, so it is only
 //! measured when debug assertions are off (`cargo bench` builds in release).

@@ -30,9 +30,9 @@
 //!   (not exited); the main thread calls `trim()`, reports the disk used, then asks for a vector
 //!   of 85% of the tmpfs (`try_reserve_exact`).
 //!
-//! Run with `cargo bench --bench footprint` (about 10 s); as root, since it mounts file
-//! systems. Without root (or when a mount fails) each workload prints why it was skipped and
-//! the program exits 0.
+//! Run with `cargo bench -p mmapvec-bench --bench footprint` (about 10 s); as root, since it
+//! mounts file systems. Without root (or when a mount fails) each workload prints why it was
+//! skipped and the program exits 0.
 
 use std::io;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};

@@ -80,15 +80,20 @@ impl SmallTier {
                     record[i * 4..i * 4 + 4].copy_from_slice(&(word as u32).to_ne_bytes());
                 }
                 let bytes: Vec<u8> = used.iter().flat_map(|w| w.to_ne_bytes()).collect();
+                sys::io_point("write a chunk's bitmap")?;
                 meta.write_all_at(&bytes, bitmap_at(chunks, index))?;
             }
         }
+        sys::io_point("write the chunk records")?;
         meta.write_all_at(&records, RECORDS)?;
         let mut header = MAGIC.to_ne_bytes().to_vec();
         header.extend_from_slice(&(next as u64).to_ne_bytes());
+        sys::io_point("write the chunk metadata's header")?;
         meta.write_all_at(&header, 0)?;
+        sys::io_point("sync the chunk metadata")?;
         meta.sync_data()?;
         if let Some(file) = &self.store_file {
+            sys::io_point("sync the chunk file")?;
             file.sync_data()?;
         }
         let result = then();

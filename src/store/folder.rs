@@ -36,6 +36,7 @@ impl Folder {
     /// Makes the private folder `path`, which must not exist, and opens it: the folder
     /// opened is checked to be the one made (a folder swapped in between is refused).
     pub(crate) fn make(path: &Path) -> io::Result<Folder> {
+        sys::io_point("make the store's folder")?;
         std::os::unix::fs::DirBuilderExt::mode(&mut std::fs::DirBuilder::new(), DIR_MODE)
             .create(path)?;
         let folder = Folder::open(path)?;
@@ -58,6 +59,7 @@ impl Folder {
 
     /// Makes the private folder `name` inside this one, and opens it.
     pub(crate) fn make_dir(&self, name: &str) -> io::Result<Folder> {
+        sys::io_point("make a folder")?;
         sys::make_dir_at(&self.0, OsStr::new(name), DIR_MODE)?;
         self.dir(name)
     }
@@ -75,7 +77,10 @@ impl Folder {
     /// never through a link.
     pub(crate) fn file(&self, name: &OsStr, access: Access, create: bool) -> io::Result<File> {
         match (access, create) {
-            (_, true) => sys::open_at(&self.0, name, Some(FILE_MODE)),
+            (_, true) => {
+                sys::io_point("create a file")?;
+                sys::open_at(&self.0, name, Some(FILE_MODE))
+            }
             (Access::Write, false) => sys::open_at(&self.0, name, None),
             (Access::Read, false) => sys::open_read_at(&self.0, name),
         }
@@ -88,11 +93,13 @@ impl Folder {
 
     /// Renames `from` to `to` inside this folder (replacing `to`).
     pub(crate) fn rename(&self, from: &str, to: &str) -> io::Result<()> {
+        sys::io_point("rename")?;
         sys::rename_at(&self.0, OsStr::new(from), OsStr::new(to))
     }
 
     /// Removes the file `name`; `Ok` if there is none.
     pub(crate) fn remove_file(&self, name: &str) -> io::Result<()> {
+        sys::io_point("remove a file")?;
         match sys::remove_at(&self.0, OsStr::new(name), false) {
             Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(()),
             other => other,
@@ -102,6 +109,7 @@ impl Folder {
     /// Removes the folder `name` and everything in it, never following a link (a link is
     /// removed, not what it leads to); `Ok` if there is none.
     pub(crate) fn remove_tree(&self, name: &str) -> io::Result<()> {
+        sys::io_point("remove a folder")?;
         self.remove_tree_at(OsStr::new(name), 0)
     }
 
@@ -126,6 +134,7 @@ impl Folder {
 
     /// Syncs the folder's entries.
     pub(crate) fn sync(&self) -> io::Result<()> {
+        sys::io_point("sync a folder")?;
         self.0.sync_all()
     }
 

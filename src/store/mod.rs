@@ -1148,8 +1148,10 @@ impl Store {
 
     /// Writes the header to disk.
     fn sync_header(&self) -> io::Result<()> {
+        sys::io_point("write the header")?;
         // SAFETY: the first page of the range is the header's mapping, ours.
         unsafe { sys::sync(self.base, sys::page_size()) }?;
+        sys::io_point("sync the header")?;
         self.header_file.sync_data()
     }
 

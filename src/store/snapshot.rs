@@ -47,7 +47,9 @@ fn clone_file(
 ) -> io::Result<(u64, bool)> {
     let source = from.file(from_name.as_ref(), Access::Read, false)?;
     let target = to.file(to_name.as_ref(), Access::Write, true)?;
+    sys::io_point("copy a file")?;
     let reflinked = sys::clone_file(&source, &target)?;
+    sys::io_point("sync a copy")?;
     target.sync_all()?;
     Ok((source.metadata()?.len(), reflinked))
 }
@@ -170,6 +172,7 @@ impl Store {
         self.sync_header()?;
         clone_file(&self.folder, HEADER, partial, HEADER)?;
         let copy = partial.file(HEADER.as_ref(), Access::Write, false)?;
+        sys::io_point("mark the snapshot's header clean")?;
         copy.write_all_at(&0u64.to_ne_bytes(), DIRTY_AT)?;
         copy.sync_all()?;
         partial.sync()?;

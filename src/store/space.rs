@@ -500,6 +500,7 @@ impl Space {
 
     /// Writes every block's changed pages to its file and waits (`msync`), then the folder.
     pub(super) fn sync(&self) -> io::Result<()> {
+        sys::io_point("sync the segments")?;
         for (&addr, seg) in &self.segs {
             // SAFETY: the block's mapping, ours while it is in `segs`.
             unsafe { sys::sync(at(addr), seg.len) }?;
@@ -564,7 +565,9 @@ impl Space {
         let Some(file) = &self.manifest else {
             return Ok(());
         };
+        sys::io_point("write the manifest")?;
         std::os::unix::fs::FileExt::write_all_at(file, &bytes, 0)?;
+        sys::io_point("sync the manifest")?;
         // A longer earlier list's tail stays: the count says where this one ends. (Not cut:
         // a truncation would give back the disk reserved past the end.)
         file.sync_data()

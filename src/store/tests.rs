@@ -277,3 +277,222 @@ fn bad_folders_and_headers_are_errors() {
     fs::write(&header, &good).unwrap();
     Store::open_with(&path.0, Access::Read).unwrap();
 }
+
+/// The fault seam (`sys::io_point`): each write, sync, rename, removal and folder of `close`,
+/// `flush`, `snapshot` and `recover` fails in turn (once, and from there on), and the store
+/// must then reopen in a state of the model: the last clean state (A) or the new one (B), and
+/// after a crash a `recover` that gives exactly A, the snapshot. Never `NotAStore`, never a
+/// mix. Returns the number of injection points tested.
+mod io_faults {
+    use super::*;
+    use crate::store::alloc::StoreVec;
+    use crate::sys::faults;
+
+    /// A: `v` = 0..100, `big` = 0..2^17 (a segment). B: `v` = 0..200, `big[0]` = 7, and a new
+    /// root `new` (a segment of its own).
+    fn state(store: &Store) -> char {
+        let v = store.root::<StoreVec<u64>>("v").unwrap();
+        let big = store.root::<StoreVec<u64>>("big").unwrap();
+        let a = v.iter().copied().eq(0..100) && big[0] == 0;
+        let b = v.iter().copied().eq(0..200) && big[0] == 7;
+        let new = store.root::<StoreVec<u64>>("new");
+        match (a, b, new) {
+            (true, false, Err(StoreError::NoRoot(_))) => 'A',
+            (false, true, Ok(n)) if n.iter().copied().eq(0..(1 << 16)) => 'B',
+            _ => panic!("neither A nor B"),
+        }
+    }
+
+    fn make_a(path: &Path) {
+        let store = Store::create_with_range(path, LEN).unwrap();
+        let mut v = StoreVec::new_in(store.allocator());
+        v.extend(0..100u64);
+        store.set_root("v", v).unwrap();
+        let mut big = StoreVec::new_in(store.allocator());
+        big.extend(0..(1u64 << 17));
+        store.set_root("big", big).unwrap();
+        store.snapshot().unwrap();
+        store.close().unwrap();
+    }
+
+    fn change_to_b(store: &Store) {
+        store
+            .root_mut::<StoreVec<u64>>("v")
+            .unwrap()
+            .extend(100..200);
+        store.root_mut::<StoreVec<u64>>("big").unwrap()[0] = 7;
+        let mut new = StoreVec::new_in(store.allocator());
+        new.extend(0..(1u64 << 16));
+        store.set_root("new", new).unwrap();
+    }
+
+    /// What a reopen finds: a clean store's state, or (dirty) the state `recover` gives,
+    /// which must be A.
+    fn reopened(path: &Path) -> char {
+        match Store::open(path) {
+            Ok(store) => {
+                let s = state(&store);
+                store.close().unwrap();
+                s
+            }
+            Err(StoreError::Dirty { .. }) => {
+                let store = Store::recover(path).unwrap();
+                let s = state(&store);
+                assert_eq!(s, 'A', "recover goes back to the snapshot");
+                store.close().unwrap();
+                'R'
+            }
+            Err(e) => panic!("reopen: {e:?}"),
+        }
+    }
+
+    /// Runs `op` on a store in state A, changed to B, with point `fail_at` failing (and the
+    /// later ones too if `sticky`), in a forked child that then ends as `end` says; returns
+    /// the number of points `op` passed.
+    fn run(path: &Path, fail_at: Option<u64>, sticky: bool, op: fn(Store) -> bool) -> u64 {
+        let _ = fs::remove_dir_all(path);
+        make_a(path);
+        let counted = std::sync::atomic::AtomicU64::new(0);
+        // The child counts the points and reports them through its exit code's file.
+        let count_file = path.with_extension("count");
+        let status = in_child(|| {
+            let store = Store::open(path).unwrap();
+            change_to_b(&store);
+            faults::arm(fail_at, sticky);
+            let crash = op(store);
+            let n = faults::count();
+            faults::disarm();
+            fs::write(&count_file, n.to_string()).unwrap();
+            if crash {
+                // SAFETY: ends the child at once, as a crash would.
+                unsafe { libc::_exit(0) };
+            }
+        });
+        assert_eq!(status, 0, "the child panicked (fail_at {fail_at:?})");
+        counted.store(
+            fs::read_to_string(&count_file).unwrap().parse().unwrap(),
+            Ordering::Relaxed,
+        );
+        let _ = fs::remove_file(&count_file);
+        counted.load(Ordering::Relaxed)
+    }
+
+    fn every_point(label: &str, op: fn(Store) -> bool, expect_clean_b: bool) -> u64 {
+        let _serial = serial();
+        let path = TestPath::new(label);
+        let points = run(&path.0, None, false, op);
+        assert!(points > 0);
+        assert_eq!(reopened(&path.0), if expect_clean_b { 'B' } else { 'R' });
+        for sticky in [false, true] {
+            for at in 0..points {
+                run(&path.0, Some(at), sticky, op);
+                let found = reopened(&path.0);
+                assert!("ABR".contains(found), "{label} failing at {at}: {found}");
+            }
+        }
+        points
+    }
+
+    /// `close` failing at each point, then the store dropped (its drop closes once more) or,
+    /// if the close failed, the process ending there.
+    #[test]
+    fn close_fails_at_each_point() {
+        let points = every_point(
+            "io-close",
+            |store| match store.close() {
+                Ok(()) => false,
+                Err(failed) => {
+                    // Retried once (the fault is gone), or a crash on the odd points.
+                    if faults::count() % 2 == 0 {
+                        std::mem::forget(failed);
+                        true
+                    } else {
+                        faults::disarm();
+                        let _ = failed.into_store().close();
+                        false
+                    }
+                }
+            },
+            true,
+        );
+        println!("close: {points} injection points, each failing once and from there on");
+    }
+
+    /// `flush` failing at each point, then a crash.
+    #[test]
+    fn flush_fails_at_each_point() {
+        let points = every_point(
+            "io-flush",
+            |store| {
+                let _ = store.flush();
+                std::mem::forget(store);
+                true
+            },
+            false,
+        );
+        println!("flush: {points} injection points");
+    }
+
+    /// `snapshot` failing at each point, then a clean close: B, whatever the snapshot did.
+    #[test]
+    fn snapshot_fails_at_each_point() {
+        let points = every_point(
+            "io-snapshot",
+            |store| {
+                let _ = store.snapshot();
+                faults::disarm();
+                store.close().unwrap();
+                false
+            },
+            true,
+        );
+        println!("snapshot: {points} injection points");
+    }
+
+    /// `recover` failing at each point of a store left dirty: a second `recover` gives A.
+    #[test]
+    fn recover_fails_at_each_point() {
+        let _serial = serial();
+        let path = TestPath::new("io-recover");
+        let crash = |path: &Path| {
+            let _ = fs::remove_dir_all(path);
+            make_a(path);
+            assert_eq!(
+                in_child(|| {
+                    let store = Store::open(path).unwrap();
+                    change_to_b(&store);
+                    // SAFETY: a crash.
+                    unsafe { libc::_exit(0) };
+                }),
+                0
+            );
+        };
+        crash(&path.0);
+        faults::arm(None, false);
+        Store::recover(&path.0).unwrap().close().unwrap();
+        let points = faults::count();
+        for sticky in [false, true] {
+            for at in 0..points {
+                crash(&path.0);
+                faults::arm(Some(at), sticky);
+                let first = Store::recover(&path.0);
+                faults::arm(None, false);
+                drop(first);
+                match Store::open(&path.0) {
+                    Ok(store) => {
+                        assert_eq!(state(&store), 'A', "recover failing at {at}");
+                        store.close().unwrap();
+                    }
+                    Err(StoreError::Dirty { .. }) => {
+                        let store = Store::recover(&path.0)
+                            .unwrap_or_else(|e| panic!("recover again after {at}: {e:?}"));
+                        assert_eq!(state(&store), 'A');
+                        store.close().unwrap();
+                    }
+                    Err(e) => panic!("after recover failed at {at} (sticky {sticky}): {e:?}"),
+                }
+            }
+        }
+        println!("recover: {points} injection points");
+    }
+}

@@ -462,6 +462,75 @@ pub(crate) unsafe fn discard_pages(_addr: NonNull<u8>, _len: usize) -> io::Resul
     Err(io::ErrorKind::Unsupported.into())
 }
 
+/// A seam for the store's fault tests: every write, sync, rename, removal, truncation and
+/// folder made by the store's durable paths (flush, close, snapshot, recover, the small
+/// blocks' save) passes through here first, and a test can make the Nth of them, or every one
+/// from the Nth on, fail (`faults::arm`), on its own thread. Compiled to nothing outside the
+/// crate's tests.
+#[inline]
+pub(crate) fn io_point(op: &'static str) -> io::Result<()> {
+    #[cfg(test)]
+    return faults::point(op);
+    #[cfg(not(test))]
+    {
+        let _ = op;
+        Ok(())
+    }
+}
+
+/// The plan of [`io_point`]'s failures, per thread (the crate's tests only).
+#[cfg(test)]
+pub(crate) mod faults {
+    use std::cell::Cell;
+    use std::io;
+
+    thread_local! {
+        /// Points passed since `arm`; the first to fail; whether every later one fails too.
+        static PLAN: Cell<(u64, Option<u64>, bool)> = const { Cell::new((0, None, false)) };
+        /// The operations that failed, for the test's messages.
+        static FAILED: Cell<Option<&'static str>> = const { Cell::new(None) };
+    }
+
+    /// Counts from zero again; the point numbered `fail_at` fails (and, with `sticky`, every
+    /// later one).
+    pub(crate) fn arm(fail_at: Option<u64>, sticky: bool) {
+        PLAN.set((0, fail_at, sticky));
+        FAILED.set(None);
+    }
+
+    /// No more failures; the count goes on.
+    pub(crate) fn disarm() {
+        let (n, _, _) = PLAN.get();
+        PLAN.set((n, None, false));
+    }
+
+    /// The points passed since `arm`.
+    pub(crate) fn count() -> u64 {
+        PLAN.get().0
+    }
+
+    /// The operation that failed first since `arm`, if one did.
+    pub(crate) fn failed() -> Option<&'static str> {
+        FAILED.get()
+    }
+
+    pub(super) fn point(op: &'static str) -> io::Result<()> {
+        let (n, fail_at, sticky) = PLAN.get();
+        PLAN.set((n + 1, fail_at, sticky));
+        let fails = match fail_at {
+            Some(at) => n == at || (sticky && n > at),
+            None => false,
+        };
+        if !fails {
+            return Ok(());
+        }
+        if FAILED.get().is_none() {
+            FAILED.set(Some(op));
+        }
+        Err(io::Error::other(format!("injected failure: {op}")))
+    }
+}
+
 /// Gives the file blocks for `[offset, offset + len)`, growing it if needed, so that a full disk
 /// is an `ENOSPC` now rather than a `SIGBUS` when the page is first written.
 #[cfg(target_os = "linux")]

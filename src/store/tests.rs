@@ -403,7 +403,7 @@ mod io_faults {
                 Ok(()) => false,
                 Err(failed) => {
                     // Retried once (the fault is gone), or a crash on the odd points.
-                    if faults::count() % 2 == 0 {
+                    if faults::count().is_multiple_of(2) {
                         std::mem::forget(failed);
                         true
                     } else {

@@ -487,15 +487,12 @@ pub(crate) mod faults {
     thread_local! {
         /// Points passed since `arm`; the first to fail; whether every later one fails too.
         static PLAN: Cell<(u64, Option<u64>, bool)> = const { Cell::new((0, None, false)) };
-        /// The operations that failed, for the test's messages.
-        static FAILED: Cell<Option<&'static str>> = const { Cell::new(None) };
     }
 
     /// Counts from zero again; the point numbered `fail_at` fails (and, with `sticky`, every
     /// later one).
     pub(crate) fn arm(fail_at: Option<u64>, sticky: bool) {
         PLAN.set((0, fail_at, sticky));
-        FAILED.set(None);
     }
 
     /// No more failures; the count goes on.
@@ -509,11 +506,6 @@ pub(crate) mod faults {
         PLAN.get().0
     }
 
-    /// The operation that failed first since `arm`, if one did.
-    pub(crate) fn failed() -> Option<&'static str> {
-        FAILED.get()
-    }
-
     pub(super) fn point(op: &'static str) -> io::Result<()> {
         let (n, fail_at, sticky) = PLAN.get();
         PLAN.set((n + 1, fail_at, sticky));
@@ -523,9 +515,6 @@ pub(crate) mod faults {
         };
         if !fails {
             return Ok(());
-        }
-        if FAILED.get().is_none() {
-            FAILED.set(Some(op));
         }
         Err(io::Error::other(format!("injected failure: {op}")))
     }

@@ -145,11 +145,12 @@ pub(crate) trait ForkLocks: Sync {
 
     /// Runs in the child, on its only thread, after the `dont_fork` holes are filled and
     /// before the guards are dropped: `held` holds every guard taken by the prepare handler
-    /// (its own among them, which it may find by type). Only calls that are safe in a fork
-    /// child of a threaded process (system calls; glibc's and musl's `malloc` are usable
-    /// here).
-    fn in_child(&'static self, held: &mut [Box<dyn Any>]) {
-        let _ = held;
+    /// (its own among them, which it may find by type), and `views` the record of `dont_fork`
+    /// views (a view mapped again here leaves it, or a grandchild would fill its range with a
+    /// reservation). Only calls that are safe in a fork child of a threaded process (system
+    /// calls; glibc's and musl's `malloc` are usable here).
+    fn in_child(&'static self, held: &mut [Box<dyn Any>], views: &mut DontForkViews) {
+        let _ = (held, views);
     }
 }
 
@@ -282,10 +283,10 @@ extern "C" fn child() {
     for r in held._registry.iter() {
         // SAFETY: as in `prepare`: alive while the registry lock (in `held`) is held.
         let object: &'static dyn ForkLocks = unsafe { &*r.0 };
-        object.in_child(&mut held._locks);
+        object.in_child(&mut held._locks, &mut held.views);
     }
     for layer in layers() {
-        layer.in_child(&mut held._locks);
+        layer.in_child(&mut held._locks, &mut held.views);
     }
     drop(held);
 }

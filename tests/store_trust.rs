@@ -988,3 +988,134 @@ fn a_small_store_costs_about_its_data() {
     drop(counts);
     store.close().unwrap();
 }
+
+/// Waits for `pid`; its exit code, or 128 + the signal that killed it.
+fn wait_for(pid: libc::pid_t) -> i32 {
+    let mut status = 0;
+    // SAFETY: our child; `status` is writable.
+    assert_eq!(unsafe { libc::waitpid(pid, &mut status, 0) }, pid);
+    if libc::WIFSIGNALED(status) {
+        128 + libc::WTERMSIG(status)
+    } else {
+        libc::WEXITSTATUS(status)
+    }
+}
+
+/// Item 14, attacked by the outside review: a writer's child maps its blocks from the files,
+/// so whatever the parent did after the fork reached it: a segment the parent freed right away
+/// was gone before the child opened its file (SIGSEGV), small blocks the parent freed were
+/// punched and reused (the child read zeros, then SIGSEGV), and a grandchild lost the child's
+/// own writes (its parent's private views were replaced). Now the files are opened before the
+/// fork, the parent seals what a child maps (no block of an older epoch handed out again, no
+/// piece punched, no file cut), and a grandchild inherits its parent's private views.
+#[test]
+fn a_fork_child_is_unmoved_by_what_its_parent_frees() {
+    use mmapvec::store::StoreBox;
+    let _serial = serial();
+    let path = TestPath::new("fork-parent-frees");
+    let store = Store::create(&path.0).unwrap();
+    let a = store.allocator();
+    let mut big: StoreVec<u64> = StoreVec::new_in(a);
+    big.extend(0..1_000_000u64);
+    let mut small: StoreVec<StoreBox<u64>> = StoreVec::new_in(a);
+    for i in 0..1000u64 {
+        small.push(StoreBox::new_in(i, a));
+    }
+    let mut shrinking: StoreVec<u64> = StoreVec::new_in(a);
+    shrinking.extend(0..(1u64 << 18));
+    let mut pipe = [0i32; 2];
+    // SAFETY: `pipe` is writable for two descriptors.
+    assert_eq!(unsafe { libc::pipe(pipe.as_mut_ptr()) }, 0);
+    let big_sum: u64 = (0..1_000_000u64).sum::<u64>() + 4242;
+    // SAFETY: the child only runs the closure and `_exit`s; the tests take turns.
+    let pid = unsafe { libc::fork() };
+    if pid == 0 {
+        let ok = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+            big[0] = 4242; // the child's own copy
+            let mut byte = [0u8; 1];
+            // SAFETY: reads one byte into `byte`: the parent has freed and reused by then.
+            unsafe { libc::read(pipe[0], byte.as_mut_ptr().cast(), 1) };
+            assert_eq!(big.iter().sum::<u64>(), big_sum);
+            assert_eq!(small.iter().map(|b| **b).sum::<u64>(), (0..1000).sum());
+            assert!(shrinking.iter().copied().eq(0..(1 << 18)));
+            // SAFETY: a grandchild, as above.
+            let grandchild = unsafe { libc::fork() };
+            if grandchild == 0 {
+                let ok = big[0] == 4242
+                    && big.iter().sum::<u64>() == big_sum
+                    && small.iter().map(|b| **b).sum::<u64>() == (0..1000).sum();
+                // SAFETY: ends the grandchild at once.
+                unsafe { libc::_exit(if ok { 0 } else { 3 }) };
+            }
+            assert_eq!(wait_for(grandchild), 0, "the grandchild");
+            drop((big, small, shrinking));
+        }));
+        // SAFETY: ends the child at once.
+        unsafe { libc::_exit(i32::from(ok.is_err())) };
+    }
+    // The parent frees, reuses and shrinks at once, then lets the child read.
+    drop(big);
+    drop(small);
+    shrinking.truncate(10);
+    shrinking.shrink_to_fit();
+    let mut other: StoreVec<StoreVec<u64>> = StoreVec::new_in(a);
+    for i in 0..2000u64 {
+        let mut v = StoreVec::new_in(a);
+        v.push(i);
+        other.push(v);
+    }
+    store.flush().unwrap();
+    // SAFETY: writes one byte from a static.
+    unsafe { libc::write(pipe[1], b"x".as_ptr().cast(), 1) };
+    assert_eq!(wait_for(pid), 0, "the child");
+    assert!(shrinking.iter().copied().eq(0..10));
+    store.set_root("other", other).unwrap();
+    drop(shrinking);
+    store.close().unwrap();
+    // The sealed chunks' frees were saved: reopened, the store holds what is rooted.
+    let store = Store::open(&path.0).unwrap();
+    let other = store.root::<StoreVec<StoreVec<u64>>>("other").unwrap();
+    assert!(other.iter().enumerate().all(|(i, v)| v[..] == [i as u64]));
+    drop(other);
+    store.close().unwrap();
+    // SAFETY: our pipe's descriptors.
+    unsafe {
+        libc::close(pipe[0]);
+        libc::close(pipe[1]);
+    }
+}
+
+/// The outside review: a reader's child crashed iterating an empty map (the reader had fixed
+/// up the map's pointer to hashbrown's static in its private view; the child mapped the file
+/// again, which holds the pointer of the process that made the store). A reader's private
+/// views are inherited as they are now.
+#[test]
+fn a_readers_fork_child_iterates_an_empty_map() {
+    use mmapvec::store::StoreMap;
+    type Map<'s> = StoreMap<'s, u64, u64>;
+    const NAME: &str = "a_readers_fork_child_iterates_an_empty_map";
+    if let Some((_, path)) = store_support::role() {
+        // Another process makes the store: its static is elsewhere.
+        let store = Store::create(&path).unwrap();
+        let map: Map = StoreMap::with_hasher_in(Default::default(), store.allocator());
+        store.set_root("empty", map).unwrap();
+        store.close().unwrap();
+        return;
+    }
+    let _serial = serial();
+    let path = TestPath::new("reader-fork-map");
+    store_support::in_new_process(NAME, "make", &path.0);
+    let store = Store::open_read_only(&path.0).unwrap();
+    let map = store.root::<Map>("empty").unwrap();
+    assert_eq!(map.iter().count(), 0);
+    // SAFETY: as above.
+    let pid = unsafe { libc::fork() };
+    if pid == 0 {
+        let ok = map.iter().count() == 0 && map.get(&1).is_none();
+        // SAFETY: ends the child at once.
+        unsafe { libc::_exit(if ok { 0 } else { 3 }) };
+    }
+    assert_eq!(wait_for(pid), 0, "the reader's child");
+    drop(map);
+    store.close().unwrap();
+}

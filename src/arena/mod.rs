@@ -265,8 +265,9 @@ impl SmallTier {
     /// The tier of a persistent store: its region is `[base, base + len)` (part of the
     /// store's range, reserved by the store, `CHUNK`-aligned), its chunks are ranges of `file`,
     /// and no thread caches its blocks (a cached block would be kept as live in the store).
-    /// Fork epochs are not used: the store's allocator passes epoch 0, and its views are kept
-    /// out of children.
+    /// At a fork its chunks are sealed, not closed (see `Shard::enter`): a child maps them
+    /// privately from the file, so their blocks are never handed out again, nor their pieces
+    /// punched, in this process; their bitmaps stay, and are saved.
     ///
     /// `meta` is the file the tier is saved in ([`save`](Self::save)): each new chunk reserves
     /// its part of it.
@@ -280,7 +281,6 @@ impl SmallTier {
         debug_assert!(base.as_ptr().addr().is_multiple_of(CHUNK) && len.is_multiple_of(CHUNK));
         let mut tier = SmallTier::new(TierConfig {
             thread_cache: false,
-            dont_fork: true,
             ..config
         });
         let table = (0..len / CHUNK)
@@ -758,6 +758,13 @@ impl SmallTier {
             }
             return;
         }
+        // A store's sealed chunk (older epoch): the block is free in its bitmap (which the
+        // store saves), and the chunk stays as it is (see `Shard::enter`).
+        if let Some(blocks) = shard.sealed.get_mut(&index) {
+            let known = blocks.put(offset / block_size);
+            debug_assert!(known, "double free of a small block");
+            return;
+        }
         // A closed chunk (older epoch): count only. Its count was recorded when it was
         // closed, under this shard's lock, which we hold.
         let last = meta.sub_live();
@@ -804,7 +811,10 @@ impl SmallTier {
             .0
             .lock()
             .unwrap_or_else(|e| e.into_inner());
-        let closed = shard.enter(self.epoch.load(Ordering::Acquire));
+        let closed = shard.enter(
+            self.epoch.load(Ordering::Acquire),
+            self.store_file.is_some(),
+        );
         if !closed.is_empty() {
             // From now on these chunks count their blocks in their metadata. Those with none (a
             // class's current chunk, kept open while empty) have no free left to release

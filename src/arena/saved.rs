@@ -72,7 +72,7 @@ impl SmallTier {
         let next = spare.next as usize;
         let mut records = vec![0u8; next * RECORD];
         for shard in &shards {
-            for (&index, blocks) in &shard.chunks {
+            for (&index, blocks) in shard.chunks.iter().chain(&shard.sealed) {
                 let (bump, freed, used) = blocks.parts();
                 let index = index as usize;
                 let record = &mut records[index * RECORD..(index + 1) * RECORD];
@@ -193,7 +193,9 @@ impl SmallTier {
                 meta.mark_backed(under);
             }
             let home = index % SHARDS;
-            meta.assign(class, 0, home);
+            // Of this process's epoch: a process forked before it opened the store has no
+            // child that maps these chunks.
+            meta.assign(class, self.epoch.load(Ordering::Acquire), home);
             let mut shard = self.lock_shard(home);
             let live = blocks.live();
             shard.in_use += (live * class::block_size(class)) as u64;
@@ -240,6 +242,7 @@ impl SmallTier {
         let used = shard
             .chunks
             .get(&index)
+            .or_else(|| shard.sealed.get(&index))
             .is_some_and(|blocks| blocks.class() == meta.class() && blocks.is_used(offset / len));
         used.then_some(len)
     }
@@ -350,7 +353,7 @@ impl SmallTier {
         let mut live = Vec::new();
         for i in 0..SHARDS {
             let shard = self.lock_shard(i);
-            for (&index, blocks) in &shard.chunks {
+            for (&index, blocks) in shard.chunks.iter().chain(&shard.sealed) {
                 let start = self.chunk_at(index).as_ptr().addr();
                 let len = class::block_size(blocks.class());
                 let (_, _, used) = blocks.parts();

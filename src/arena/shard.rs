@@ -24,6 +24,9 @@ pub(super) struct Shard {
     /// the tier's limit (see `SmallTier::max_idle_current`), past which an emptied current
     /// chunk is retired like any other.
     pub(super) idle_currents: usize,
+    /// A store's tier: the chunks of earlier fork epochs, sealed (see [`enter`](Self::enter)),
+    /// with their bitmaps, which frees keep up to date and the store saves.
+    pub(super) sealed: HashMap<u32, Blocks, BuildIntHasher>,
 }
 
 /// One class's chunks in a shard.
@@ -43,14 +46,15 @@ impl Shard {
             chunks: HashMap::default(),
             in_use: 0,
             idle_currents: 0,
+            sealed: HashMap::default(),
         }
     }
 
     /// Moves to a newer epoch: every chunk of the old one is closed (freed by count only).
     /// Returns the chunks closed with their bitmaps; the caller records the counts and
     /// releases those with no live block (an empty current chunk: no free is left to release
-    /// it).
-    pub(super) fn enter(&mut self, epoch: u64) -> Vec<(u32, Blocks)> {
+    /// it). With `seal` (a store's tier) they are sealed instead, and nothing is returned.
+    pub(super) fn enter(&mut self, epoch: u64, seal: bool) -> Vec<(u32, Blocks)> {
         if epoch <= self.epoch {
             return Vec::new();
         }
@@ -59,6 +63,13 @@ impl Shard {
         self.classes
             .iter_mut()
             .for_each(|c| *c = ClassLists::default());
+        if seal {
+            // A store's chunks stay in the store: sealed, their blocks freed in their bitmaps,
+            // never handed out again, punched or released in this process (a fork child maps
+            // them as they are in the file; see `SmallTier::in_store`).
+            self.sealed.extend(self.chunks.drain());
+            return Vec::new();
+        }
         self.chunks.drain().collect()
     }
 
@@ -171,9 +182,9 @@ mod tests {
         let mut shard = Shard::new();
         shard.install(3, 2, true);
         assert_eq!(shard.take(2).map(|(index, _)| index), Some(3));
-        shard.enter(0);
+        shard.enter(0, false);
         assert!(shard.take(2).is_some(), "same epoch: lists kept");
-        shard.enter(1);
+        shard.enter(1, false);
         assert!(shard.take(2).is_none(), "newer epoch: chunk 3 is closed");
         assert!(shard.chunks.is_empty());
     }

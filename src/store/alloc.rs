@@ -147,7 +147,7 @@ unsafe impl Allocator for StoreAllocator<'_> {
         if shared.tier.contains(ptr) {
             // SAFETY: a live block of the tier (the caller's promise: it came from `allocate`,
             // and the tier's region holds only its own blocks).
-            unsafe { shared.tier.deallocate(ptr, STORE_EPOCH) };
+            unsafe { shared.tier.deallocate(ptr, store_epoch()) };
         } else {
             shared.lock_space().free(ptr.as_ptr().expose_provenance());
         }
@@ -232,10 +232,14 @@ unsafe impl Allocator for StoreAllocator<'_> {
     }
 }
 
-/// The fork epoch the store's tier runs in: always the first. Its views are kept out of fork
-/// children and a child never allocates or frees in the store, so no chunk is ever shared with
-/// a child, and none needs closing at a fork.
-pub(super) const STORE_EPOCH: u64 = 0;
+/// The fork epoch the store's tier runs in: the process's. A fork child maps the store's
+/// chunks as they are in the file (private views, see `Shared::in_child`), so the chunks of
+/// earlier epochs are sealed in the parent: their blocks are never handed out again, their
+/// pieces never punched, in this process (see `Shard::enter`). A child never allocates or
+/// frees in the store.
+pub(super) fn store_epoch() -> u64 {
+    crate::fork::epoch()
+}
 
 /// The creator the store's tier is given: never used (the tier's chunks are ranges of the
 /// store's chunk file).
@@ -266,7 +270,10 @@ impl StoreAllocator<'_> {
             };
         };
         if shared.tier.serves(layout) {
-            match shared.tier.allocate(layout, zeroed, STORE_EPOCH, &NoFiles) {
+            match shared
+                .tier
+                .allocate(layout, zeroed, store_epoch(), &NoFiles)
+            {
                 Ok(block) => return Ok(block),
                 Err(e) => {
                     crate::logging::report!(debug, "mmapvec: store small block of {layout:?}: {e}")

@@ -16,7 +16,7 @@
 use std::ptr::NonNull;
 
 use super::Store;
-use super::alloc::STORE_EPOCH;
+use super::alloc::store_epoch;
 
 /// What a recovery did ([`Store::recovery`]).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -83,7 +83,7 @@ impl Store {
             if shared.tier.contains(ptr) {
                 // SAFETY: a live block of the tier (listed above), which nothing refers to:
                 // no root reaches it.
-                unsafe { shared.tier.deallocate(ptr, STORE_EPOCH) };
+                unsafe { shared.tier.deallocate(ptr, store_epoch()) };
             } else {
                 shared.lock_space().free(start);
             }

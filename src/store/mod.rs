@@ -598,7 +598,7 @@ impl fork::ForkLocks for ForkLayer {
         held.push(Box::new(open_here()));
     }
 
-    fn in_child(&'static self, _held: &mut [Box<dyn std::any::Any>]) {
+    fn in_child(&'static self, _held: &mut [Box<dyn std::any::Any>], _: &mut fork::DontForkViews) {
         let fd = LOCK_FD.swap(-1, Ordering::AcqRel);
         if fd >= 0 {
             sys::point_at_null(fd);
@@ -676,7 +676,8 @@ pub(crate) struct Shared {
     access: Access,
     /// The process generation that opened the store: a fork child's copy never writes.
     generation: u64,
-    /// The length of the store's range (which starts at the allocator's `base`).
+    /// The store's range.
+    base: usize,
     range_len: usize,
     /// Opened by [`Store::open_dirty_read_only`]: a root is any mapped block.
     salvage: bool,
@@ -740,27 +741,43 @@ impl Shared {
 impl fork::ForkLocks for Shared {
     fn lock_for_fork(&'static self, held: &mut Vec<Box<dyn std::any::Any>>, _epoch: u64) {
         held.push(Box::new(self.lock_roots()));
-        held.push(Box::new(self.lock_space()));
+        let space = self.lock_space();
+        // Opened now, under the lock: the parent may remove a segment right after the fork.
+        held.push(Box::new(space.files_for_child()));
+        held.push(Box::new(space));
     }
 
-    /// A child reads and drops what it inherited: the store's blocks are mapped again in the
-    /// child as private copy-on-write views of their files (the shared views are kept out of
-    /// children), so that nothing the child does reaches the store. Its allocator then takes
-    /// new blocks from the temporary allocator, and frees none of the store's.
-    fn in_child(&'static self, held: &mut [Box<dyn std::any::Any>]) {
-        // The space's guard, taken by `lock_for_fork` above (one store per process).
-        let Some(space) = held
-            .iter_mut()
-            .find_map(|g| g.downcast_mut::<MutexGuard<'static, Space>>())
+    /// A writer's child reads and drops what it inherited: the store's blocks are mapped again
+    /// in the child as private copy-on-write views of their files (the shared views are kept
+    /// out of children), so that nothing the child does reaches the store. Its allocator then
+    /// takes new blocks from the temporary allocator, and frees none of the store's. The
+    /// parent seals what the child maps: chunks of an earlier epoch hand out no block and are
+    /// never punched, segment files mapped before the fork are never cut (see `store_epoch`).
+    /// A reader's views are private already: a child inherits them as they are. A grandchild
+    /// inherits its parent's private views (they leave the record of `dont_fork` views here).
+    fn in_child(
+        &'static self,
+        held: &mut [Box<dyn std::any::Any>],
+        views: &mut fork::DontForkViews,
+    ) {
+        // Only the first child of the process that opened the store: later generations
+        // inherit the private views.
+        if self.access != Access::Write || fork::generation() != self.generation + 1 {
+            return;
+        }
+        let Some(files) = held
+            .iter()
+            .find_map(|g| g.downcast_ref::<space::ChildFiles>())
         else {
             return;
         };
-        // SAFETY: in the child, from its fork handler; the store's views are `dont_fork`, so
+        // SAFETY: in the child, from its fork handler; the writer's views are `dont_fork`, so
         // their ranges are the holes the handler refilled with reservations.
         unsafe {
-            space.map_private_in_child();
+            Space::map_private_in_child(files);
             self.tier.map_private_in_child();
         }
+        views.forget_range(self.base, self.range_len);
     }
 }
 
@@ -1083,14 +1100,16 @@ impl Store {
         // SAFETY: the small region follows the first chunk of the range (checked to fit at
         // open), CHUNK-aligned.
         let region = unsafe { self.base.add(DATA) };
-        let tier = SmallTier::in_store(
-            TierConfig::default(),
-            region,
-            small,
-            chunks,
-            small_meta.try_clone()?,
-        );
+        // A writer's shared views are kept out of children (which map them again privately);
+        // a reader's private views are inherited as they are.
+        let config = TierConfig {
+            dont_fork: self.access == Access::Write,
+            ..TierConfig::default()
+        };
+        let tier = SmallTier::in_store(config, region, small, chunks, small_meta.try_clone()?);
         let tier = Arc::new(tier);
+        // The chunks restored are of this process's fork epoch.
+        tier.observe_epoch(fork::epoch());
         let restored = tier.restore(&small_meta, share);
         let start = self.base.as_ptr().addr() + DATA + small;
         let end = self.base.as_ptr().addr() + self.len;
@@ -1119,6 +1138,7 @@ impl Store {
             roots: Mutex::new([RootState::default(); ROOTS]),
             access: self.access,
             generation: self.generation,
+            base: self.base.as_ptr().addr(),
             range_len: self.len,
             salvage: self.salvage,
         });

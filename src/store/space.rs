@@ -46,7 +46,14 @@ const SPAN_ALIGN: usize = 2 << 20;
 struct Seg {
     len: usize,
     span: usize,
+    /// The fork epoch its file was first mapped in: a file mapped before the last fork may be
+    /// mapped by a child (privately), so it is never cut (see `shrink`).
+    epoch: u64,
 }
+
+/// The segments' files, opened for a fork child before the fork: (address, length, file).
+#[derive(Debug)]
+pub(super) struct ChildFiles(Vec<(usize, usize, File)>);
 
 /// The blocks of one open store and its free address space. Used under the store's mutex.
 #[derive(Debug)]
@@ -183,17 +190,21 @@ impl Space {
                     "segment {name:?} ({len} bytes) does not fit the store's range"
                 )));
             }
-            found.push((addr, Seg { len, span }, name, entry.ino));
+            let epoch = fork::epoch();
+            found.push((addr, Seg { len, span, epoch }, name, entry.ino));
         }
         found.sort_by_key(|&(addr, ..)| addr);
         if manifest {
             let listed = self.read_manifest()?;
-            let on_disk: Vec<_> = found.iter().map(|&(addr, seg, ..)| (addr, seg)).collect();
+            let on_disk: Vec<_> = found
+                .iter()
+                .map(|&(addr, seg, ..)| (addr, seg.span, seg.len))
+                .collect();
             if listed != on_disk {
-                let (missing, changed): (Vec<&(usize, Seg)>, Vec<_>) = listed
+                let (missing, changed): (Vec<&(usize, usize, usize)>, Vec<_>) = listed
                     .iter()
                     .filter(|l| !on_disk.contains(l))
-                    .partition(|(addr, _)| !on_disk.iter().any(|(a, _)| a == addr));
+                    .partition(|(addr, ..)| !on_disk.iter().any(|(a, ..)| a == addr));
                 let extra = on_disk.len() + missing.len() - listed.len();
                 return Err(corrupt(format!(
                     "the segments are not those the store recorded: {} missing, {} of another \
@@ -262,6 +273,11 @@ impl Space {
             self.after_failed_map(addr, len);
             return Err(e);
         }
+        // A reader's views are private: a child inherits them as they are (with the statics
+        // reattached). A writer's are kept out of children, which map them again privately.
+        if self.share != Share::Write {
+            return Ok(());
+        }
         // Recorded before the advice: a hole the child fills is harmless, a view it keeps is
         // not.
         views.add(block, block_len);
@@ -286,21 +302,38 @@ impl Space {
         sys::open_at(&self.dir, &seg_name(addr, span), None)
     }
 
+    /// For a fork of the writer (the prepare handler, under the space's lock): every segment's
+    /// file, opened now, while its name is still there: the child maps them (see
+    /// [`map_private_in_child`](Self::map_private_in_child)), even if the parent removes one
+    /// right after the fork.
+    pub(super) fn files_for_child(&self) -> ChildFiles {
+        if self.share != Share::Write {
+            return ChildFiles(Vec::new());
+        }
+        ChildFiles(
+            self.segs
+                .iter()
+                .filter_map(|(&addr, seg)| {
+                    let file = sys::open_read_at(&self.dir, &seg_name(addr, seg.span)).ok()?;
+                    Some((addr, seg.len, file))
+                })
+                .collect(),
+        )
+    }
+
     /// In a fork child of the store's writer: maps every segment again, as a private
-    /// (copy-on-write) view of its file, where the parent's view was. A segment that cannot be
-    /// mapped stays inaccessible.
+    /// (copy-on-write) view of the file opened for it before the fork, where the parent's view
+    /// was. A segment that cannot be mapped stays inaccessible.
     ///
     /// # Safety
     /// Only in a fork child, from its fork handler, while the segments' views are holes
     /// refilled with reservations (they are `dont_fork`), nothing else of the child's.
-    pub(super) unsafe fn map_private_in_child(&self) {
-        for (&addr, seg) in &self.segs {
-            let Ok(file) = sys::open_read_at(&self.dir, &seg_name(addr, seg.span)) else {
-                continue;
-            };
+    pub(super) unsafe fn map_private_in_child(files: &ChildFiles) {
+        for (addr, len, file) in &files.0 {
             // SAFETY: the block's range is the parent's view, a reserved hole here (the
-            // caller's promise); the file is `len` bytes long (the parent keeps it so).
-            let _ = unsafe { sys::map_file_fixed_at(at(addr), &file, 0, seg.len, Share::Private) };
+            // caller's promise); the file was `len` bytes long at the fork, and a file mapped
+            // before a fork is never cut (see `shrink`).
+            let _ = unsafe { sys::map_file_fixed_at(at(*addr), file, 0, *len, Share::Private) };
         }
     }
 
@@ -354,7 +387,8 @@ impl Space {
         });
         match made {
             Ok(()) => {
-                self.segs.insert(addr, Seg { len, span });
+                let epoch = fork::epoch();
+                self.segs.insert(addr, Seg { len, span, epoch });
                 Ok((addr, len))
             }
             Err(e) => {
@@ -443,7 +477,9 @@ impl Space {
         }
         // The old view is gone: its range is a gap until reserved again.
         self.segs.remove(&addr);
-        self.segs.insert(to, Seg { len, span });
+        // The same file (renamed): a child that maps it still does.
+        let epoch = seg.epoch;
+        self.segs.insert(to, Seg { len, span, epoch });
         self.after_failed_map(addr, seg.len);
         self.give_back_unless_lost(addr, seg.span);
         Ok((to, len))
@@ -454,7 +490,9 @@ impl Space {
     pub(super) fn shrink(&mut self, addr: usize, size: usize) -> io::Result<usize> {
         let seg = *self.segs.get(&addr).ok_or_else(not_ours)?;
         let len = self.round(size.max(1))?;
-        if len >= seg.len || self.share != Share::Write {
+        // A file mapped before the last fork is not cut: a child may map it, and would die of
+        // `SIGBUS` past its new end. The block stays whole (a valid shrink).
+        if len >= seg.len || self.share != Share::Write || seg.epoch < fork::epoch() {
             return Ok(seg.len);
         }
         let mut views = fork::hold();
@@ -573,8 +611,8 @@ impl Space {
         file.sync_data()
     }
 
-    /// The segments the manifest lists, by address.
-    fn read_manifest(&self) -> io::Result<Vec<(usize, Seg)>> {
+    /// The segments the manifest lists, by address: (address, span, length).
+    fn read_manifest(&self) -> io::Result<Vec<(usize, usize, usize)>> {
         let missing = |e: io::Error| match e.kind() {
             io::ErrorKind::NotFound => corrupt("the store's list of segments is missing".into()),
             _ => e,
@@ -601,11 +639,11 @@ impl Space {
         (0..count)
             .map(|i| {
                 let at = 2 + i * 3;
-                let seg = Seg {
-                    span: as_usize(word(at + 1))?,
-                    len: as_usize(word(at + 2))?,
-                };
-                Ok((as_usize(word(at))?, seg))
+                Ok((
+                    as_usize(word(at))?,
+                    as_usize(word(at + 1))?,
+                    as_usize(word(at + 2))?,
+                ))
             })
             .collect()
     }

@@ -1119,3 +1119,124 @@ fn a_readers_fork_child_iterates_an_empty_map() {
     drop(map);
     store.close().unwrap();
 }
+
+/// The outside review: `recover` removed the live files before it looked at the snapshot, so
+/// a damaged snapshot (a segment cut short) lost everything: the live files, which a salvage
+/// open could still read, were gone, and what was left could not be opened. The snapshot is
+/// checked whole first now: refused, the live files stay as they were.
+#[test]
+fn a_damaged_snapshot_is_refused_before_the_live_files_go() {
+    const NAME: &str = "a_damaged_snapshot_is_refused_before_the_live_files_go";
+    if let Some((_, path)) = store_support::role() {
+        let store = Store::create(&path).unwrap();
+        let mut big = StoreVec::new_in(store.allocator());
+        big.extend(0..(1u64 << 17));
+        store.set_root("big", big).unwrap();
+        store.snapshot().unwrap();
+        store
+            .root_mut::<StoreVec<u64>>("big")
+            .unwrap()
+            .push(1 << 17);
+        std::process::exit(0); // dirty
+    }
+    let _serial = serial();
+    let path = TestPath::new("damaged-snapshot");
+    let status = std::process::Command::new(std::env::current_exe().unwrap())
+        .args(["--exact", NAME, "--nocapture", "--test-threads=1"])
+        .env(store_support::ROLE, "writer")
+        .env(store_support::PATH, &path.0)
+        .status()
+        .unwrap();
+    assert!(status.success());
+    let segment = std::fs::read_dir(path.0.join("snapshots/1/segs"))
+        .unwrap()
+        .flatten()
+        .find(|e| !e.file_name().to_string_lossy().starts_with('.'))
+        .unwrap()
+        .path();
+    std::fs::File::options()
+        .write(true)
+        .open(&segment)
+        .unwrap()
+        .set_len(4096)
+        .unwrap();
+    let recovered = Store::recover(&path.0);
+    assert!(
+        matches!(recovered, Err(StoreError::NotAStore)),
+        "{recovered:?}"
+    );
+    // The live files are still there, dirty, and readable for salvage.
+    assert!(matches!(
+        Store::open(&path.0),
+        Err(StoreError::Dirty { .. })
+    ));
+    // SAFETY: the writer ended between operations.
+    let store = unsafe { Store::open_dirty_read_only(&path.0) }.unwrap();
+    assert!(
+        store
+            .root::<StoreVec<u64>>("big")
+            .unwrap()
+            .iter()
+            .copied()
+            .eq(0..=(1 << 17))
+    );
+    store.close().unwrap();
+}
+
+/// The outside review: a store file that is a hard link to another store's (its `small`) was
+/// accepted, and read as this store's; a FIFO in place of a file made a reader's open hang;
+/// an empty `small.meta` beside a chunk file with data was taken for a new store's. Each is
+/// `NotAStore` now.
+#[test]
+fn store_files_are_regular_files_of_their_own() {
+    let _serial = serial();
+    let (one, two) = (TestPath::new("linked-one"), TestPath::new("linked-two"));
+    for path in [&one.0, &two.0] {
+        let store = Store::create(path).unwrap();
+        let mut v = StoreVec::new_in(store.allocator());
+        v.extend(0..100u64);
+        store.set_root("v", v).unwrap();
+        store.close().unwrap();
+    }
+    std::fs::remove_file(two.0.join("small")).unwrap();
+    std::fs::hard_link(one.0.join("small"), two.0.join("small")).unwrap();
+    assert!(matches!(Store::open(&two.0), Err(StoreError::NotAStore)));
+    assert!(matches!(
+        Store::open_read_only(&two.0),
+        Err(StoreError::NotAStore)
+    ));
+
+    // A FIFO for the header: refused, not waited on (an alarm ends a hang).
+    let fifo = TestPath::new("fifo-header");
+    Store::create(&fifo.0).unwrap().close().unwrap();
+    std::fs::remove_file(fifo.0.join("header")).unwrap();
+    let name = std::ffi::CString::new(fifo.0.join("header").into_os_string().into_encoded_bytes())
+        .unwrap();
+    // SAFETY: a valid path; mkfifo reads it only.
+    assert_eq!(unsafe { libc::mkfifo(name.as_ptr(), 0o600) }, 0);
+    let (tx, rx) = std::sync::mpsc::channel();
+    let fifo_path = fifo.0.clone();
+    std::thread::spawn(move || {
+        let _ = tx.send(matches!(
+            Store::open_read_only(&fifo_path),
+            Err(StoreError::NotAStore)
+        ));
+    });
+    let refused = rx.recv_timeout(std::time::Duration::from_secs(10));
+    assert_eq!(refused, Ok(true), "a FIFO header");
+
+    // An empty small.meta beside a chunk file with data.
+    let empty = TestPath::new("empty-meta");
+    let store = Store::create(&empty.0).unwrap();
+    let mut v = StoreVec::new_in(store.allocator());
+    v.extend(0..100u64);
+    store.set_root("v", v).unwrap();
+    store.close().unwrap();
+    std::fs::File::options()
+        .write(true)
+        .open(empty.0.join("small.meta"))
+        .unwrap()
+        .set_len(0)
+        .unwrap();
+    assert!(matches!(Store::open(&empty.0), Err(StoreError::NotAStore)));
+}

@@ -56,6 +56,7 @@ pub(crate) fn class_sizes() -> impl Iterator<Item = usize> {
 }
 mod region;
 mod saved;
+pub(crate) use saved::check_saved;
 mod shard;
 mod tcache;
 

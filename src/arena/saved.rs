@@ -51,6 +51,46 @@ pub(crate) fn reserve_slot(meta: &File, chunks: usize, index: usize) -> io::Resu
     sys::reserve_blocks(meta, bitmap_at(chunks, index), (MAX_WORDS * 8) as u64)
 }
 
+/// Checks what [`SmallTier::restore`] would read from `meta` for a tier of `chunks` indices
+/// over the chunk file `file`, without mapping anything: a snapshot's files, before
+/// `recover` puts them in place. `InvalidData` if they do not agree.
+pub(crate) fn check_saved(meta: &File, file: &File, chunks: usize) -> io::Result<()> {
+    let (meta_len, file_len) = (meta.metadata()?.len(), file.metadata()?.len());
+    if meta_len == 0 {
+        return match file_len {
+            0 => Ok(()),
+            _ => Err(invalid("empty, but the chunk file is not")),
+        };
+    }
+    let truncated = |e: io::Error| match e.kind() {
+        io::ErrorKind::UnexpectedEof => invalid("truncated"),
+        _ => e,
+    };
+    let mut header = [0u8; 16];
+    meta.read_exact_at(&mut header, 0).map_err(truncated)?;
+    let word = |at: usize| u64::from_ne_bytes(header[at..at + 8].try_into().unwrap());
+    let next = usize::try_from(word(8)).unwrap_or(usize::MAX);
+    if word(0) != MAGIC || next > chunks {
+        return Err(invalid("bad header"));
+    }
+    let mut records = vec![0u8; next * RECORD];
+    meta.read_exact_at(&mut records, RECORDS)
+        .map_err(truncated)?;
+    for (index, record) in records.chunks_exact(RECORD).enumerate() {
+        let field = |i: usize| u32::from_ne_bytes(record[i * 4..i * 4 + 4].try_into().unwrap());
+        if field(3) == 0 {
+            continue;
+        }
+        if field(0) as usize >= class::COUNT {
+            return Err(invalid("bad class"));
+        }
+        if file_len < ((index + 1) * CHUNK) as u64 {
+            return Err(invalid("the chunk file is shorter than its chunks"));
+        }
+    }
+    Ok(())
+}
+
 impl SmallTier {
     /// Writes which chunks are in use and their bitmaps to `meta`, and syncs it and the chunk
     /// file. Every shard and `spare` are held meanwhile: the state saved is one state.
@@ -107,7 +147,15 @@ impl SmallTier {
     pub(crate) fn restore(&self, meta: &File, share: sys::Share) -> io::Result<()> {
         let chunks = self.table().len();
         if meta.metadata()?.len() == 0 {
-            return Ok(()); // a new store
+            // A new store, whose chunk file is empty too.
+            let file_len = self
+                .store_file
+                .as_ref()
+                .map_or(Ok(0), |f| f.metadata().map(|m| m.len()))?;
+            if file_len != 0 {
+                return Err(invalid("empty, but the chunk file is not"));
+            }
+            return Ok(());
         }
         let truncated = |e: io::Error| match e.kind() {
             io::ErrorKind::UnexpectedEof => invalid("truncated"),

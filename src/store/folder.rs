@@ -73,17 +73,27 @@ impl Folder {
         self.dir(name)
     }
 
-    /// Opens the store file `name` for `access`, or makes it (new, private) with `create`;
-    /// never through a link.
+    /// Opens the store file `name` for `access` (a regular file with one name, else
+    /// `InvalidData`), or makes it (new, private) with `create`; never through a link.
     pub(crate) fn file(&self, name: &OsStr, access: Access, create: bool) -> io::Result<File> {
-        match (access, create) {
+        let file = match (access, create) {
             (_, true) => {
                 sys::io_point("create a file")?;
-                sys::open_at(&self.0, name, Some(FILE_MODE))
+                return sys::open_at(&self.0, name, Some(FILE_MODE));
             }
-            (Access::Write, false) => sys::open_at(&self.0, name, None),
-            (Access::Read, false) => sys::open_read_at(&self.0, name),
+            (Access::Write, false) => sys::open_at(&self.0, name, None)?,
+            (Access::Read, false) => sys::open_read_at(&self.0, name)?,
+        };
+        // A store's file is a regular file with one name: a FIFO would block its reads, and
+        // a second name (a hard link to another store's file) would be two stores' data.
+        let meta = file.metadata()?;
+        if !meta.is_file() || std::os::unix::fs::MetadataExt::nlink(&meta) != 1 {
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidData,
+                format!("{name:?} is not a regular file with one name"),
+            ));
         }
+        Ok(file)
     }
 
     /// The names in the folder.

@@ -955,13 +955,32 @@ impl Store {
         access: Access,
         salvage: bool,
     ) -> Result<Store, StoreError> {
+        let lock = Self::lock_folder(&folder, access)?;
+        Self::open_locked(path, folder, lock, access, salvage)
+    }
+
+    /// The store's lock file, locked for `access` (never waited for).
+    fn lock_folder(folder: &Folder, access: Access) -> Result<File, StoreError> {
         let lock = folder
             .file(LOCK.as_ref(), access, false)
             .map_err(not_found)?;
         if !lock_file(&lock, access)? {
             return Err(StoreError::Locked);
         }
-        let header_file = folder.file(HEADER.as_ref(), access, false)?;
+        Ok(lock)
+    }
+
+    /// As `open_in`, with the store's lock taken already.
+    fn open_locked(
+        path: &Path,
+        folder: Folder,
+        lock: File,
+        access: Access,
+        salvage: bool,
+    ) -> Result<Store, StoreError> {
+        let header_file = folder
+            .file(HEADER.as_ref(), access, false)
+            .map_err(not_found)?;
         let header = Header::read(&header_file)?;
         if header.dirty != 0 && !salvage {
             return Err(StoreError::Dirty {
@@ -1095,8 +1114,14 @@ impl Store {
             Access::Read => Share::Private,
         };
         let small = self.header().small as usize;
-        let chunks = self.folder.file(SMALL.as_ref(), self.access, false)?;
-        let small_meta = self.folder.file(SMALL_META.as_ref(), self.access, false)?;
+        let chunks = self
+            .folder
+            .file(SMALL.as_ref(), self.access, false)
+            .map_err(not_found)?;
+        let small_meta = self
+            .folder
+            .file(SMALL_META.as_ref(), self.access, false)
+            .map_err(not_found)?;
         // SAFETY: the small region follows the first chunk of the range (checked to fit at
         // open), CHUNK-aligned.
         let region = unsafe { self.base.add(DATA) };
@@ -1392,10 +1417,12 @@ impl Drop for Store {
     }
 }
 
-/// A store's folder or a file in it that is not there: not a store.
+/// A store's folder or a file in it that is not there, or not a regular file: not a store.
 fn not_found(e: io::Error) -> StoreError {
     match e.kind() {
-        io::ErrorKind::NotFound | io::ErrorKind::NotADirectory => StoreError::NotAStore,
+        io::ErrorKind::NotFound | io::ErrorKind::NotADirectory | io::ErrorKind::InvalidData => {
+            StoreError::NotAStore
+        }
         _ => StoreError::Io(e),
     }
 }

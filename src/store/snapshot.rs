@@ -13,11 +13,12 @@
 use std::io;
 use std::os::unix::fs::FileExt;
 use std::path::Path;
+use std::ptr::NonNull;
 use std::sync::atomic::Ordering;
 
 use super::folder::Folder;
 use super::space::SEGS;
-use super::{Access, HEADER, Header, LOCK, SMALL, SMALL_META, Store, StoreError, lock_file};
+use super::{Access, HEADER, Header, SMALL, SMALL_META, Store, StoreError, not_found};
 use crate::sys;
 
 /// The folder of the snapshots.
@@ -121,21 +122,27 @@ impl Store {
         let number = header.snapshots.load(Ordering::Acquire) + 1;
         let partial = format!("partial-{number}");
         folder.remove_tree(&partial)?;
+        let name = number.to_string();
         let made = folder
             .make_dir(&partial)
             .map_err(StoreError::from)
-            .and_then(|into| self.snapshot_into(&into, number));
+            .and_then(|into| self.snapshot_into(&into, number))
+            .and_then(|made| {
+                folder.rename(&partial, &name)?;
+                folder.sync()?;
+                Ok(made)
+            });
         if made.is_err() {
-            // Nothing of a failed snapshot stays, and its number is not used.
+            // Nothing of a failed snapshot stays (under either name), and its number is not
+            // used.
             let _ = folder.remove_tree(&partial);
+            let _ = folder.remove_tree(&name);
             if header.snapshots.load(Ordering::Acquire) == number {
                 header.snapshots.store(number - 1, Ordering::Release);
                 let _ = self.sync_header();
             }
         }
         let (bytes, reflinked) = made?;
-        folder.rename(&partial, &number.to_string())?;
-        folder.sync()?;
         // Older snapshots are superseded.
         for old in complete(&folder)?.into_iter().filter(|&n| n < number) {
             let _ = folder.remove_tree(&old.to_string());
@@ -191,12 +198,15 @@ impl Store {
     /// what was freed.
     pub fn recover(path: impl AsRef<Path>) -> Result<Store, StoreError> {
         let path = path.as_ref();
-        let folder = Folder::open(path).map_err(|e| match e.kind() {
-            io::ErrorKind::NotFound | io::ErrorKind::NotADirectory => StoreError::NotAStore,
-            _ => StoreError::Io(e),
-        })?;
+        let folder = Folder::open(path).map_err(not_found)?;
+        // Held from here until the store is open: nobody opens it in between.
+        let lock = Store::lock_folder(&folder, Access::Write)?;
+        // What would refuse the open is refused before anything is changed.
+        if super::open_here().is_some() {
+            return Err(StoreError::AnotherStoreOpen);
+        }
         let snapshot = Self::restore(&folder)?;
-        let mut store = Store::open_in(path, folder, Access::Write, false)?;
+        let mut store = Store::open_locked(path, folder, lock, Access::Write, false)?;
         // What only the writer's local variables held when the snapshot was taken.
         let (unreachable_blocks, unreachable_bytes) = store.free_unreachable();
         store.flush()?;
@@ -208,19 +218,20 @@ impl Store {
         Ok(store)
     }
 
-    /// Puts the snapshot back; returns its number.
+    /// Puts the last snapshot back; returns its number. The caller holds the store's lock.
+    ///
+    /// The snapshot is checked whole first (its header, its segments against its manifest,
+    /// its small blocks' metadata against its chunk file): a damaged one is refused
+    /// ([`StoreError::NotAStore`]) with the live files untouched, for
+    /// [`Store::open_dirty_read_only`] to read. Then the live header is marked dirty (and
+    /// synced), so that a recovery cut short anywhere leaves a store that opens as dirty, never
+    /// as clean over a mix of files, and is recovered again.
     fn restore(folder: &Folder) -> Result<u64, StoreError> {
-        let lock = folder
-            .file(LOCK.as_ref(), Access::Write, false)
-            .map_err(|e| match e.kind() {
-                io::ErrorKind::NotFound => StoreError::NotAStore,
-                _ => StoreError::Io(e),
-            })?;
-        if !lock_file(&lock, Access::Write)? {
-            return Err(StoreError::Locked);
-        }
         // The store's own header must be readable by this build (its range and format).
-        let live = Header::read(&folder.file(HEADER.as_ref(), Access::Read, false)?)?;
+        let live_file = folder
+            .file(HEADER.as_ref(), Access::Write, false)
+            .map_err(not_found)?;
+        let live = Header::read(&live_file)?;
         let snapshots = match folder.dir(SNAPSHOTS) {
             Ok(snapshots) => snapshots,
             Err(e) if e.kind() == io::ErrorKind::NotFound => return Err(StoreError::NoSnapshot),
@@ -228,14 +239,39 @@ impl Store {
         };
         let number = *complete(&snapshots)?.last().ok_or(StoreError::NoSnapshot)?;
         let snapshot = snapshots.dir(&number.to_string())?;
-        let copy = Header::read(&snapshot.file(HEADER.as_ref(), Access::Read, false)?)?;
+        let copy = Header::read(
+            &snapshot
+                .file(HEADER.as_ref(), Access::Read, false)
+                .map_err(not_found)?,
+        )?;
         if copy.dirty != 0 || copy.id != live.id || (copy.base, copy.len) != (live.base, live.len) {
             return Err(StoreError::NotAStore);
         }
+        Self::check_snapshot(&snapshot, &copy).map_err(|e| {
+            crate::logging::report!(error, "mmapvec: recover: snapshot {number}: {e}");
+            not_found(e)
+        })?;
+        // The range must be free here, or the store could not be opened after.
+        let (base, len) = (copy.base as usize, copy.len as usize);
+        let at = NonNull::new(base as *mut u8).ok_or(StoreError::NotAStore)?;
+        match sys::reserve_at(at, len) {
+            // SAFETY: the reservation just made, which nothing refers to.
+            Ok(()) => unsafe { sys::unmap(at, len) }?,
+            Err(e) if e.kind() == io::ErrorKind::AlreadyExists => {
+                return Err(StoreError::AddressTaken { base, len });
+            }
+            Err(e) => return Err(e.into()),
+        }
+        // From here the live files change: dirty first, whatever the store was.
+        sys::io_point("mark the store dirty for recovery")?;
+        live_file.write_all_at(&1u64.to_ne_bytes(), DIRTY_AT)?;
+        sys::io_point("sync the store's header")?;
+        live_file.sync_data()?;
+        drop(live_file);
         // The live files of a store left dirty are worthless: they go first, so that recovery
         // needs no room for a third copy. Then the segments, into a new folder swapped in
-        // whole; the header last, by rename: until then the store is as dirty as it was (its
-        // header says so), and a crash here is recovered again.
+        // whole; the header last, by rename: until then the store is dirty (marked above), and
+        // a crash here is recovered again.
         folder.remove_tree("segs.old")?;
         // Missing after a recovery that stopped between the renames.
         match folder.rename(SEGS, "segs.old") {
@@ -262,7 +298,27 @@ impl Store {
         clone_file(&snapshot, HEADER, folder, header)?;
         folder.rename(header, HEADER)?;
         folder.sync()?;
-        drop(lock);
         Ok(number)
+    }
+
+    /// Checks a snapshot's files as an open of them would (see `restore`).
+    fn check_snapshot(snapshot: &Folder, header: &super::HeaderCopy) -> io::Result<()> {
+        let bad = || io::Error::new(io::ErrorKind::InvalidData, "not a store's snapshot");
+        let (base, len) = (
+            usize::try_from(header.base).map_err(|_| bad())?,
+            usize::try_from(header.len).map_err(|_| bad())?,
+        );
+        let small = usize::try_from(header.small).map_err(|_| bad())?;
+        let (start, end) = (
+            base.checked_add(super::DATA)
+                .and_then(|s| s.checked_add(small))
+                .ok_or_else(bad)?,
+            base.checked_add(len).ok_or_else(bad)?,
+        );
+        let segs = snapshot.dir(SEGS)?.into_file();
+        super::space::Space::check_folder(segs, start, end, header.version >= 3)?;
+        let meta = snapshot.file(SMALL_META.as_ref(), Access::Read, false)?;
+        let chunks = snapshot.file(SMALL.as_ref(), Access::Read, false)?;
+        crate::arena::check_saved(&meta, &chunks, small / crate::arena::CHUNK)
     }
 }

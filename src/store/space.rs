@@ -156,6 +156,37 @@ impl Space {
     /// Checks every name and file of the folder, then maps them one at a time (one descriptor
     /// open at a time, whatever the number of segments).
     fn map_all(&mut self, start: usize, end: usize, manifest: bool) -> io::Result<()> {
+        let found = self.listed(start, end, manifest)?;
+        self.map_listed(found)
+    }
+
+    /// Checks the segments of the folder `dir` as an open would (names, files, lengths,
+    /// overlaps, the manifest if `manifest`), without mapping anything: a snapshot's, before
+    /// `recover` puts it in place.
+    pub(super) fn check_folder(
+        dir: File,
+        start: usize,
+        end: usize,
+        manifest: bool,
+    ) -> io::Result<()> {
+        let mut space = Space::new(dir, start, end, Share::Read);
+        let found = space.listed(start, end, manifest)?;
+        for (addr, seg, name, _) in found {
+            if !space.take_range(addr, seg.span) {
+                return Err(corrupt(format!("segment {name:?} is not in free space")));
+            }
+        }
+        Ok(())
+    }
+
+    /// Every segment of the folder, checked, in address order: (address, segment, name,
+    /// inode).
+    fn listed(
+        &mut self,
+        start: usize,
+        end: usize,
+        manifest: bool,
+    ) -> io::Result<Vec<(usize, Seg, OsString, u64)>> {
         let mut found = Vec::new();
         let mut seen = std::collections::HashSet::new();
         for name in sys::names_in(&self.dir)? {
@@ -223,6 +254,11 @@ impl Space {
                 )));
             }
         }
+        Ok(found)
+    }
+
+    /// Maps the segments `listed` found.
+    fn map_listed(&mut self, found: Vec<(usize, Seg, OsString, u64)>) -> io::Result<()> {
         for (addr, seg, name, ino) in found {
             if !self.take_range(addr, seg.span) {
                 return Err(corrupt(format!("segment {name:?} is not in free space")));

@@ -742,7 +742,9 @@ fn check_fd(fd: libc::c_int) -> io::Result<File> {
 /// or replaced by a link under our feet cannot redirect the call.
 pub(crate) fn open_at(dir: &File, name: &OsStr, create: Option<u32>) -> io::Result<File> {
     let name = c_name(name)?;
-    let mut flags = libc::O_RDWR | OPEN_FLAGS;
+    // O_NONBLOCK: a FIFO put in place of a file fails the checks after the open, instead of
+    // blocking it (no effect on regular files).
+    let mut flags = libc::O_RDWR | libc::O_NONBLOCK | OPEN_FLAGS;
     if create.is_some() {
         flags |= libc::O_CREAT | libc::O_EXCL;
     }
@@ -761,8 +763,10 @@ pub(crate) fn open_at(dir: &File, name: &OsStr, create: Option<u32>) -> io::Resu
 /// symbolic link, close-on-exec).
 pub(crate) fn open_read_at(dir: &File, name: &OsStr) -> io::Result<File> {
     let name = c_name(name)?;
+    // O_NONBLOCK: see `open_at`.
+    let flags = libc::O_RDONLY | libc::O_NONBLOCK | OPEN_FLAGS;
     // SAFETY: `name` is a valid C string; the descriptor is borrowed from `dir`.
-    check_fd(unsafe { libc::openat(dir.as_raw_fd(), name.as_ptr(), libc::O_RDONLY | OPEN_FLAGS) })
+    check_fd(unsafe { libc::openat(dir.as_raw_fd(), name.as_ptr(), flags) })
 }
 
 /// Opens the folder `name` inside `dir` for reading, without following a link.

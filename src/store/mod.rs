@@ -61,9 +61,10 @@
 //!   the store's blocks, and every call on its copy of the handle is
 //!   [`StoreError::ForkChild`]: it can never write its parent's store. What the child reads
 //!   is the files' contents: pages it has not written still show what the parent writes to
-//!   them after the fork (fork where the data is not being changed, as for a snapshot), and
-//!   reading past the end of a block the parent shrinks after the fork is a `SIGBUS`. A fork
-//!   costs a few system calls per segment of the open store.
+//!   them after the fork (fork where the data is not being changed, as for a snapshot). The
+//!   parent seals what a child maps: no block of a chunk made before the fork is handed out
+//!   again or its disk given back in this process, and no segment file mapped before the fork
+//!   is cut. A fork costs a few system calls per segment of the open store.
 //!
 //! # Nothing outlives its store
 //! Containers, guards and the allocator borrow the [`Store`]: closing (or dropping) it while

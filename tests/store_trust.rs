@@ -813,12 +813,7 @@ fn recover_frees_what_no_root_reaches() {
     }
     let _serial = serial();
     let path = TestPath::new("gc");
-    let status = std::process::Command::new(std::env::current_exe().unwrap())
-        .args(["--exact", NAME, "--nocapture", "--test-threads=1"])
-        .env(store_support::ROLE, "writer")
-        .env(store_support::PATH, &path.0)
-        .status()
-        .unwrap();
+    let status = run_as_writer(NAME, &path.0);
     assert!(status.success(), "{status}");
     let rooted = std::fs::read_to_string(path.0.with_extension("rooted")).unwrap();
     let _ = std::fs::remove_file(path.0.with_extension("rooted"));
@@ -877,12 +872,7 @@ fn a_dirty_store_can_be_read_for_salvage() {
     }
     let _serial = serial();
     let path = TestPath::new("salvage");
-    let status = std::process::Command::new(std::env::current_exe().unwrap())
-        .args(["--exact", NAME, "--nocapture", "--test-threads=1"])
-        .env(store_support::ROLE, "writer")
-        .env(store_support::PATH, &path.0)
-        .status()
-        .unwrap();
+    let status = run_as_writer(NAME, &path.0);
     assert!(status.success(), "{status}");
     assert!(matches!(
         Store::open_read_only(&path.0),
@@ -891,30 +881,9 @@ fn a_dirty_store_can_be_read_for_salvage() {
     // SAFETY: the writer was killed between operations: nothing was half-changed.
     let store = unsafe { Store::open_dirty_read_only(&path.0) }.unwrap();
     assert!(!store.is_writable());
-    assert!(
-        store
-            .root::<StoreVec<u64>>("kept")
-            .unwrap()
-            .iter()
-            .copied()
-            .eq(0..1000)
-    );
-    assert!(
-        store
-            .root::<StoreVec<u16>>("later")
-            .unwrap()
-            .iter()
-            .copied()
-            .eq(0..77)
-    );
-    assert!(
-        store
-            .root::<StoreVec<u64>>("big")
-            .unwrap()
-            .iter()
-            .copied()
-            .eq(0..(1 << 17))
-    );
+    assert!(vec_root_is(&store, "kept", 0..1000u64));
+    assert!(vec_root_is(&store, "later", 0..77u16));
+    assert!(vec_root_is(&store, "big", 0..(1u64 << 17)));
     store.close().unwrap();
     // Still dirty: salvage changed nothing.
     assert!(matches!(
@@ -1141,12 +1110,7 @@ fn a_damaged_snapshot_is_refused_before_the_live_files_go() {
     }
     let _serial = serial();
     let path = TestPath::new("damaged-snapshot");
-    let status = std::process::Command::new(std::env::current_exe().unwrap())
-        .args(["--exact", NAME, "--nocapture", "--test-threads=1"])
-        .env(store_support::ROLE, "writer")
-        .env(store_support::PATH, &path.0)
-        .status()
-        .unwrap();
+    let status = run_as_writer(NAME, &path.0);
     assert!(status.success());
     let segment = std::fs::read_dir(path.0.join("snapshots/1/segs"))
         .unwrap()
@@ -1239,4 +1203,25 @@ fn store_files_are_regular_files_of_their_own() {
         .set_len(0)
         .unwrap();
     assert!(matches!(Store::open(&empty.0), Err(StoreError::NotAStore)));
+}
+
+/// Runs the test `name` again in a process of its own as the role "writer" on the store at
+/// `path`, which the role ends without closing (a crash): its exit status.
+fn run_as_writer(name: &str, path: &Path) -> std::process::ExitStatus {
+    std::process::Command::new(std::env::current_exe().unwrap())
+        .args(["--exact", name, "--nocapture", "--test-threads=1"])
+        .env(store_support::ROLE, "writer")
+        .env(store_support::PATH, path)
+        .status()
+        .unwrap()
+}
+
+/// Whether the root `name` is a vector holding exactly `expected`.
+fn vec_root_is<T>(store: &Store, name: &str, expected: impl IntoIterator<Item = T>) -> bool
+where
+    T: for<'s> mmapvec::store::Persist<'s> + PartialEq + Copy,
+{
+    store
+        .root::<StoreVec<T>>(name)
+        .is_ok_and(|v| v.iter().copied().eq(expected))
 }

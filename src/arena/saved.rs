@@ -266,10 +266,9 @@ impl SmallTier {
         Ok(())
     }
 
-    /// The length of the block at `ptr` if `ptr` is the start of a block in use (handed out,
-    /// not freed) of a chunk mapped now. For checking an address read from a store's files
-    /// before it is used.
-    pub(crate) fn live_block_len(&self, ptr: NonNull<u8>) -> Option<usize> {
+    /// The chunk that `ptr` is in, if it is mapped: its index, its metadata, and `ptr`'s
+    /// offset in it.
+    fn mapped_chunk_of(&self, ptr: NonNull<u8>) -> Option<(u32, &super::chunk::ChunkMeta, usize)> {
         if !self.contains(ptr) {
             return None;
         }
@@ -281,6 +280,14 @@ impl SmallTier {
             return None;
         }
         let offset = ptr.as_ptr().addr() - self.chunk_at(index).as_ptr().addr();
+        Some((index, meta, offset))
+    }
+
+    /// The length of the block at `ptr` if `ptr` is the start of a block in use (handed out,
+    /// not freed) of a chunk mapped now. For checking an address read from a store's files
+    /// before it is used.
+    pub(crate) fn live_block_len(&self, ptr: NonNull<u8>) -> Option<usize> {
+        let (index, meta, offset) = self.mapped_chunk_of(ptr)?;
         let len = meta.block_size();
         // A block of the chunk: not in the tail past its last block.
         if !offset.is_multiple_of(len) || offset / len >= CHUNK / len {
@@ -377,17 +384,7 @@ impl SmallTier {
     /// The length of the block that starts at `ptr` in a mapped chunk, whatever its state (a
     /// salvage open: see [`map_unlisted_chunks`](Self::map_unlisted_chunks)).
     pub(crate) fn mapped_block_len(&self, ptr: NonNull<u8>) -> Option<usize> {
-        if !self.contains(ptr) {
-            return None;
-        }
-        let index = self.index_of(ptr);
-        let slot = self.table()[index as usize].load(Ordering::Acquire);
-        // SAFETY: a non-null entry is a leaked `Box<ChunkMeta>`, freed only with the tier.
-        let meta = unsafe { slot.as_ref() }?;
-        if !meta.is_mapped() {
-            return None;
-        }
-        let offset = ptr.as_ptr().addr() - self.chunk_at(index).as_ptr().addr();
+        let (_, meta, offset) = self.mapped_chunk_of(ptr)?;
         if meta.class() >= class::COUNT {
             // A chunk the metadata did not list: its blocks are not known.
             return Some(CHUNK - offset);

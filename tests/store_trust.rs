@@ -1225,3 +1225,76 @@ where
         .root::<StoreVec<T>>(name)
         .is_ok_and(|v| v.iter().copied().eq(expected))
 }
+
+/// Forks while three threads allocate, grow and free in the store: every child reads and
+/// drops what it inherited, and none hangs (a lock held across the fork by a thread that does
+/// not exist in the child) or dies. The store's tier takes part in the fork handlers, so no
+/// block is handed out or freed across a fork.
+#[test]
+fn forks_while_threads_allocate_in_the_store() {
+    let _serial = serial();
+    let path = TestPath::new("fork-threads");
+    let store = Store::create(&path.0).unwrap();
+    let a = store.allocator();
+    let mut keep: StoreVec<u64> = StoreVec::new_in(a);
+    keep.extend(0..100_000u64);
+    let stop = std::sync::atomic::AtomicBool::new(false);
+    std::thread::scope(|scope| {
+        for t in 0..3u64 {
+            let stop = &stop;
+            scope.spawn(move || {
+                let mut live: Vec<StoreVec<u64>> = Vec::new();
+                let mut i = t;
+                while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                    let mut v = StoreVec::new_in(a);
+                    v.extend(0..if i % 50 == 0 { 100_000 } else { i % 40 + 1 });
+                    live.push(v);
+                    if live.len() > 64 {
+                        live.swap_remove((i as usize * 7) % 64);
+                    }
+                    i += 1;
+                }
+            });
+        }
+        for fork in 0..30 {
+            // SAFETY: the child only reads, drops and `_exit`s.
+            let pid = unsafe { libc::fork() };
+            if pid == 0 {
+                let ok = keep.iter().copied().eq(0..100_000u64);
+                let mut mine = keep.clone();
+                mine.extend(0..1000u64);
+                drop(mine);
+                // SAFETY: ends the child at once.
+                unsafe { libc::_exit(if ok { 0 } else { 3 }) };
+            }
+            let mut status = 0;
+            let mut waited = 0;
+            loop {
+                // SAFETY: our child; `status` is writable.
+                if unsafe { libc::waitpid(pid, &mut status, libc::WNOHANG) } == pid {
+                    break;
+                }
+                std::thread::sleep(std::time::Duration::from_millis(5));
+                waited += 5;
+                if waited > 20_000 {
+                    // SAFETY: our child, hung: ended and reaped.
+                    unsafe {
+                        libc::kill(pid, libc::SIGKILL);
+                        libc::waitpid(pid, &mut status, 0);
+                    }
+                    panic!("fork {fork}: the child hangs");
+                }
+            }
+            assert!(
+                libc::WIFEXITED(status) && libc::WEXITSTATUS(status) == 0,
+                "fork {fork}: {status:#x}"
+            );
+        }
+        stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    });
+    store.set_root("keep", keep).unwrap();
+    store.close().unwrap();
+    let store = Store::open(&path.0).unwrap();
+    assert!(vec_root_is(&store, "keep", 0..100_000u64));
+    store.close().unwrap();
+}

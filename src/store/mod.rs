@@ -1171,6 +1171,12 @@ impl Store {
         // SAFETY: `shared` stays boxed (at its address) until the drop, which unregisters it
         // first; its `lock_for_fork` only takes its own mutexes.
         unsafe { fork::register(&*shared) };
+        // The tier's locks too, after the store's (the order every path takes them in: roots,
+        // space, then the tier's), and its fork epoch moves with the fork itself: no block is
+        // handed out or freed across it, so none a child maps is handed out again after it.
+        // SAFETY: the tier lives in its `Arc` until `shared` goes, and its drop unregisters it
+        // first; its `lock_for_fork` only takes its own mutexes.
+        unsafe { fork::register(&*shared.tier) };
         // SAFETY: the runtime page is ours, read/write, aligned for a pointer.
         unsafe { runtime.cast::<*const Shared>().write(&*shared) };
         self.shared = Some(shared);

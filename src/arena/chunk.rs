@@ -42,12 +42,22 @@ pub(crate) enum Backing {
     /// Never reserved (`reserve_disk(false)`): a page gets its block when first written.
     /// Given back piece by piece where the system can.
     Sparse,
+    /// A writer's store tier, whose views are private (see `store::commit`): piece by piece
+    /// as blocks are handed out, by `fallocate` of the chunk file's range (a write fault makes
+    /// a private copy, which reserves nothing), never given back while the store is open
+    /// (the file's bytes are the last commit's).
+    FilePieces,
 }
 
 impl Backing {
     /// Whether pieces of a mapped chunk can be given back ([`ChunkMeta::discard`]).
     pub(super) fn can_discard(self) -> bool {
-        cfg!(target_os = "linux") && self != Backing::Whole
+        cfg!(target_os = "linux") && !matches!(self, Backing::Whole | Backing::FilePieces)
+    }
+
+    /// Whether chunks get their disk piece by piece, as blocks are handed out.
+    pub(super) fn by_pieces(self) -> bool {
+        matches!(self, Backing::Pieces | Backing::FilePieces)
     }
 }
 
@@ -72,7 +82,7 @@ pub(super) fn kept_when_empty(block_size: usize) -> u64 {
 pub(super) const KEPT_WHEN_EMPTY: usize = 256 << 10;
 
 /// The runs of consecutive set bits of `mask`, as `(first, count)`.
-fn runs(mut mask: u64) -> impl Iterator<Item = (usize, usize)> {
+pub(super) fn runs(mut mask: u64) -> impl Iterator<Item = (usize, usize)> {
     std::iter::from_fn(move || {
         if mask == 0 {
             return None;
@@ -343,6 +353,7 @@ impl ChunkMeta {
         };
         let share = match source {
             Source::Existing { share, .. } => share,
+            Source::Store { .. } if backing == Backing::FilePieces => sys::Share::Private,
             _ => sys::Share::Write,
         };
         // For a `dont_fork` chunk the view, its advice and the fork record change together

@@ -197,6 +197,9 @@ pub(crate) struct SmallTier {
     store_file: Option<File>,
     /// A store's tier: the file it is saved in (see `saved::reserve_slot`).
     store_meta: Option<File>,
+    /// A writer's store tier: tracks the writes to its chunks' private views (see
+    /// `store::commit`).
+    tracker: Option<Arc<sys::WriteTracker>>,
     /// The bytes each thread's cache of this tier holds (see `tcache`).
     caches: Mutex<Vec<Arc<AtomicU64>>>,
 }
@@ -216,6 +219,14 @@ struct Spare {
     free: Vec<u32>,
     /// Chunks with no live block, still mapped (see `SmallTier::max_kept_empty`).
     empty: Vec<u32>,
+    /// A writer's store tier: indices released since the last commit, whose file range still
+    /// holds the last commit's blocks: reusable (and punched) only once a commit no longer
+    /// lists them ([`SmallTier::after_commit`]).
+    pending: Vec<u32>,
+    /// A writer's store tier: indices whose file range was punched to zeros (a new chunk
+    /// there) since the last commit, which the next commit logs (so that replaying an older
+    /// commit's pages over the range is undone).
+    zeroed: Vec<u32>,
 }
 
 impl SmallTier {
@@ -252,6 +263,7 @@ impl SmallTier {
             caches: Mutex::new(Vec::new()),
             store_file: None,
             store_meta: None,
+            tracker: None,
         }
     }
 
@@ -272,12 +284,19 @@ impl SmallTier {
     ///
     /// `meta` is the file the tier is saved in ([`save`](Self::save)): each new chunk reserves
     /// its part of it.
+    ///
+    /// With `private` (a writer's store, see `store::commit`) the chunks are private views of
+    /// the file, backed piece by piece with `fallocate` ([`Backing::FilePieces`]), nothing of
+    /// the file is punched or reused until a commit no longer needs it, and the writes to each
+    /// view are tracked by `tracker` (if any).
     pub(crate) fn in_store(
         config: TierConfig,
         base: NonNull<u8>,
         len: usize,
         file: File,
         meta: File,
+        private: bool,
+        tracker: Option<Arc<sys::WriteTracker>>,
     ) -> Self {
         debug_assert!(base.as_ptr().addr().is_multiple_of(CHUNK) && len.is_multiple_of(CHUNK));
         let mut tier = SmallTier::new(TierConfig {
@@ -294,14 +313,25 @@ impl SmallTier {
         // system reserves a block at a write fault (so a full disk is an allocation error):
         // a small store costs about its data, not a 4 MiB chunk per size class. Elsewhere
         // each chunk's file range is reserved whole.
-        tier.backing = if tier.backing == Backing::Pieces && sys::faults_reserve_blocks(&file) {
+        tier.backing = if private {
+            Backing::FilePieces
+        } else if tier.backing == Backing::Pieces && sys::faults_reserve_blocks(&file) {
             Backing::Pieces
         } else {
             Backing::Whole
         };
         tier.store_file = Some(file);
         tier.store_meta = Some(meta);
+        tier.tracker = tracker;
         tier
+    }
+
+    /// A chunk just mapped at `index`: its writes are tracked from now (a writer's store).
+    pub(super) fn track(&self, index: u32) {
+        if let Some(tracker) = &self.tracker {
+            // SAFETY: the chunk's view, just mapped by us.
+            unsafe { tracker.track(self.chunk_at(index), CHUNK) };
+        }
     }
 
     fn lock_caches(&self) -> MutexGuard<'_, Vec<Arc<AtomicU64>>> {
@@ -862,6 +892,10 @@ impl SmallTier {
         let (start, end) = (taken.index * block_size, (taken.index + 1) * block_size);
         let want = chunk::pieces(start, end);
         if meta.backed() & want != want {
+            if let Err(e) = self.allocate_pieces(index, want & !meta.backed()) {
+                shard.untake(index, taken.index);
+                return Err(e);
+            }
             // SAFETY: the chunk is open in the shard we hold locked, so it is mapped and ours.
             let (bytes, backed) = unsafe { meta.back(self.chunk_at(index), want, self.backing) };
             self.counters
@@ -966,12 +1000,30 @@ impl SmallTier {
         }
         meta.set_lost(false);
         self.suspects.fetch_sub(1, Ordering::AcqRel);
+        if self.backing == Backing::FilePieces {
+            // The file's range holds the last commit's blocks until a commit drops them.
+            spare.pending.push(index);
+            return;
+        }
         if let Some(file) = &self.store_file
             && let Err(e) = sys::punch_hole(file, index as u64 * CHUNK as u64, CHUNK as u64)
         {
             log_later(format!("mmapvec: giving a store chunk's blocks back: {e}"));
         }
         spare.free.push(index);
+    }
+
+    /// [`Backing::FilePieces`]: gives the pieces `which` of chunk `index` their disk blocks in
+    /// the chunk file, so that a commit writing them back never finds the disk full.
+    fn allocate_pieces(&self, index: u32, which: u64) -> io::Result<()> {
+        let (Some(file), Backing::FilePieces) = (&self.store_file, self.backing) else {
+            return Ok(());
+        };
+        for (first, count) in chunk::runs(which) {
+            let at = u64::from(index) * CHUNK as u64 + (first * chunk::PIECE) as u64;
+            sys::allocate_blocks(file, at, (count * chunk::PIECE) as u64)?;
+        }
+        Ok(())
     }
 
     /// Maps a new chunk file at a free index (reserving the region first if needed).
@@ -994,6 +1046,10 @@ impl SmallTier {
             {
                 spare.free.push(index);
                 return Err(e);
+            }
+            if self.backing == Backing::FilePieces {
+                // Punched by the mapping below: the next commit says so.
+                spare.zeroed.push(index);
             }
             // Marked while `spare` is held: `give_back_regions` (under `spare`) must never see
             // the index unused between its leaving `spare` and its mapping.
@@ -1028,6 +1084,7 @@ impl SmallTier {
         }
         meta.set_lost(false);
         self.suspects.fetch_sub(1, Ordering::AcqRel);
+        self.track(index);
         let backed = meta.backed().count_ones() as u64 * chunk::PIECE as u64;
         let c = &self.counters;
         c.arena_bytes.fetch_add(backed, Ordering::Relaxed);
@@ -1040,9 +1097,12 @@ impl SmallTier {
     /// (sparse: the pieces get their blocks as they are used). Called under `spare`, which
     /// serializes every extension, so that the file only ever grows.
     fn cover_chunk(&self, index: u32) -> io::Result<()> {
-        let (Some(file), Backing::Pieces) = (&self.store_file, self.backing) else {
+        let Some(file) = &self.store_file else {
             return Ok(());
         };
+        if !self.backing.by_pieces() {
+            return Ok(());
+        }
         let end = (u64::from(index) + 1) * CHUNK as u64;
         if file.metadata()?.len() < end {
             file.set_len(end)?;

@@ -13,6 +13,7 @@ use std::fs::File;
 use std::io;
 use std::os::unix::fs::FileExt;
 use std::ptr::NonNull;
+use std::sync::MutexGuard;
 use std::sync::atomic::Ordering;
 
 use super::chunk::{self, Backing, Blocks, Source};
@@ -91,27 +92,32 @@ pub(crate) fn check_saved(meta: &File, file: &File, chunks: usize) -> io::Result
     Ok(())
 }
 
-impl SmallTier {
-    /// Writes which chunks are in use and their bitmaps to `meta`, and syncs it and the chunk
-    /// file. Every shard and `spare` are held meanwhile: the state saved is one state.
-    pub(crate) fn save(&self, meta: &File) -> io::Result<()> {
-        self.save_then(meta, || Ok(()))
-    }
+/// What a commit writes of a store's tier ([`SmallTier::commit_with`]).
+#[derive(Debug)]
+pub(crate) struct TierImage {
+    /// The metadata file's writes: (offset, bytes).
+    pub(crate) meta_writes: Vec<(u64, Vec<u8>)>,
+    /// The chunk file's length now (it only grows while the store is open).
+    pub(crate) file_len: u64,
+    /// Offsets of chunk ranges (`CHUNK` bytes each) punched since the last commit.
+    pub(crate) zeroed: Vec<u64>,
+    /// The part of the region chunks have used: (address, length).
+    pub(crate) used: (usize, usize),
+}
 
-    /// As [`save`](Self::save), then runs `then` while still holding every shard and `spare`:
-    /// no small block is allocated or freed until it returns (a snapshot copies the chunk
-    /// file and the metadata there, so that they agree).
-    pub(crate) fn save_then<R>(
+impl SmallTier {
+    /// The writes that make the metadata file say which chunks are in use and their bitmaps:
+    /// (offset, bytes), the file's header last.
+    fn image_writes(
         &self,
-        meta: &File,
-        then: impl FnOnce() -> io::Result<R>,
-    ) -> io::Result<R> {
+        shards: &[MutexGuard<'_, super::shard::Shard>],
+        spare: &super::Spare,
+    ) -> Vec<(u64, Vec<u8>)> {
         let chunks = self.table().len();
-        let shards: Vec<_> = (0..SHARDS).map(|i| self.lock_shard(i)).collect();
-        let spare = self.lock_spare();
         let next = spare.next as usize;
+        let mut writes = Vec::new();
         let mut records = vec![0u8; next * RECORD];
-        for shard in &shards {
+        for shard in shards {
             for (&index, blocks) in shard.chunks.iter().chain(&shard.sealed) {
                 let (bump, freed, used) = blocks.parts();
                 let index = index as usize;
@@ -120,23 +126,48 @@ impl SmallTier {
                     record[i * 4..i * 4 + 4].copy_from_slice(&(word as u32).to_ne_bytes());
                 }
                 let bytes: Vec<u8> = used.iter().flat_map(|w| w.to_ne_bytes()).collect();
-                sys::io_point("write a chunk's bitmap")?;
-                meta.write_all_at(&bytes, bitmap_at(chunks, index))?;
+                writes.push((bitmap_at(chunks, index), bytes));
             }
         }
-        sys::io_point("write the chunk records")?;
-        meta.write_all_at(&records, RECORDS)?;
+        writes.push((RECORDS, records));
         let mut header = MAGIC.to_ne_bytes().to_vec();
         header.extend_from_slice(&(next as u64).to_ne_bytes());
-        sys::io_point("write the chunk metadata's header")?;
-        meta.write_all_at(&header, 0)?;
-        sys::io_point("sync the chunk metadata")?;
-        meta.sync_data()?;
-        if let Some(file) = &self.store_file {
-            sys::io_point("sync the chunk file")?;
-            file.sync_data()?;
+        writes.push((0, header));
+        writes
+    }
+
+    /// A commit of a writer's store (see `store::commit`): runs `commit` with what the tier
+    /// must write, holding every shard and `spare` (no small block is allocated or freed
+    /// meanwhile). Once `commit` sets its flag (the commit point passed), the chunks released
+    /// since the last commit become reusable, and the ranges punched are no longer to log.
+    pub(crate) fn commit_with<R, E>(
+        &self,
+        commit: impl FnOnce(&TierImage, &mut bool) -> Result<R, E>,
+    ) -> Result<R, E> {
+        let shards: Vec<_> = (0..SHARDS).map(|i| self.lock_shard(i)).collect();
+        let mut spare = self.lock_spare();
+        let region = self.regions.iter().next().map(|(base, ..)| base);
+        let image = TierImage {
+            meta_writes: self.image_writes(&shards, &spare),
+            file_len: self
+                .store_file
+                .as_ref()
+                .and_then(|f| f.metadata().ok())
+                .map_or(0, |m| m.len()),
+            zeroed: spare
+                .zeroed
+                .iter()
+                .map(|&i| u64::from(i) * CHUNK as u64)
+                .collect(),
+            used: region.map_or((0, 0), |base| (base, spare.next as usize * CHUNK)),
+        };
+        let mut committed = false;
+        let result = commit(&image, &mut committed);
+        if committed {
+            let pending = std::mem::take(&mut spare.pending);
+            spare.free.extend(pending);
+            spare.zeroed.clear();
         }
-        let result = then();
         drop(spare);
         drop(shards);
         result
@@ -224,7 +255,8 @@ impl SmallTier {
                 }
                 return Err(failure.error);
             }
-            if self.backing == Backing::Pieces {
+            self.track(index as u32);
+            if self.backing.by_pieces() {
                 // The pieces under live blocks have their disk blocks (they were backed when
                 // the blocks were handed out); the others are backed again before use.
                 let size = class::block_size(class);
@@ -300,42 +332,6 @@ impl SmallTier {
             .or_else(|| shard.sealed.get(&index))
             .is_some_and(|blocks| blocks.class() == meta.class() && blocks.is_used(offset / len));
         used.then_some(len)
-    }
-
-    /// The ranges of chunks lost (see `ChunkMeta::is_lost`), which the store must not unmap.
-    /// In a fork child of a store's writer: maps every chunk in use again, as a private
-    /// (copy-on-write) view of the store's chunk file, where the parent's view was (a hole
-    /// the fork handler filled with a reservation). The child reads what it inherited, and
-    /// nothing it writes reaches the file. A chunk that cannot be mapped stays inaccessible.
-    ///
-    /// # Safety
-    /// Only in a fork child, from its fork handler, while the tier's chunk views are holes
-    /// refilled with reservations (its views are `dont_fork`), nothing else of the child's.
-    pub(crate) unsafe fn map_private_in_child(&self) {
-        let Some(file) = &self.store_file else {
-            return;
-        };
-        for index in 0..self.table().len() as u32 {
-            let slot = self.table()[index as usize].load(Ordering::Acquire);
-            // SAFETY: a non-null entry is a leaked `Box<ChunkMeta>`, freed only with the tier.
-            let Some(meta) = (unsafe { slot.as_ref() }) else {
-                continue;
-            };
-            if !meta.is_mapped() || meta.is_lost() {
-                continue;
-            }
-            // SAFETY: the chunk's range is the parent's view of it, a reserved hole here (the
-            // caller's promise); the file holds the whole chunk (a store's chunks are whole).
-            let _ = unsafe {
-                sys::map_file_fixed_at(
-                    self.chunk_at(index),
-                    file,
-                    u64::from(index) * CHUNK as u64,
-                    CHUNK,
-                    sys::Share::Private,
-                )
-            };
-        }
     }
 
     /// A salvage open (a store left dirty): maps every chunk that the chunk file holds and the
@@ -415,6 +411,7 @@ impl SmallTier {
         live
     }
 
+    /// The ranges of chunks lost (see `ChunkMeta::is_lost`), which the store must not unmap.
     pub(crate) fn lost_ranges(&self) -> Vec<(usize, usize)> {
         (0..self.table().len() as u32)
             .filter(|&index| self.lost(index))

@@ -106,7 +106,7 @@ use std::os::fd::AsRawFd;
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 use std::ptr::NonNull;
-use std::sync::atomic::{AtomicI32, AtomicU32, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicI32, AtomicU32, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 
 use crate::arena::{CHUNK, SmallTier, TierConfig};
@@ -115,6 +115,7 @@ use crate::segment;
 use crate::sys::{self, Share};
 
 mod alloc;
+mod commit;
 mod folder;
 mod gc;
 mod layout;
@@ -144,15 +145,24 @@ use space::Space;
 /// The first eight bytes of a store's header.
 const MAGIC: [u8; 8] = *b"MMAPVST\0";
 /// The header format this code writes. Version 3 added the store's id and the list of
-/// segments (`segs/.manifest`); a version 2 store is read, and upgraded when it is opened for
+/// segments (`segs/.manifest`); version 4 the commit log (`log`) and segment files named by
+/// number. Stores of version 2 and 3 are read, and upgraded (by a commit) when opened for
 /// writing.
-const VERSION: u32 = 3;
+const VERSION: u32 = 4;
+/// The first version with commits: a store of an earlier one that a writer left open is
+/// [`StoreError::Dirty`].
+const COMMITS: u32 = 4;
+/// The header's dirty word while [`Store::recover`] puts a snapshot in place: the store is
+/// refused ([`StoreError::Dirty`]) until a recovery completes, whatever its version.
+const RECOVERING: u64 = 2;
 /// The oldest header format this code reads.
 const OLDEST_VERSION: u32 = 2;
 /// The header file: its length is one page of the machine that made the store.
 const HEADER: &str = "header";
 /// The file whose `flock` says who has the store open.
 const LOCK: &str = "lock";
+/// Where the header's `dirty` word is.
+const DIRTY_AT: u64 = 32;
 /// The address space a store reserves unless told otherwise.
 #[cfg(target_pointer_width = "64")]
 pub const DEFAULT_RANGE: usize = 1 << 40;
@@ -566,6 +576,19 @@ impl From<CloseError> for StoreError {
     }
 }
 
+/// What an open found of a writer that did not close the store ([`Store::recovered`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct Recovered {
+    /// Commits found in the log and copied into the files by the open.
+    pub commits_replayed: u64,
+    /// Bytes of the log after its last complete commit: a commit that had not reached its
+    /// commit point (dropped, as it never returned `Ok`).
+    pub bytes_dropped: u64,
+    /// The number of the commit the store is at ([`Store::flushes`]).
+    pub last_commit: u64,
+}
+
 /// What a store holds ([`Store::stats`]).
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 #[non_exhaustive]
@@ -670,8 +693,14 @@ pub(crate) struct Shared {
     space: Mutex<Space>,
     /// The small blocks: the tier of the temporary allocator, on the store's chunk file.
     tier: Arc<SmallTier>,
-    /// Where the tier is saved at every durable point.
-    small_meta: File,
+    /// The writer's commit log (`None` for a reader). Taken after `space`, before the tier's
+    /// locks.
+    log: Mutex<Option<commit::Log>>,
+    /// Tracks the writes to the writer's private views, where the kernel can.
+    tracker: Option<Arc<sys::WriteTracker>>,
+    /// A commit failed after its scan protected the pages it found: the next one takes every
+    /// private copy (and protects them again).
+    full_scan: AtomicBool,
     /// This process's use of each root slot. Also the lock for the header's root table.
     roots: Mutex<[RootState; ROOTS]>,
     access: Access,
@@ -685,14 +714,6 @@ pub(crate) struct Shared {
 }
 
 impl Shared {
-    /// Makes the blocks durable: the small blocks' metadata saved, their chunk file and every
-    /// segment synced. Call with the roots' lock held (the root table is then one state with
-    /// the blocks).
-    fn sync(&self, space: &Space) -> io::Result<()> {
-        self.tier.save(&self.small_meta)?;
-        space.sync()
-    }
-
     /// Whether a value of `size` bytes aligned to `align` at `addr` (read from the store's
     /// files) can be a root: the address a zero-size value gets, or the start of a small block
     /// in use or of a segment, large enough. (Whether that block is another container's
@@ -731,6 +752,11 @@ impl Shared {
 
     fn lock_roots(&self) -> MutexGuard<'_, [RootState; ROOTS]> {
         self.roots.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn lock_log(&self) -> MutexGuard<'_, Option<commit::Log>> {
+        // A panic in a commit leaves the log as a crash would: its next commit or open mends.
+        self.log.lock().unwrap_or_else(|e| e.into_inner())
     }
 
     /// Whether this process is the one that opened the store (not a fork child).
@@ -772,12 +798,11 @@ impl fork::ForkLocks for Shared {
         else {
             return;
         };
-        // SAFETY: in the child, from its fork handler; the writer's views are `dont_fork`, so
-        // their ranges are the holes the handler refilled with reservations.
-        unsafe {
-            Space::map_private_in_child(files);
-            self.tier.map_private_in_child();
-        }
+        // SAFETY: in the child, from its fork handler; the writer's shared views (segments
+        // made since the last commit) are `dont_fork`, so their ranges are the holes the
+        // handler refilled with reservations. Its private views (the header, the chunks,
+        // committed segments) are inherited, copy-on-write.
+        unsafe { Space::map_private_in_child(files) };
         views.forget_range(self.base, self.range_len);
     }
 }
@@ -815,6 +840,8 @@ pub struct Store {
     lost_at_start: Vec<(usize, usize)>,
     /// What [`Store::recover`] did, if the store was opened by it.
     recovery: Option<Recovery>,
+    /// What the open found of a writer that did not close.
+    recovered: Option<Recovered>,
     /// Opened by [`Store::open_dirty_read_only`].
     salvage: bool,
 }
@@ -898,8 +925,8 @@ impl Store {
         store.folder.sync()?;
         store.map_header()?;
         store.start(true)?;
-        // Its (empty) list of segments, which a version 3 store must have.
-        store.shared().lock_space().sync()?;
+        // Its first commit: the (empty) list of segments, the small blocks' metadata.
+        store.commit_now(true)?;
         store.folder.sync()?;
         Ok(store)
     }
@@ -956,8 +983,32 @@ impl Store {
         access: Access,
         salvage: bool,
     ) -> Result<Store, StoreError> {
+        if access == Access::Read && !commit::log_is_empty(&folder)? {
+            // A writer crashed with commits not yet copied into the files: copied now, under
+            // the writer's lock (refused while anyone has the store open).
+            let lock = Self::lock_folder(&folder, Access::Write)?;
+            Self::replay(&folder)?;
+            drop(lock);
+        }
         let lock = Self::lock_folder(&folder, access)?;
         Self::open_locked(path, folder, lock, access, salvage)
+    }
+
+    /// Copies the complete commits of the log into the files (see `commit`), unless a
+    /// recovery was cut short (the snapshot's files half in place: only `recover` goes on).
+    /// The caller holds the lock for writing.
+    fn replay(folder: &Folder) -> Result<commit::Replayed, StoreError> {
+        let header_file = folder
+            .file(HEADER.as_ref(), Access::Read, false)
+            .map_err(not_found)?;
+        let header = Header::read(&header_file)?;
+        if header.dirty == RECOVERING {
+            return Err(StoreError::Dirty {
+                last_flush: header.flushes,
+                last_snapshot: header.snapshots,
+            });
+        }
+        Ok(commit::replay(folder)?)
     }
 
     /// The store's lock file, locked for `access` (never waited for).
@@ -979,16 +1030,27 @@ impl Store {
         access: Access,
         salvage: bool,
     ) -> Result<Store, StoreError> {
+        let replayed = match access {
+            Access::Write => Self::replay(&folder)?,
+            Access::Read => commit::Replayed::default(),
+        };
         let header_file = folder
             .file(HEADER.as_ref(), access, false)
             .map_err(not_found)?;
         let header = Header::read(&header_file)?;
-        if header.dirty != 0 && !salvage {
+        let commits = header.version >= COMMITS;
+        if (header.dirty == RECOVERING || (header.dirty != 0 && !commits)) && !salvage {
             return Err(StoreError::Dirty {
                 last_flush: header.flushes,
                 last_snapshot: header.snapshots,
             });
         }
+        let recovered = (commits && (header.dirty != 0 || replayed != Default::default()))
+            .then_some(Recovered {
+                commits_replayed: replayed.commits,
+                bytes_dropped: replayed.dropped,
+                last_commit: header.flushes,
+            });
         let (Ok(base), Ok(len)) = (usize::try_from(header.base), usize::try_from(header.len))
         else {
             return Err(StoreError::NotAStore);
@@ -1019,24 +1081,25 @@ impl Store {
             *open = Some(base);
         }
         let mut store = Store::unmapped(path, folder, lock, header_file, at, len, access);
-        store.salvage = salvage;
+        // A store with commits is never left dirty in the old sense: it opens as it is.
+        store.salvage = salvage && !commits;
+        store.recovered = recovered;
         store.map_header()?;
         // Everything mapped and checked before the store is marked open for writing: a store
         // refused here is left as it was.
         store.start(false)?;
         if access == Access::Write {
-            store.header().dirty.store(1, Ordering::Release);
-            store.sync_header()?;
-            if store.header().version.load(Ordering::Relaxed) < VERSION {
-                // Upgraded: the list of segments written, then the version that requires it.
-                store.shared().lock_space().sync()?;
-                store
-                    .header()
+            if !commits {
+                // Upgraded by a commit: the header's new version, the list of segments by
+                // name and the log's first commit are one commit (all or nothing).
+                let header = store.header();
+                header
                     .build
                     .store(fingerprint_for(VERSION), Ordering::Relaxed);
-                store.header().version.store(VERSION, Ordering::Relaxed);
-                store.sync_header()?;
+                header.version.store(VERSION, Ordering::Relaxed);
+                store.commit_now(true)?;
             }
+            store.mark_open()?;
         }
         Ok(store)
     }
@@ -1068,6 +1131,7 @@ impl Store {
             shared: None,
             lost_at_start: Vec::new(),
             recovery: None,
+            recovered: None,
             salvage: false,
         }
     }
@@ -1075,11 +1139,11 @@ impl Store {
     /// Maps the header file over the first page of the range.
     fn map_header(&mut self) -> io::Result<()> {
         let page = sys::page_size();
+        // The writer's view is private, as every committed page is (see `commit`).
         let share = match self.access {
-            Access::Write => Share::Write,
+            Access::Write => Share::Private,
             Access::Read => Share::Read,
         };
-        let mut views = fork::hold();
         // SAFETY: the range is our reservation (made by `create` or `open`, owned by `self`),
         // and nothing refers to its first page yet.
         let mapped =
@@ -1087,9 +1151,7 @@ impl Store {
         match mapped {
             Ok(()) => {
                 self.header_mapped = true;
-                views.add(self.base.as_ptr().addr(), page);
-                // SAFETY: the header's view, just mapped.
-                unsafe { space::keep_out_of_children(self.base, page) }
+                Ok(())
             }
             // A failed MAP_FIXED may leave a gap (see `arena::chunk::MapFailure`): ours again
             // only if it can be reserved in place.
@@ -1110,10 +1172,8 @@ impl Store {
         unsafe { sys::protect(runtime, page, true) }?;
         // The folder itself, never a link to elsewhere.
         let segs = self.folder.dir(space::SEGS)?.into_file();
-        let share = match self.access {
-            Access::Write => Share::Write,
-            Access::Read => Share::Private,
-        };
+        // Every committed page is a private view, the writer's as a reader's (see `commit`).
+        let share = Share::Private;
         let small = self.header().small as usize;
         let chunks = self
             .folder
@@ -1126,13 +1186,20 @@ impl Store {
         // SAFETY: the small region follows the first chunk of the range (checked to fit at
         // open), CHUNK-aligned.
         let region = unsafe { self.base.add(DATA) };
-        // A writer's shared views are kept out of children (which map them again privately);
-        // a reader's private views are inherited as they are.
-        let config = TierConfig {
-            dont_fork: self.access == Access::Write,
-            ..TierConfig::default()
-        };
-        let tier = SmallTier::in_store(config, region, small, chunks, small_meta.try_clone()?);
+        // Private views, inherited by a child as they are.
+        let config = TierConfig::default();
+        let writer = self.access == Access::Write;
+        // The writes to the writer's private views, tracked: a commit writes what changed.
+        let tracker = writer.then(sys::WriteTracker::new).flatten().map(Arc::new);
+        let tier = SmallTier::in_store(
+            config,
+            region,
+            small,
+            chunks,
+            small_meta.try_clone()?,
+            writer,
+            tracker.clone(),
+        );
         let tier = Arc::new(tier);
         // The chunks restored are of this process's fork epoch.
         tier.observe_epoch(fork::epoch());
@@ -1156,11 +1223,25 @@ impl Store {
             self.lost_at_start = tier.lost_ranges();
         }
         let manifest = !new && !self.salvage && self.header().version.load(Ordering::Relaxed) >= 3;
-        let space = Space::open(segs, start, end, share, manifest, &mut self.lost_at_start);
+        let space_share = if writer { Share::Write } else { Share::Private };
+        let space = Space::open(
+            segs,
+            (start, end),
+            space_share,
+            manifest,
+            tracker.clone(),
+            &mut self.lost_at_start,
+        );
+        let log = match writer {
+            true => Some(commit::Log::open(&self.folder)?),
+            false => None,
+        };
         let shared = Box::new(Shared {
             space: Mutex::new(space.map_err(corrupt)?),
             tier,
-            small_meta,
+            log: Mutex::new(log),
+            tracker,
+            full_scan: AtomicBool::new(false),
             roots: Mutex::new([RootState::default(); ROOTS]),
             access: self.access,
             generation: self.generation,
@@ -1198,13 +1279,18 @@ impl Store {
             .expect("a store handed out is started")
     }
 
-    /// Writes the header to disk.
-    fn sync_header(&self) -> io::Result<()> {
-        sys::io_point("write the header")?;
-        // SAFETY: the first page of the range is the header's mapping, ours.
-        unsafe { sys::sync(self.base, sys::page_size()) }?;
-        sys::io_point("sync the header")?;
-        self.header_file.sync_data()
+    /// Marks the store open for writing, in the header file (synced) and in the header's
+    /// view (so that every commit says so, until `close` commits it closed): the next open
+    /// knows whether this writer closed.
+    fn mark_open(&self) -> io::Result<()> {
+        self.header().dirty.store(1, Ordering::Release);
+        sys::write_at(
+            &self.header_file,
+            &1u64.to_ne_bytes(),
+            DIRTY_AT,
+            "mark the store open",
+        )?;
+        sys::sync_data(&self.header_file, "sync the header")
     }
 
     /// Errors out in a fork child's copy of the handle, and for a reader when `write`.
@@ -1275,30 +1361,147 @@ impl Store {
         }
     }
 
-    /// Makes everything the store holds durable: every block's changed pages are written and
-    /// synced, then the header, with the count of flushes one higher. What other threads
-    /// change meanwhile may or may not be included: flush where the data is consistent.
-    pub fn flush(&self) -> Result<(), StoreError> {
+    /// Commits: everything the store holds now becomes what the store is, durably and all at
+    /// once. After `Ok`, a crash at any instant (the process killed, the machine losing
+    /// power) leaves a store that the next [`open`](Self::open) opens exactly as it is now:
+    /// every root and every byte of every block. An error leaves the last commit as it was
+    /// (a full disk, say: free some and commit again); nothing is lost from memory.
+    ///
+    /// Its cost follows what changed since the last commit, not the store's size: the pages
+    /// written (the kernel says which), the blocks made, the small blocks' bookkeeping, and
+    /// two syncs of the log. See the module docs of `commit` (in the source) for how.
+    ///
+    /// No block is allocated, grown or freed while it runs (the store's locks); what other
+    /// threads write into existing blocks meanwhile may or may not be in it, each page as it
+    /// was at some instant of the commit: commit where the data is consistent.
+    ///
+    /// ```
+    /// use mmapvec::store::{Store, StoreVec};
+    ///
+    /// # fn main() -> Result<(), Box<dyn std::error::Error>> {
+    /// # let dir = std::env::temp_dir().join(format!("mmapvec-doc-commit-{}", std::process::id()));
+    /// # let _ = std::fs::remove_dir_all(&dir);
+    /// let store = Store::create(&dir)?;
+    /// let mut log = StoreVec::new_in(store.allocator());
+    /// log.push(1u64);
+    /// store.set_root("log", log)?;
+    /// store.commit()?; // from here a crash keeps [1]
+    /// store.root_mut::<StoreVec<u64>>("log")?.push(2);
+    /// drop(store); // not committed: dropped, as a crash would
+    ///
+    /// let store = Store::open(&dir)?;
+    /// assert_eq!(*store.root::<StoreVec<u64>>("log")?, [1]);
+    /// assert!(store.recovered().is_some(), "the last writer did not close");
+    /// store.close()?;
+    /// # std::fs::remove_dir_all(&dir)?;
+    /// # Ok(())
+    /// # }
+    /// ```
+    pub fn commit(&self) -> Result<(), StoreError> {
         self.check_use(true)?;
-        {
-            let shared = self.shared();
-            let _roots = shared.lock_roots();
-            let space = shared.lock_space();
-            shared.sync(&space)?;
-            self.header().flushes.fetch_add(1, Ordering::AcqRel);
+        self.commit_now(false)
+    }
+
+    /// The name earlier versions gave [`commit`](Self::commit), which it now is.
+    pub fn flush(&self) -> Result<(), StoreError> {
+        self.commit()
+    }
+
+    /// A commit under the store's locks, then a checkpoint (the log emptied, the files
+    /// synced) if `checkpoint` or the log is long.
+    fn commit_now(&self, checkpoint: bool) -> Result<(), StoreError> {
+        let shared = self.shared();
+        let _roots = shared.lock_roots();
+        let mut space = shared.lock_space();
+        self.commit_locked(&mut space, checkpoint)
+    }
+
+    /// As [`commit_now`](Self::commit_now), with the roots' and the space's locks held by
+    /// the caller.
+    fn commit_locked(&self, space: &mut Space, checkpoint: bool) -> Result<(), StoreError> {
+        use commit::Target;
+        let shared = self.shared();
+        let mut log = shared.lock_log();
+        let log = log.as_mut().ok_or(StoreError::ReadOnly)?;
+        let header = self.header();
+        let seq = header.flushes.load(Ordering::Acquire) + 1;
+        header.flushes.store(seq, Ordering::Release);
+        let base = self.base.as_ptr().addr();
+        let made = shared
+            .tier
+            .commit_with(|image, committed| -> Result<(), StoreError> {
+                let manifest = space.prepare_commit()?;
+                let mut changes = commit::Changes::new();
+                // Punches first: a page written to a chunk made since goes over its zeros.
+                for &offset in &image.zeroed {
+                    changes.zero(Target::Small, offset, CHUNK as u64);
+                }
+                changes.set_len(Target::Small, image.file_len);
+                changes.memory(Target::Header, 0, base, sys::page_size());
+                let tracker = shared.tracker.as_deref();
+                let scan = match tracker {
+                    Some(tracker) if !shared.full_scan.load(Ordering::Relaxed) => {
+                        sys::Scan::Since(tracker)
+                    }
+                    _ => sys::Scan::All(tracker),
+                };
+                // From here pages are protected again by the scans: a commit that fails after
+                // this makes the next one take every private copy.
+                shared.full_scan.store(true, Ordering::Relaxed);
+                let (region, used) = image.used;
+                if used > 0 {
+                    for (addr, len) in sys::written_pages(region, used, scan)? {
+                        changes.memory(Target::Small, (addr - region) as u64, addr, len);
+                    }
+                }
+                for (addr, len, name) in space.private_views() {
+                    for (at, n) in sys::written_pages(addr, len, scan)? {
+                        changes.memory(Target::Seg(name), (at - addr) as u64, at, n);
+                    }
+                }
+                for (offset, bytes) in &image.meta_writes {
+                    changes.bytes(Target::SmallMeta, *offset, bytes.clone());
+                }
+                changes.bytes(Target::Manifest, 0, manifest);
+                log.commit(seq, &changes, committed)?;
+                shared.full_scan.store(false, Ordering::Relaxed);
+                space.after_commit();
+                Ok(())
+            });
+        if let Err(e) = made {
+            header.flushes.store(seq - 1, Ordering::Release);
+            return Err(e);
         }
-        self.folder.sync()?;
-        self.sync_header()?;
+        if checkpoint {
+            log.checkpoint()?;
+        } else if log.wants_checkpoint()
+            && let Err(e) = log.checkpoint()
+        {
+            crate::logging::report!(
+                warn,
+                "mmapvec: store {}: emptying the log: {e}",
+                self.path.display()
+            );
+        }
         Ok(())
     }
 
-    /// Closes the store: a writer makes its contents durable and marks it clean (on disk)
-    /// first. Dropping the handle does the same, without the error.
+    /// What this open found of the writer before it, if that writer did not close the store
+    /// (it crashed, was killed, or dropped its handle): how many commits the open copied from
+    /// the log into the files, and how many bytes of an unfinished commit it dropped. The
+    /// store is as of its last commit either way.
+    pub fn recovered(&self) -> Option<Recovered> {
+        self.recovered
+    }
+
+    /// Closes the store: a writer commits (see [`commit`](Self::commit)), marked closed, and
+    /// syncs its files. Dropping the handle instead keeps the last commit and drops what came
+    /// after it, as a crash would (a half-done update never becomes the store's state).
     ///
-    /// On an error the store stays open and dirty, and comes back in the [`CloseError`]: free
-    /// some disk (say) and close it again. Nothing the store needs to close is allocated at
-    /// close: the disk its metadata takes is reserved as its blocks are made, so a disk that
-    /// fills up fails an allocation, not the close.
+    /// On an error the store stays open, and comes back in the [`CloseError`]: free some disk
+    /// (say) and close it again. The disk the store's metadata and its blocks' pages take is
+    /// reserved as its blocks are made, so a disk that fills up fails an allocation rather
+    /// than the close (the log, which a commit appends to, needs disk for what changed).
     ///
     /// ```
     /// # use mmapvec::store::Store;
@@ -1327,7 +1530,7 @@ impl Store {
         }
     }
 
-    /// Syncs the blocks and clears the dirty flag on disk, once; only in the process that
+    /// Commits the store marked closed, and empties its log, once; only in the process that
     /// opened the store for writing (a fork child's copy leaves the parent's store alone).
     fn mark_clean(&mut self) -> Result<(), StoreError> {
         if self.access != Access::Write
@@ -1337,37 +1540,32 @@ impl Store {
         {
             return Ok(());
         }
-        if self.header().dirty.load(Ordering::Acquire) == 0 {
+        let header = self.header();
+        if header.dirty.load(Ordering::Acquire) == 0 {
             return Ok(());
         }
-        if let Some(shared) = self.shared.as_deref() {
-            let _roots = shared.lock_roots();
-            shared.sync(&shared.lock_space())?;
-            self.folder.sync()?;
-        }
-        let header = self.header();
-        header.flushes.fetch_add(1, Ordering::AcqRel);
         header.dirty.store(0, Ordering::Release);
-        Ok(self.sync_header()?)
+        let committed = self.commit_now(true);
+        if committed.is_err() {
+            self.header().dirty.store(1, Ordering::Release);
+        }
+        committed
     }
 }
 
 impl Drop for Store {
     fn drop(&mut self) {
-        if std::thread::panicking() {
-            // A panic may have cut an update in half: the store stays dirty, as after a crash,
-            // rather than keep a half-done update as if it were complete.
-            if self.access == Access::Write {
-                crate::logging::report!(
-                    warn,
-                    "mmapvec: the store {} is left dirty: its handle was dropped by a panic",
-                    self.path.display()
-                );
-            }
-        } else if let Err(e) = self.mark_clean() {
+        // Not closed: what came after the last commit is dropped (a panic may have cut an
+        // update in half), and the files are made to hold the last commit alone.
+        if self.access == Access::Write
+            && self.generation == fork::generation()
+            && let Some(shared) = self.shared.as_deref()
+            && let Some(log) = shared.lock_log().as_mut()
+            && let Err(e) = log.checkpoint()
+        {
             crate::logging::report!(
                 error,
-                "mmapvec: closing the store {}: {e}",
+                "mmapvec: the store {}: syncing its last commit: {e}",
                 self.path.display()
             );
         }

@@ -18,13 +18,13 @@ use std::sync::atomic::Ordering;
 
 use super::folder::Folder;
 use super::space::SEGS;
-use super::{Access, HEADER, Header, SMALL, SMALL_META, Store, StoreError, not_found};
+use super::{
+    Access, DIRTY_AT, HEADER, Header, RECOVERING, SMALL, SMALL_META, Store, StoreError, not_found,
+};
 use crate::sys;
 
 /// The folder of the snapshots.
 const SNAPSHOTS: &str = "snapshots";
-/// Where the header's `dirty` word is.
-const DIRTY_AT: u64 = 32;
 
 /// What [`Store::snapshot`] made.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -116,31 +116,33 @@ impl Store {
         })?;
         let shared = self.shared();
         let _roots = shared.lock_roots();
-        let space = shared.lock_space();
-        space.sync()?;
+        let mut space = shared.lock_space();
         let header = self.header();
         let number = header.snapshots.load(Ordering::Acquire) + 1;
+        // Counted by the commit the snapshot copies; the files then hold that commit alone
+        // (the log emptied), and nothing changes them while the store's locks are held.
+        header.snapshots.store(number, Ordering::Release);
+        if let Err(e) = self.commit_locked(&mut space, true) {
+            header.snapshots.store(number - 1, Ordering::Release);
+            return Err(e);
+        }
         let partial = format!("partial-{number}");
         folder.remove_tree(&partial)?;
         let name = number.to_string();
         let made = folder
             .make_dir(&partial)
             .map_err(StoreError::from)
-            .and_then(|into| self.snapshot_into(&into, number))
+            .and_then(|into| self.snapshot_into(&into))
             .and_then(|made| {
                 folder.rename(&partial, &name)?;
                 folder.sync()?;
                 Ok(made)
             });
         if made.is_err() {
-            // Nothing of a failed snapshot stays (under either name), and its number is not
-            // used.
+            // Nothing of a failed snapshot stays (under either name); its number stays
+            // counted (the next snapshot takes the next one).
             let _ = folder.remove_tree(&partial);
             let _ = folder.remove_tree(&name);
-            if header.snapshots.load(Ordering::Acquire) == number {
-                header.snapshots.store(number - 1, Ordering::Release);
-                let _ = self.sync_header();
-            }
         }
         let (bytes, reflinked) = made?;
         // Older snapshots are superseded.
@@ -154,29 +156,16 @@ impl Store {
         })
     }
 
-    /// Copies the store into the new folder `partial` as snapshot `number`, and counts it in
-    /// the header. The caller holds the store's locks and removes `partial` on failure.
-    fn snapshot_into(&self, partial: &Folder, number: u64) -> Result<(u64, bool), StoreError> {
-        let shared = self.shared();
-        let header = self.header();
+    /// Copies the store's files (as of the commit just made) into the new folder `partial`.
+    /// The caller holds the store's locks and removes `partial` on failure.
+    fn snapshot_into(&self, partial: &Folder) -> Result<(u64, bool), StoreError> {
         let segs = partial.make_dir(SEGS)?;
         let (mut bytes, mut reflinked) = clone_folder(&self.folder.dir(SEGS)?, &segs)?;
-        // The small blocks' file and their metadata, copied while no small block can be
-        // allocated or freed (the tier's locks): the copy's metadata is the copy's state.
-        let small = shared.tier.save_then(&shared.small_meta, || {
-            let mut copied = (0, true);
-            for name in [SMALL, SMALL_META] {
-                let (b, r) = clone_file(&self.folder, name, partial, name)?;
-                copied = (copied.0 + b, copied.1 && r);
-            }
-            Ok(copied)
-        })?;
-        bytes += small.0;
-        reflinked &= small.1;
-        // The header as it will be once this snapshot is counted, marked clean.
-        header.snapshots.store(number, Ordering::Release);
-        header.flushes.fetch_add(1, Ordering::AcqRel);
-        self.sync_header()?;
+        for name in [SMALL, SMALL_META] {
+            let (b, r) = clone_file(&self.folder, name, partial, name)?;
+            bytes += b;
+            reflinked &= r;
+        }
         clone_file(&self.folder, HEADER, partial, HEADER)?;
         let copy = partial.file(HEADER.as_ref(), Access::Write, false)?;
         sys::io_point("mark the snapshot's header clean")?;
@@ -264,10 +253,12 @@ impl Store {
         }
         // From here the live files change: dirty first, whatever the store was.
         sys::io_point("mark the store dirty for recovery")?;
-        live_file.write_all_at(&1u64.to_ne_bytes(), DIRTY_AT)?;
+        live_file.write_all_at(&RECOVERING.to_ne_bytes(), DIRTY_AT)?;
         sys::io_point("sync the store's header")?;
         live_file.sync_data()?;
         drop(live_file);
+        // The live store's commits not yet in its files are worthless now.
+        folder.remove_file(super::commit::LOG)?;
         // The live files of a store left dirty are worthless: they go first, so that recovery
         // needs no room for a third copy. Then the segments, into a new folder swapped in
         // whole; the header last, by rename: until then the store is dirty (marked above), and

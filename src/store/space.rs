@@ -33,13 +33,63 @@ pub(super) const SEGS: &str = "segs";
 const MANIFEST: &str = ".manifest";
 /// A file name an earlier version wrote the manifest to before a rename (skipped if found).
 const MANIFEST_NEW: &str = ".manifest.new";
-/// The manifest's first eight bytes.
-const MANIFEST_MAGIC: u64 = u64::from_ne_bytes(*b"MMAPVMF1");
+/// The first eight bytes of a manifest of format version 3 stores (segments named after
+/// their address), read only.
+const MANIFEST_MAGIC_V1: u64 = u64::from_ne_bytes(*b"MMAPVMF1");
+/// The first eight bytes of a manifest that names each segment's file (format version 4).
+const MANIFEST_MAGIC: u64 = u64::from_ne_bytes(*b"MMAPVMF2");
 
 /// The smallest span: 16 pages of 4 KiB.
 const MIN_SPAN: usize = 64 << 10;
 /// Spans are aligned to their length up to this (huge-page friendly), and to pages above it.
 const SPAN_ALIGN: usize = 2 << 20;
+
+/// The name of a segment's file.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub(super) enum Name {
+    /// A number of its own (format version 4): a block that moves keeps its file's name.
+    Id(u64),
+    /// Named after the address and span it was made at (a store made by format version 3 or
+    /// earlier); kept when the block moves.
+    Legacy { addr: usize, span: usize },
+}
+
+impl Name {
+    pub(super) fn file_name(self) -> OsString {
+        match self {
+            Name::Id(id) => format!("{id:016x}").into(),
+            Name::Legacy { addr, span } => seg_name(addr, span),
+        }
+    }
+
+    /// The name a file of the `segs` folder stands for, if it is a segment's.
+    fn parse(name: &OsStr) -> Option<Name> {
+        if let Some((addr, span)) = parse_name(name).filter(|&(a, s)| seg_name(a, s) == name) {
+            return Some(Name::Legacy { addr, span });
+        }
+        let text = name.to_str()?;
+        let id = u64::from_str_radix(text, 16).ok()?;
+        (text.len() == 16 && Name::Id(id).file_name() == name).then_some(Name::Id(id))
+    }
+
+    /// Two words, for the manifest and the commit log.
+    pub(super) fn words(self) -> (u64, u64) {
+        match self {
+            Name::Id(id) => (id, u64::MAX),
+            Name::Legacy { addr, span } => (addr as u64, span as u64),
+        }
+    }
+
+    pub(super) fn from_words(a: u64, b: u64) -> Option<Name> {
+        if b == u64::MAX {
+            return Some(Name::Id(a));
+        }
+        Some(Name::Legacy {
+            addr: usize::try_from(a).ok()?,
+            span: usize::try_from(b).ok()?,
+        })
+    }
+}
 
 /// One block: mapped `len` bytes at the start of `span` bytes of the store's range.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -49,6 +99,20 @@ struct Seg {
     /// The fork epoch its file was first mapped in: a file mapped before the last fork may be
     /// mapped by a child (privately), so it is never cut (see `shrink`).
     epoch: u64,
+    name: Name,
+    /// Made since the last commit: a shared view (its file is in no commit, so writing it in
+    /// place is safe, and keeps it out of core), synced and made private by the next commit.
+    /// Otherwise a private view of the last commit's file (see `store::commit`).
+    fresh: bool,
+}
+
+/// A manifest read back: the segments it lists, and the next number for a new file's name.
+struct Recorded {
+    next_id: u64,
+    /// Whether it names the files (format version 4) or lists addresses.
+    named: bool,
+    /// (name, address, span, length), by address.
+    segments: Vec<(Name, usize, usize, usize)>,
 }
 
 /// The segments' files, opened for a fork child before the fork: (address, length, file).
@@ -69,10 +133,19 @@ pub(super) struct Space {
     by_len: BTreeSet<(usize, usize)>,
     /// Ranges that may no longer be ours (see the module docs).
     lost: Vec<(usize, usize)>,
-    /// The writer's manifest, written in place at every durable point, and the bytes of disk
+    /// The writer's manifest, written in place at every commit, and the bytes of disk
     /// reserved for it (see `reserve_manifest`).
     manifest: Option<File>,
     manifest_reserved: u64,
+    /// The number the next new segment file is named after.
+    next_id: u64,
+    /// The files of committed segments freed since the last commit: removed once a commit no
+    /// longer lists them.
+    removals: Vec<Name>,
+    /// Why a block's view could not be made private after a commit: commits are refused.
+    broken: Option<String>,
+    /// The writer's: tracks the writes to every private view (see `store::commit`).
+    tracker: Option<std::sync::Arc<sys::WriteTracker>>,
 }
 
 fn seg_name(addr: usize, span: usize) -> OsString {
@@ -87,10 +160,10 @@ fn parse_name(name: &OsStr) -> Option<(usize, usize)> {
     ))
 }
 
-/// The bytes of a manifest of `segments` entries: magic, count, three words per segment,
-/// checksum.
+/// The bytes of a manifest of `segments` entries: magic, count, next number, five words per
+/// segment (name, address, span, length), checksum.
 fn manifest_len(segments: usize) -> usize {
-    24 + segments * 24
+    32 + segments * 40
 }
 
 /// FNV-1a of `bytes`: catches a damaged manifest (not an attacker, who can write a matching
@@ -118,6 +191,10 @@ impl Space {
             lost: Vec::new(),
             manifest: None,
             manifest_reserved: 0,
+            next_id: 0,
+            removals: Vec::new(),
+            broken: None,
+            tracker: None,
         };
         if end > start {
             space.insert_free(start, end - start);
@@ -134,13 +211,14 @@ impl Space {
     /// manifest lists, with their lengths.
     pub(super) fn open(
         dir: File,
-        start: usize,
-        end: usize,
+        (start, end): (usize, usize),
         share: Share,
         manifest: bool,
+        tracker: Option<std::sync::Arc<sys::WriteTracker>>,
         lost: &mut Vec<(usize, usize)>,
     ) -> io::Result<Space> {
         let mut space = Space::new(dir, start, end, share);
+        space.tracker = tracker;
         let mapped = space
             .map_all(start, end, manifest)
             .and_then(|()| space.open_manifest());
@@ -180,23 +258,23 @@ impl Space {
     }
 
     /// Every segment of the folder, checked, in address order: (address, segment, name,
-    /// inode).
+    /// inode). With a manifest that names the files, the manifest is the list: a file it does
+    /// not name was made after the last commit, and is removed by a writer (left alone by a
+    /// reader).
     fn listed(
         &mut self,
         start: usize,
         end: usize,
         manifest: bool,
     ) -> io::Result<Vec<(usize, Seg, OsString, u64)>> {
+        let recorded = if manifest {
+            Some(self.read_manifest()?)
+        } else {
+            None
+        };
         let mut found = Vec::new();
         let mut seen = std::collections::HashSet::new();
-        for name in sys::names_in(&self.dir)? {
-            if name == MANIFEST || name == MANIFEST_NEW {
-                continue;
-            }
-            let (addr, span) = parse_name(&name)
-                .filter(|&(addr, span)| seg_name(addr, span) == name)
-                .ok_or_else(|| corrupt(format!("unexpected file {name:?} in the store")))?;
-            let entry = sys::entry_at(&self.dir, &name)?;
+        let mut check = |name: &OsStr, entry: &sys::Entry| -> io::Result<usize> {
             // A name of its own, a regular file: two names of one file would be two blocks
             // sharing their bytes.
             if entry.kind != sys::EntryKind::File
@@ -207,7 +285,91 @@ impl Space {
                     "segment {name:?} is not a regular file with one name"
                 )));
             }
-            let len = usize::try_from(entry.len).unwrap_or(usize::MAX);
+            Ok(usize::try_from(entry.len).unwrap_or(usize::MAX))
+        };
+        match recorded {
+            Some(recorded) if recorded.named => {
+                self.next_id = recorded.next_id;
+                let named: std::collections::HashSet<OsString> = recorded
+                    .segments
+                    .iter()
+                    .map(|(name, ..)| name.file_name())
+                    .collect();
+                for name in sys::names_in(&self.dir)? {
+                    if name == MANIFEST || name == MANIFEST_NEW || named.contains(&name) {
+                        continue;
+                    }
+                    if Name::parse(&name).is_none() {
+                        return Err(corrupt(format!("unexpected file {name:?} in the store")));
+                    }
+                    // Made after the last commit: not the store's.
+                    if self.share == Share::Write {
+                        sys::io_point("remove a segment made after the last commit")?;
+                        match sys::remove_at(&self.dir, &name, false) {
+                            Err(e) if e.kind() != io::ErrorKind::NotFound => return Err(e),
+                            _ => {}
+                        }
+                    }
+                }
+                for (name, addr, span, len) in recorded.segments {
+                    let file_name = name.file_name();
+                    let entry =
+                        sys::entry_at(&self.dir, &file_name).map_err(|e| match e.kind() {
+                            io::ErrorKind::NotFound => corrupt(format!(
+                                "segment {file_name:?} of the last commit is missing"
+                            )),
+                            _ => e,
+                        })?;
+                    let on_disk = check(&file_name, &entry)?;
+                    if on_disk != len {
+                        return Err(corrupt(format!(
+                            "segment {file_name:?} is {on_disk} bytes, the last commit says {len}"
+                        )));
+                    }
+                    let epoch = fork::epoch();
+                    let seg = Seg {
+                        len,
+                        span,
+                        epoch,
+                        name,
+                        fresh: false,
+                    };
+                    found.push((addr, seg, file_name, entry.ino));
+                }
+            }
+            recorded => {
+                for name in sys::names_in(&self.dir)? {
+                    if name == MANIFEST || name == MANIFEST_NEW {
+                        continue;
+                    }
+                    let (addr, span) = parse_name(&name)
+                        .filter(|&(addr, span)| seg_name(addr, span) == name)
+                        .ok_or_else(|| corrupt(format!("unexpected file {name:?} in the store")))?;
+                    let entry = sys::entry_at(&self.dir, &name)?;
+                    let len = check(&name, &entry)?;
+                    let epoch = fork::epoch();
+                    let seg = Seg {
+                        len,
+                        span,
+                        epoch,
+                        name: Name::Legacy { addr, span },
+                        fresh: false,
+                    };
+                    found.push((addr, seg, name, entry.ino));
+                }
+                found.sort_by_key(|&(addr, ..)| addr);
+                if let Some(recorded) = recorded {
+                    let listed: Vec<_> = recorded
+                        .segments
+                        .iter()
+                        .map(|&(_, addr, span, len)| (addr, span, len))
+                        .collect();
+                    Self::same_as_recorded(&listed, &found)?;
+                }
+            }
+        }
+        for (addr, seg, name, _) in &found {
+            let (addr, span, len) = (*addr, seg.span, seg.len);
             let fits = addr >= start
                 && addr < end
                 && span <= end - addr
@@ -221,31 +383,8 @@ impl Space {
                     "segment {name:?} ({len} bytes) does not fit the store's range"
                 )));
             }
-            let epoch = fork::epoch();
-            found.push((addr, Seg { len, span, epoch }, name, entry.ino));
         }
         found.sort_by_key(|&(addr, ..)| addr);
-        if manifest {
-            let listed = self.read_manifest()?;
-            let on_disk: Vec<_> = found
-                .iter()
-                .map(|&(addr, seg, ..)| (addr, seg.span, seg.len))
-                .collect();
-            if listed != on_disk {
-                let (missing, changed): (Vec<&(usize, usize, usize)>, Vec<_>) = listed
-                    .iter()
-                    .filter(|l| !on_disk.contains(l))
-                    .partition(|(addr, ..)| !on_disk.iter().any(|(a, ..)| a == addr));
-                let extra = on_disk.len() + missing.len() - listed.len();
-                return Err(corrupt(format!(
-                    "the segments are not those the store recorded: {} missing, {} of another \
-                     length, {extra} not recorded (first: {:?})",
-                    missing.len(),
-                    changed.len(),
-                    missing.first().or(changed.first())
-                )));
-            }
-        }
         for pair in found.windows(2) {
             if pair[0].0 + pair[0].1.span > pair[1].0 {
                 return Err(corrupt(format!(
@@ -257,17 +396,40 @@ impl Space {
         Ok(found)
     }
 
+    /// A format version 3 store: its segments must be those its manifest lists.
+    fn same_as_recorded(
+        listed: &[(usize, usize, usize)],
+        found: &[(usize, Seg, OsString, u64)],
+    ) -> io::Result<()> {
+        let on_disk: Vec<_> = found
+            .iter()
+            .map(|&(addr, seg, ..)| (addr, seg.span, seg.len))
+            .collect();
+        if listed == on_disk {
+            return Ok(());
+        }
+        let (missing, changed): (Vec<&(usize, usize, usize)>, Vec<_>) = listed
+            .iter()
+            .filter(|l| !on_disk.contains(l))
+            .partition(|(addr, ..)| !on_disk.iter().any(|(a, ..)| a == addr));
+        let extra = on_disk.len() + missing.len() - listed.len();
+        Err(corrupt(format!(
+            "the segments are not those the store recorded: {} missing, {} of another \
+             length, {extra} not recorded (first: {:?})",
+            missing.len(),
+            changed.len(),
+            missing.first().or(changed.first())
+        )))
+    }
+
     /// Maps the segments `listed` found.
     fn map_listed(&mut self, found: Vec<(usize, Seg, OsString, u64)>) -> io::Result<()> {
         for (addr, seg, name, ino) in found {
             if !self.take_range(addr, seg.span) {
                 return Err(corrupt(format!("segment {name:?} is not in free space")));
             }
-            // A reader's views are private: the file is only read.
-            let file = match self.share {
-                Share::Write => sys::open_at(&self.dir, &name, None)?,
-                _ => sys::open_read_at(&self.dir, &name)?,
-            };
+            // Every view of a committed file is private: the file is only read through it.
+            let file = sys::open_read_at(&self.dir, &name)?;
             let meta = file.metadata()?;
             let (now_ino, now_links) = (
                 std::os::unix::fs::MetadataExt::ino(&meta),
@@ -278,16 +440,18 @@ impl Space {
             }
             // SAFETY: `[addr, addr + span)` lies in the caller's reservation (checked above),
             // which nothing uses yet, and no two spans overlap; the file is `len` bytes long.
-            unsafe { self.map_view(addr, &file, 0, seg.len, seg.len) }?;
+            unsafe { self.map_view(addr, &file, 0, seg.len, seg.len, Share::Private) }?;
+            self.track(addr, seg.len);
             self.segs.insert(addr, seg);
         }
         Ok(())
     }
 
-    /// Maps `len` bytes of `file` from `offset` at `addr`, kept out of fork children
-    /// (`MADV_DONTFORK`, recorded so that a child fills the hole with a reservation: see
-    /// `fork`); the block that starts at `block` is then `block_len` bytes long. A failed map
-    /// leaves the range reserved again, or marked lost.
+    /// Maps `len` bytes of `file` from `offset` at `addr`, as `share` says. A shared view is
+    /// kept out of fork children (`MADV_DONTFORK`, recorded so that a child fills the hole
+    /// with a reservation: see `fork`); the block that starts at `block` is then `block_len`
+    /// bytes long. A private view is inherited by a child, copy-on-write. A failed map leaves
+    /// the range reserved again, or marked lost.
     ///
     /// # Safety
     /// `[addr, addr + len)` must be the caller's reservation, which nothing refers to.
@@ -298,20 +462,20 @@ impl Space {
         offset: usize,
         len: usize,
         block_len: usize,
+        share: Share,
     ) -> io::Result<()> {
         let block = addr - offset;
         let mut views = fork::hold();
         // SAFETY: the caller's reservation, passed on.
-        let mapped =
-            unsafe { sys::map_file_fixed_at(at(addr), file, offset as u64, len, self.share) };
+        let mapped = unsafe { sys::map_file_fixed_at(at(addr), file, offset as u64, len, share) };
         if let Err(e) = mapped {
             drop(views);
             self.after_failed_map(addr, len);
             return Err(e);
         }
-        // A reader's views are private: a child inherits them as they are (with the statics
-        // reattached). A writer's are kept out of children, which map them again privately.
-        if self.share != Share::Write {
+        // Private views: a child inherits them as they are (with the statics reattached).
+        // Shared ones are kept out of children, which map them again privately.
+        if share != Share::Write {
             return Ok(());
         }
         // Recorded before the advice: a hole the child fills is harmless, a view it keeps is
@@ -334,8 +498,8 @@ impl Space {
         Ok(())
     }
 
-    fn open_seg(&self, addr: usize, span: usize) -> io::Result<File> {
-        sys::open_at(&self.dir, &seg_name(addr, span), None)
+    fn open_seg(&self, name: Name) -> io::Result<File> {
+        sys::open_at(&self.dir, &name.file_name(), None)
     }
 
     /// For a fork of the writer (the prepare handler, under the space's lock): every segment's
@@ -346,11 +510,14 @@ impl Space {
         if self.share != Share::Write {
             return ChildFiles(Vec::new());
         }
+        // Only the shared views (made since the last commit): a child inherits the private
+        // ones.
         ChildFiles(
             self.segs
                 .iter()
+                .filter(|(_, seg)| seg.fresh)
                 .filter_map(|(&addr, seg)| {
-                    let file = sys::open_read_at(&self.dir, &seg_name(addr, seg.span)).ok()?;
+                    let file = sys::open_read_at(&self.dir, &seg.name.file_name()).ok()?;
                     Some((addr, seg.len, file))
                 })
                 .collect(),
@@ -414,17 +581,29 @@ impl Space {
         // Its line in the manifest, before anything is made.
         self.reserve_manifest(self.segs.len() + 1)?;
         let (addr, span) = self.take_span(len, align)?;
-        let name = seg_name(addr, span);
+        let id = Name::Id(self.next_id);
+        self.next_id += 1;
+        let name = id.file_name();
+        // A file of a failed session may be there (a commit removes what it does not list
+        // only at the next open): it is nobody's.
+        let _ = sys::remove_at(&self.dir, &name, false);
         let made = sys::open_at(&self.dir, &name, Some(0o600)).and_then(|file| {
             sys::allocate_blocks(&file, 0, len as u64)?;
             // SAFETY: `[addr, addr + span)` was just taken from the free ranges: our
             // reservation, which nothing refers to.
-            unsafe { self.map_view(addr, &file, 0, len, len) }
+            unsafe { self.map_view(addr, &file, 0, len, len, Share::Write) }
         });
         match made {
             Ok(()) => {
                 let epoch = fork::epoch();
-                self.segs.insert(addr, Seg { len, span, epoch });
+                let seg = Seg {
+                    len,
+                    span,
+                    epoch,
+                    name: id,
+                    fresh: true,
+                };
+                self.segs.insert(addr, seg);
                 Ok((addr, len))
             }
             Err(e) => {
@@ -455,7 +634,21 @@ impl Space {
         if len <= seg.len {
             return Ok((addr, seg.len));
         }
-        let file = self.open_seg(addr, seg.span)?;
+        if !seg.fresh {
+            // A committed block's file holds the last commit, and its view is private (what
+            // was written since is in memory): the grown block is a new one, whose pages go to
+            // a file of their own (out of core), with the bytes copied over once. The old
+            // block's file goes with the next commit.
+            let (to, new_len) = self.allocate(len, align)?;
+            // SAFETY: both blocks are ours, mapped read/write, and distinct; the old one has
+            // `seg.len` bytes and the new one at least as many.
+            unsafe {
+                std::ptr::copy_nonoverlapping(addr as *const u8, to as *mut u8, seg.len);
+            }
+            self.free(addr);
+            return Ok((to, new_len));
+        }
+        let file = self.open_seg(seg.name)?;
         // Bytes past the block's end may be left from before a shrink whose cut failed: cut
         // now, so that the new part reads as zeros.
         file.set_len(seg.len as u64)?;
@@ -469,7 +662,7 @@ impl Space {
             let mut views = fork::hold();
             // SAFETY: the block's view is ours, and `[tail, addr + len)` lies in its span, past
             // the view: our reservation, which nothing refers to. The file has `len` bytes.
-            let extended = unsafe { extend_in_place(at(addr), seg.len, len, &file, self.share) };
+            let extended = unsafe { extend_in_place(at(addr), seg.len, len, &file, Share::Write) };
             if let Err(e) = extended {
                 drop(views);
                 self.after_failed_map(tail, len - seg.len);
@@ -488,12 +681,6 @@ impl Space {
                 return Err(e);
             }
         };
-        let (old_name, new_name) = (seg_name(addr, seg.span), seg_name(to, span));
-        if let Err(e) = sys::rename_at(&self.dir, &old_name, &new_name) {
-            undo(&file);
-            self.give_back_unless_lost(to, span);
-            return Err(e);
-        }
         let mut views = fork::hold();
         // SAFETY: the block's mapping is ours, and `[to, to + span)` was just taken from the
         // free ranges: our reservation, which nothing refers to. The file has `len` bytes.
@@ -504,7 +691,6 @@ impl Space {
         }
         drop(views);
         if let Err(e) = moved {
-            let _ = sys::rename_at(&self.dir, &new_name, &old_name);
             undo(&file);
             // The target may or may not still be our reservation (see `sys::remap`).
             self.after_failed_map(to, len);
@@ -513,9 +699,8 @@ impl Space {
         }
         // The old view is gone: its range is a gap until reserved again.
         self.segs.remove(&addr);
-        // The same file (renamed): a child that maps it still does.
-        let epoch = seg.epoch;
-        self.segs.insert(to, Seg { len, span, epoch });
+        // The same file, whose name does not change: a child that maps it still does.
+        self.segs.insert(to, Seg { len, span, ..seg });
         self.after_failed_map(addr, seg.len);
         self.give_back_unless_lost(addr, seg.span);
         Ok((to, len))
@@ -527,8 +712,9 @@ impl Space {
         let seg = *self.segs.get(&addr).ok_or_else(not_ours)?;
         let len = self.round(size.max(1))?;
         // A file mapped before the last fork is not cut: a child may map it, and would die of
-        // `SIGBUS` past its new end. The block stays whole (a valid shrink).
-        if len >= seg.len || self.share != Share::Write || seg.epoch < fork::epoch() {
+        // `SIGBUS` past its new end. Nor is a committed one: its bytes are the last commit's.
+        // The block stays whole (a valid shrink).
+        if len >= seg.len || self.share != Share::Write || seg.epoch < fork::epoch() || !seg.fresh {
             return Ok(seg.len);
         }
         let mut views = fork::hold();
@@ -545,7 +731,7 @@ impl Space {
         }
         self.set_len(addr, len);
         // The view ends at `len` now: cutting the file cannot leave a page past its end mapped.
-        if let Ok(file) = self.open_seg(addr, seg.span) {
+        if let Ok(file) = self.open_seg(seg.name) {
             let _ = file.set_len(len as u64);
         }
         Ok(len)
@@ -563,7 +749,12 @@ impl Space {
         views.remove(addr);
         drop(views);
         if self.share == Share::Write {
-            let _ = sys::remove_at(&self.dir, &seg_name(addr, seg.span), false);
+            if seg.fresh {
+                let _ = sys::remove_at(&self.dir, &seg.name.file_name(), false);
+            } else {
+                // The last commit lists it: removed once a commit no longer does.
+                self.removals.push(seg.name);
+            }
         }
         if !reserved {
             // The view may still be there, or someone else's mapping: never reuse it.
@@ -572,17 +763,107 @@ impl Space {
         self.give_back_unless_lost(addr, seg.span);
     }
 
-    /// Writes every block's changed pages to its file and waits (`msync`), then the folder.
-    pub(super) fn sync(&self) -> io::Result<()> {
-        sys::io_point("sync the segments")?;
-        for (&addr, seg) in &self.segs {
+    /// Before a commit point: the blocks made since the last commit (shared views) written to
+    /// their files and synced, and the folder synced, so that the commit can list them.
+    /// Returns the manifest the commit writes.
+    pub(super) fn prepare_commit(&self) -> io::Result<Vec<u8>> {
+        self.writable()?;
+        if let Some(why) = &self.broken {
+            return Err(io::Error::other(format!(
+                "a block's view could not be made private after a commit ({why}): reopen the \
+                 store"
+            )));
+        }
+        for (&addr, seg) in self.segs.iter().filter(|(_, seg)| seg.fresh) {
+            sys::io_point("sync a new segment")?;
             // SAFETY: the block's mapping, ours while it is in `segs`.
             unsafe { sys::sync(at(addr), seg.len) }?;
         }
-        if self.share == Share::Write {
-            self.write_manifest()?;
+        sys::io_point("sync the segments' folder")?;
+        self.dir.sync_all()?;
+        Ok(self.manifest_bytes())
+    }
+
+    /// The committed blocks (private views): (address, length, file), whose written pages a
+    /// commit logs.
+    pub(super) fn private_views(&self) -> Vec<(usize, usize, Name)> {
+        self.segs
+            .iter()
+            .filter(|(_, seg)| !seg.fresh)
+            .map(|(&addr, seg)| (addr, seg.len, seg.name))
+            .collect()
+    }
+
+    /// After a commit point: the blocks made since the last commit become private views of
+    /// their files (committed now), and the files of blocks freed since are removed. A view
+    /// that cannot be made private makes later commits fail (see `prepare_commit`): writes to
+    /// it would reach the committed file.
+    pub(super) fn after_commit(&mut self) {
+        let fresh: Vec<usize> = self
+            .segs
+            .iter()
+            .filter(|(_, seg)| seg.fresh)
+            .map(|(&addr, _)| addr)
+            .collect();
+        for addr in fresh {
+            let seg = self.segs[&addr];
+            let made = self.open_seg(seg.name).and_then(|file| {
+                let mut views = fork::hold();
+                // SAFETY: the block's own view, replaced by a view of the same file (whose
+                // pages hold what the old view showed: synced by `prepare_commit`), at the
+                // same place and length; under the fork lock, with its record.
+                unsafe { sys::map_file_fixed_at(at(addr), &file, 0, seg.len, Share::Private) }?;
+                views.remove(addr);
+                drop(views);
+                self.track(addr, seg.len);
+                Ok(())
+            });
+            match made {
+                Ok(()) => {
+                    if let Some(seg) = self.segs.get_mut(&addr) {
+                        seg.fresh = false;
+                    }
+                }
+                Err(e) => {
+                    if !sys::is_mapped(at(addr), seg.len) {
+                        self.lost.push((addr, seg.len));
+                    }
+                    self.broken = Some(e.to_string());
+                }
+            }
         }
-        self.dir.sync_all()
+        for name in std::mem::take(&mut self.removals) {
+            // One left behind is removed by the next open (no commit lists it).
+            let _ = sys::remove_at(&self.dir, &name.file_name(), false);
+        }
+    }
+
+    /// A private view just mapped at `addr`: its writes are tracked from now.
+    fn track(&self, addr: usize, len: usize) {
+        if let Some(tracker) = &self.tracker {
+            // SAFETY: the block's view, ours.
+            unsafe { tracker.track(at(addr), len) };
+        }
+    }
+
+    /// The list of segments as a commit records it: magic, count, the next number, then per
+    /// segment its name (two words), address, span and length; a checksum.
+    pub(super) fn manifest_bytes(&self) -> Vec<u8> {
+        let mut bytes = Vec::with_capacity(manifest_len(self.segs.len()));
+        let mut put = |word: u64| bytes.extend_from_slice(&word.to_ne_bytes());
+        put(MANIFEST_MAGIC);
+        put(self.segs.len() as u64);
+        put(self.next_id);
+        for (&addr, seg) in &self.segs {
+            let (a, b) = seg.name.words();
+            for word in [a, b, addr as u64, seg.span as u64, seg.len as u64] {
+                put(word);
+            }
+        }
+        let sum = checksum(&bytes);
+        bytes.extend_from_slice(&sum.to_ne_bytes());
+        debug_assert_eq!(bytes.len(), manifest_len(self.segs.len()));
+        bytes
     }
 
     /// A writer's manifest file, made if missing, with room reserved for the segments there
@@ -619,36 +900,8 @@ impl Space {
         Ok(())
     }
 
-    /// Writes the list of segments over the manifest, in place, and syncs it. In place and
-    /// not by rename (which needs a new file's disk): a manifest is only read from a store
-    /// marked clean, and the clean mark is written after the manifest is synced, so a crash
-    /// in the middle of this write leaves a dirty store, whose manifest is not used.
-    fn write_manifest(&self) -> io::Result<()> {
-        let mut bytes = Vec::with_capacity(24 + self.segs.len() * 24);
-        bytes.extend_from_slice(&MANIFEST_MAGIC.to_ne_bytes());
-        bytes.extend_from_slice(&(self.segs.len() as u64).to_ne_bytes());
-        for (&addr, seg) in &self.segs {
-            for word in [addr, seg.span, seg.len] {
-                bytes.extend_from_slice(&(word as u64).to_ne_bytes());
-            }
-        }
-        let sum = checksum(&bytes);
-        bytes.extend_from_slice(&sum.to_ne_bytes());
-        debug_assert_eq!(bytes.len(), manifest_len(self.segs.len()));
-        // A space made without its manifest (`Space::new` alone, in the unit tests).
-        let Some(file) = &self.manifest else {
-            return Ok(());
-        };
-        sys::io_point("write the manifest")?;
-        std::os::unix::fs::FileExt::write_all_at(file, &bytes, 0)?;
-        sys::io_point("sync the manifest")?;
-        // A longer earlier list's tail stays: the count says where this one ends. (Not cut:
-        // a truncation would give back the disk reserved past the end.)
-        file.sync_data()
-    }
-
-    /// The segments the manifest lists, by address: (address, span, length).
-    fn read_manifest(&self) -> io::Result<Vec<(usize, usize, usize)>> {
+    /// The segments the manifest lists, by address.
+    fn read_manifest(&self) -> io::Result<Recorded> {
         let missing = |e: io::Error| match e.kind() {
             io::ErrorKind::NotFound => corrupt("the store's list of segments is missing".into()),
             _ => e,
@@ -661,27 +914,50 @@ impl Space {
             return Err(bad());
         }
         let word = |i: usize| u64::from_ne_bytes(bytes[i * 8..i * 8 + 8].try_into().unwrap());
+        let named = match word(0) {
+            MANIFEST_MAGIC => true,
+            MANIFEST_MAGIC_V1 => false,
+            _ => return Err(bad()),
+        };
+        let (head, each) = if named { (3, 5) } else { (2, 3) };
         let count = usize::try_from(word(1)).map_err(|_| bad())?;
         let len = count
-            .checked_mul(24)
-            .and_then(|n| n.checked_add(24))
+            .checked_mul(each * 8)
+            .and_then(|n| n.checked_add(head * 8 + 8))
             .filter(|&n| n <= bytes.len())
             .ok_or_else(bad)?;
         let words = len / 8;
-        if word(0) != MANIFEST_MAGIC || word(words - 1) != checksum(&bytes[..len - 8]) {
+        if word(words - 1) != checksum(&bytes[..len - 8]) {
             return Err(bad());
         }
         let as_usize = |w: u64| usize::try_from(w).map_err(|_| bad());
-        (0..count)
+        let segments = (0..count)
             .map(|i| {
-                let at = 2 + i * 3;
-                Ok((
-                    as_usize(word(at))?,
-                    as_usize(word(at + 1))?,
-                    as_usize(word(at + 2))?,
-                ))
+                let at = head + i * each;
+                if named {
+                    let name = Name::from_words(word(at), word(at + 1)).ok_or_else(bad)?;
+                    Ok((
+                        name,
+                        as_usize(word(at + 2))?,
+                        as_usize(word(at + 3))?,
+                        as_usize(word(at + 4))?,
+                    ))
+                } else {
+                    let (addr, span) = (as_usize(word(at))?, as_usize(word(at + 1))?);
+                    Ok((
+                        Name::Legacy { addr, span },
+                        addr,
+                        span,
+                        as_usize(word(at + 2))?,
+                    ))
+                }
             })
-            .collect()
+            .collect::<io::Result<Vec<_>>>()?;
+        Ok(Recorded {
+            next_id: if named { word(2) } else { 0 },
+            named,
+            segments,
+        })
     }
 
     /// Records the new mapped length of the block at `addr`.

@@ -98,8 +98,10 @@ fn a_store_made_in_one_process_reopens_in_another_at_the_same_address() {
         };
         let store = Store::open_with(&path, Access::Write).unwrap();
         assert_eq!(store.range(), (base, len));
-        assert_eq!(dirty_on_disk(&path), 1, "open for writing marks it dirty");
-        assert_eq!(store.flushes(), 1);
+        assert_eq!(dirty_on_disk(&path), 1, "open for writing marks it open");
+        // Commits: the one that made it, its close.
+        assert_eq!(store.flushes(), 2);
+        assert_eq!(store.recovered(), None, "closed by its last writer");
         store.close().unwrap();
         return;
     }
@@ -122,7 +124,7 @@ fn a_store_made_in_one_process_reopens_in_another_at_the_same_address() {
     let code = in_child(|| {
         // A fork child of a process without the store open may open it too.
         let store = Store::open_with(&path.0, Access::Read).unwrap();
-        assert_eq!((store.range(), store.flushes()), (range, 2));
+        assert_eq!((store.range(), store.flushes()), (range, 3));
     });
     assert_eq!(code, 0);
 }
@@ -170,7 +172,7 @@ fn one_writer_or_many_readers() {
 }
 
 #[test]
-fn a_writer_that_died_leaves_the_store_dirty() {
+fn a_writer_that_died_leaves_its_last_commit() {
     let _serial = serial();
     let path = TestPath::new("dirty");
     Store::create_with_range(&path.0, LEN)
@@ -179,23 +181,29 @@ fn a_writer_that_died_leaves_the_store_dirty() {
         .unwrap();
     let code = in_child(|| {
         let store = Store::open_with(&path.0, Access::Write).unwrap();
+        store.set_root("x", 1u64).unwrap();
+        store.commit().unwrap();
+        *store.root_mut::<u64>("x").unwrap() = 2;
+        store.set_root("y", 3u64).unwrap();
         std::mem::forget(store);
         // SAFETY: ends the child at once, as a crash would (no destructor runs).
         unsafe { libc::_exit(0) };
     });
     assert_eq!(code, 0);
-    match Store::open_with(&path.0, Access::Write) {
-        Err(StoreError::Dirty {
-            last_flush,
-            last_snapshot,
-        }) => assert_eq!((last_flush, last_snapshot), (1, 0)),
-        other => panic!("expected Dirty, got {other:?}"),
-    }
-    let result = Store::open_with(&path.0, Access::Read);
-    assert!(
-        matches!(result, Err(StoreError::Dirty { .. })),
-        "{result:?}"
-    );
+    // A reader first: it needs no writer's help.
+    let store = Store::open_with(&path.0, Access::Read).unwrap();
+    assert_eq!(*store.root::<u64>("x").unwrap(), 1);
+    assert!(matches!(store.root::<u64>("y"), Err(StoreError::NoRoot(_))));
+    drop(store);
+    let store = Store::open_with(&path.0, Access::Write).unwrap();
+    assert_eq!(*store.root::<u64>("x").unwrap(), 1);
+    let recovered = store.recovered().expect("its writer did not close");
+    // Commits: the store's first, its close, the child's.
+    assert_eq!(recovered.last_commit, 3);
+    store.close().unwrap();
+    let store = Store::open_with(&path.0, Access::Write).unwrap();
+    assert_eq!(store.recovered(), None);
+    store.close().unwrap();
 }
 
 #[test]
@@ -215,7 +223,7 @@ fn a_fork_childs_copy_does_not_mark_the_store_clean() {
         1,
         "the child marked its parent's store clean"
     );
-    drop(store);
+    store.close().unwrap();
     assert_eq!(dirty_on_disk(&path.0), 0);
 }
 
@@ -299,7 +307,12 @@ mod io_faults {
         match (a, b, new) {
             (true, false, Err(StoreError::NoRoot(_))) => 'A',
             (false, true, Ok(n)) if n.iter().copied().eq(0..(1 << 16)) => 'B',
-            _ => panic!("neither A nor B"),
+            (a, b, new) => panic!(
+                "neither A nor B: a {a}, b {b}, new {:?}, v {:?}, big[0] {}",
+                new.map(|n| n.len()),
+                &v[..v.len().min(3)],
+                big[0]
+            ),
         }
     }
 
@@ -326,115 +339,141 @@ mod io_faults {
         store.set_root("new", new).unwrap();
     }
 
-    /// What a reopen finds: a clean store's state, or (dirty) the state `recover` gives,
-    /// which must be A.
+    /// What a reopen finds: a store with commits opens at its last commit, never dirty.
     fn reopened(path: &Path) -> char {
-        match Store::open(path) {
-            Ok(store) => {
-                let s = state(&store);
-                store.close().unwrap();
-                s
-            }
-            Err(StoreError::Dirty { .. }) => {
-                let store = Store::recover(path).unwrap();
-                let s = state(&store);
-                assert_eq!(s, 'A', "recover goes back to the snapshot");
-                store.close().unwrap();
-                'R'
-            }
-            Err(e) => panic!("reopen: {e:?}"),
-        }
+        let store = Store::open(path).unwrap_or_else(|e| panic!("reopen: {e:?}"));
+        let found = state(&store);
+        store.close().unwrap();
+        found
     }
 
     /// Runs `op` on a store in state A, changed to B, with point `fail_at` failing (and the
-    /// later ones too if `sticky`), in a forked child that then ends as `end` says; returns
-    /// the number of points `op` passed.
-    fn run(path: &Path, fail_at: Option<u64>, sticky: bool, op: fn(Store) -> bool) -> u64 {
+    /// later ones too if `sticky`), in a forked child; `op` says whether the process then
+    /// ends at once (a crash) and whether the operation returned `Ok`. Returns the number of
+    /// points `op` passed, and that `Ok`.
+    fn run(
+        path: &Path,
+        fail_at: Option<u64>,
+        sticky: bool,
+        op: fn(Store) -> (bool, bool),
+    ) -> (u64, Outcome) {
         let _ = fs::remove_dir_all(path);
         make_a(path);
-        let counted = std::sync::atomic::AtomicU64::new(0);
-        // The child counts the points and reports them through its exit code's file.
-        let count_file = path.with_extension("count");
+        // The child reports through a file.
+        let report = path.with_extension("count");
         let status = in_child(|| {
             let store = Store::open(path).unwrap();
             change_to_b(&store);
             faults::arm(fail_at, sticky);
-            let crash = op(store);
+            let (crash, ok) = op(store);
             let n = faults::count();
             faults::disarm();
-            fs::write(&count_file, n.to_string()).unwrap();
+            // "Ok", or the name of the point that failed first.
+            let ok = match (ok, faults::first_failure()) {
+                (true, _) => "Ok",
+                (false, failed) => failed.unwrap_or("?"),
+            };
+            fs::write(&report, format!("{n} {ok}")).unwrap();
             if crash {
                 // SAFETY: ends the child at once, as a crash would.
                 unsafe { libc::_exit(0) };
             }
         });
         assert_eq!(status, 0, "the child panicked (fail_at {fail_at:?})");
-        counted.store(
-            fs::read_to_string(&count_file).unwrap().parse().unwrap(),
-            Ordering::Relaxed,
-        );
-        let _ = fs::remove_file(&count_file);
-        counted.load(Ordering::Relaxed)
+        let text = fs::read_to_string(&report).unwrap();
+        let _ = fs::remove_file(&report);
+        let (n, ok) = text.split_once(' ').unwrap();
+        (n.parse().unwrap(), Outcome(ok.to_string()))
+    }
+
+    /// What an operation returned: `Ok`, or the name of the point that failed first.
+    #[derive(Debug)]
+    struct Outcome(String);
+
+    impl Outcome {
+        fn ok(&self) -> bool {
+            self.0 == "Ok"
+        }
+
+        /// A failed sync of the commit record: the record was written, and whether it
+        /// reached the disk is not known (the log cut back, or not: a second failure). The
+        /// store is at the last commit or at this one.
+        fn unknown(&self) -> bool {
+            self.0 == "sync the commit record" || self.0 == "cut the log back"
+        }
     }
 
     /// Whether the points after the first failing one fail too (for the operations' checks).
     static STICKY: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
 
-    fn every_point(label: &str, op: fn(Store) -> bool, expect_clean_b: bool) -> u64 {
+    /// `op` failing at each of its points, once and from there on; `expect(ok, found)` says
+    /// whether the reopened state `found` is right after `op` returned `ok`.
+    fn every_point(
+        label: &str,
+        op: fn(Store) -> (bool, bool),
+        expect: fn(&Outcome, char) -> bool,
+    ) -> u64 {
         let _serial = serial();
         let path = TestPath::new(label);
-        let points = run(&path.0, None, false, op);
-        assert!(points > 0);
-        assert_eq!(reopened(&path.0), if expect_clean_b { 'B' } else { 'R' });
+        let (points, ok) = run(&path.0, None, false, op);
+        assert!(points > 0 && ok.ok());
+        assert_eq!(reopened(&path.0), 'B');
         for sticky in [false, true] {
             STICKY.store(sticky, Ordering::Relaxed);
             for at in 0..points {
-                run(&path.0, Some(at), sticky, op);
+                let (_, ok) = run(&path.0, Some(at), sticky, op);
                 let found = reopened(&path.0);
-                assert!("ABR".contains(found), "{label} failing at {at}: {found}");
+                assert!(
+                    expect(&ok, found),
+                    "{label} failing at {at} (sticky {sticky}): returned {ok:?}, found {found}"
+                );
             }
         }
         points
     }
 
-    /// `close` failing at each point, then the store dropped (its drop closes once more) or,
-    /// if the close failed, the process ending there.
+    /// `commit` failing at each point, then a crash: the store is exactly B if the commit
+    /// returned `Ok`, exactly A if it did not.
+    #[test]
+    fn commit_fails_at_each_point() {
+        let points = every_point(
+            "io-commit",
+            |store| {
+                let ok = store.commit().is_ok();
+                std::mem::forget(store);
+                (true, ok)
+            },
+            |ok, found| match (ok.ok(), found) {
+                (true, found) => found == 'B',
+                (false, 'A') => true,
+                (false, found) => ok.unknown() && found == 'B',
+            },
+        );
+        println!("commit: {points} injection points, each failing once and from there on");
+    }
+
+    /// `close` failing at each point, then (if it failed) a crash on the odd points or a
+    /// second close: B after an `Ok`; A or B after a crash (the close's commit may have
+    /// passed its commit point before the failure).
     #[test]
     fn close_fails_at_each_point() {
         let points = every_point(
             "io-close",
             |store| match store.close() {
-                Ok(()) => false,
+                Ok(()) => (false, true),
                 Err(failed) => {
-                    // Retried once (the fault is gone), or a crash on the odd points.
                     if faults::count().is_multiple_of(2) {
                         std::mem::forget(failed);
-                        true
+                        (true, false)
                     } else {
                         faults::disarm();
-                        let _ = failed.into_store().close();
-                        false
+                        (false, failed.into_store().close().is_ok())
                     }
                 }
             },
-            true,
+            |ok, found| found == 'B' || (!ok.ok() && found == 'A'),
         );
         println!("close: {points} injection points, each failing once and from there on");
-    }
-
-    /// `flush` failing at each point, then a crash.
-    #[test]
-    fn flush_fails_at_each_point() {
-        let points = every_point(
-            "io-flush",
-            |store| {
-                let _ = store.flush();
-                std::mem::forget(store);
-                true
-            },
-            false,
-        );
-        println!("flush: {points} injection points");
     }
 
     /// `snapshot` failing at each point, then a clean close: B, whatever the snapshot did;
@@ -472,13 +511,117 @@ mod io_faults {
                     );
                     assert!(names.iter().all(|n| n == "1" || n == "2"), "{names:?}");
                 }
-                assert_eq!(store.snapshots().to_string(), expected);
+                // Counted once its commit is made, whether or not the copy then failed.
+                let counted = store.snapshots();
+                assert!(
+                    counted == 2 || (taken.is_err() && counted == 1),
+                    "{taken:?}"
+                );
+                let ok = taken.is_ok();
                 store.close().unwrap();
-                false
+                (false, ok)
             },
-            true,
+            |_, found| found == 'B',
         );
         println!("snapshot: {points} injection points");
+    }
+
+    /// A power loss at each point of `op` (every write not synced is undone, then the
+    /// process ends): the store reopens exactly at A if the loss struck before the commit
+    /// record was synced, exactly at B after. Returns the points.
+    fn power_loss_at_each_point(label: &str, op: fn(Store)) -> usize {
+        let _serial = serial();
+        let path = TestPath::new(label);
+        let trace_file = path.0.with_extension("trace");
+        let child = |at: Option<u64>| {
+            let _ = fs::remove_dir_all(&path.0);
+            make_a(&path.0);
+            let status = in_child(|| {
+                let store = Store::open(&path.0).unwrap();
+                change_to_b(&store);
+                faults::power_loss_at(at);
+                op(store);
+                fs::write(&trace_file, faults::trace().join("\n")).unwrap();
+            });
+            assert_eq!(status, 0, "the child panicked (power loss at {at:?})");
+        };
+        child(None);
+        let trace = fs::read_to_string(&trace_file).unwrap();
+        let _ = fs::remove_file(&trace_file);
+        let trace: Vec<&str> = trace.lines().collect();
+        let commit_point = trace
+            .iter()
+            .position(|&op| op == "sync the commit record")
+            .expect("a commit");
+        assert_eq!(reopened(&path.0), 'B');
+        for at in 0..trace.len() {
+            child(Some(at as u64));
+            let found = reopened(&path.0);
+            let expected = if at <= commit_point { 'A' } else { 'B' };
+            assert_eq!(
+                found, expected,
+                "{label}: power lost at point {at} ({}), the commit record synced at {commit_point}",
+                trace[at]
+            );
+        }
+        trace.len()
+    }
+
+    #[test]
+    fn commit_survives_power_loss_at_each_point() {
+        let points = power_loss_at_each_point("power-commit", |store| {
+            store.commit().unwrap();
+            std::mem::forget(store);
+        });
+        println!("commit: {points} points, a power loss at each");
+    }
+
+    #[test]
+    fn close_survives_power_loss_at_each_point() {
+        let points = power_loss_at_each_point("power-close", |store| store.close().unwrap());
+        println!("close: {points} points, a power loss at each");
+    }
+
+    /// A commit made (in the log, not yet in the files: the writer died at once), then the
+    /// next open's replay losing power at each of its points: the open after that still
+    /// finds B.
+    #[test]
+    fn replay_survives_power_loss_at_each_point() {
+        let _serial = serial();
+        let path = TestPath::new("power-replay");
+        let prepare = || {
+            let _ = fs::remove_dir_all(&path.0);
+            make_a(&path.0);
+            let status = in_child(|| {
+                let store = Store::open(&path.0).unwrap();
+                change_to_b(&store);
+                // In the log (which a commit this small never empties), and copied into the
+                // files (not synced).
+                store.commit().unwrap();
+                std::mem::forget(store);
+                // SAFETY: a crash.
+                unsafe { libc::_exit(0) };
+            });
+            assert_eq!(status, 0);
+        };
+        prepare();
+        faults::power_loss_at(None);
+        let store = Store::open(&path.0).unwrap();
+        let points = faults::trace().len();
+        faults::arm(None, false);
+        assert_eq!(state(&store), 'B');
+        assert_eq!(store.recovered().map(|r| r.commits_replayed), Some(1));
+        store.close().unwrap();
+        for at in 0..points {
+            prepare();
+            let status = in_child(|| {
+                faults::power_loss_at(Some(at as u64));
+                let _ = Store::open(&path.0);
+            });
+            assert_eq!(status, 0);
+            assert_eq!(reopened(&path.0), 'B', "power lost at replay point {at}");
+        }
+        println!("replay: {points} points, a power loss at each");
     }
 
     /// `recover` failing at each point of a store left dirty (and of one closed cleanly in

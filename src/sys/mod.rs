@@ -148,7 +148,13 @@ unsafe fn map_file_with(
     let (prot, flags) = match share {
         Share::Write => (libc::PROT_READ | libc::PROT_WRITE, libc::MAP_SHARED),
         Share::Read => (libc::PROT_READ, libc::MAP_SHARED),
-        Share::Private => (libc::PROT_READ | libc::PROT_WRITE, libc::MAP_PRIVATE),
+        // Not charged to the commit limit up front: its pages are the file's until written, and
+        // a store's private views can be larger than memory (what is written is bounded by the
+        // store's commits, see `store::commit`).
+        Share::Private => (
+            libc::PROT_READ | libc::PROT_WRITE,
+            libc::MAP_PRIVATE | libc::MAP_NORESERVE,
+        ),
     };
     let (addr, fixed) = match at {
         Some(at) => (at.as_ptr().cast(), libc::MAP_FIXED),
@@ -462,6 +468,389 @@ pub(crate) unsafe fn discard_pages(_addr: NonNull<u8>, _len: usize) -> io::Resul
     Err(io::ErrorKind::Unsupported.into())
 }
 
+/// Which written pages [`written_pages`] reports.
+#[derive(Clone, Copy, Debug)]
+pub(crate) enum Scan<'a> {
+    /// Those written since the last scan that protected them: `tracker` tracks writes
+    /// (userfaultfd, asynchronous write-protect) on every private view of the range, and the
+    /// pages reported are protected again (a later write marks them again).
+    Since(&'a WriteTracker),
+    /// Every page copied since it was mapped; protected again if `Some` tracker (so that the
+    /// next `Since` scan starts from here).
+    All(Option<&'a WriteTracker>),
+}
+
+/// The ranges of `[start, start + len)` (a run of private file mappings and reservations)
+/// whose pages were written, as `scan` says: pages that are no longer the file's (private
+/// copies), in address order, neighbours merged. A page the kernel cannot tell about is
+/// included: an extra page costs a write, a missing one would lose it.
+///
+/// The `PAGEMAP_SCAN` ioctl (Linux 6.7) walks the page tables once; where it is missing, the
+/// entries of `/proc/self/pagemap` are read (bit 61 clear: not a file page), which can tell
+/// only `Scan::All`.
+#[cfg(target_os = "linux")]
+pub(crate) fn written_pages(
+    start: usize,
+    len: usize,
+    scan: Scan<'_>,
+) -> io::Result<Vec<(usize, usize)>> {
+    use std::sync::atomic::AtomicBool;
+    static NO_SCAN: AtomicBool = AtomicBool::new(false);
+    let mode = match scan {
+        Scan::Since(tracker) if tracker.tracks() => ScanMode::Since,
+        Scan::All(Some(tracker)) if tracker.tracks() => ScanMode::AllProtect,
+        _ => ScanMode::All,
+    };
+    let pagemap = std::fs::File::open("/proc/self/pagemap")?;
+    if !NO_SCAN.load(Ordering::Relaxed) {
+        match pagemap_scan(&pagemap, start, len, mode) {
+            Err(e) if matches!(e.raw_os_error(), Some(libc::ENOTTY | libc::EINVAL)) => {
+                NO_SCAN.store(true, Ordering::Relaxed);
+            }
+            other => return other,
+        }
+    }
+    pagemap_read(&pagemap, start, len)
+}
+
+/// Tracks the writes to private file views (userfaultfd in asynchronous write-protect mode,
+/// Linux 6.7): a write to a protected page unprotects it, and `PAGEMAP_SCAN` reports it as
+/// written. Nothing is delivered to this process; no thread waits.
+#[derive(Debug)]
+pub(crate) struct WriteTracker {
+    uffd: Option<File>,
+    /// Every view given to [`track`](Self::track) is tracked: a failed registration makes
+    /// every later scan report every private copy ([`Scan::All`]), which is never less.
+    ok: std::sync::atomic::AtomicBool,
+}
+
+#[cfg(target_os = "linux")]
+impl WriteTracker {
+    /// A tracker, if the kernel has one to give (`None` on older kernels, or where
+    /// userfaultfd is refused).
+    pub(crate) fn new() -> Option<WriteTracker> {
+        const UFFD_USER_MODE_ONLY: libc::c_int = 1;
+        const UFFD_API: u64 = 0xaa;
+        const UFFD_FEATURE_WP_ASYNC: u64 = 1 << 15;
+        // _IOWR(0xAA, 0x3F, struct uffdio_api)
+        const UFFDIO_API: u64 = 0xc018_aa3f;
+        // SAFETY: no pointer argument; the result is a descriptor or -1.
+        let fd = unsafe {
+            libc::syscall(
+                libc::SYS_userfaultfd,
+                libc::O_CLOEXEC | libc::O_NONBLOCK | UFFD_USER_MODE_ONLY,
+            )
+        };
+        if fd < 0 {
+            return None;
+        }
+        // SAFETY: a descriptor just returned to us, owned by the `File` from here.
+        let uffd = unsafe { File::from_raw_fd(fd as libc::c_int) };
+        let mut api = [UFFD_API, UFFD_FEATURE_WP_ASYNC, 0u64];
+        // SAFETY: `api` is a valid `struct uffdio_api`, written by the kernel.
+        let ret = unsafe { libc::ioctl(uffd.as_raw_fd(), UFFDIO_API as _, api.as_mut_ptr()) };
+        (ret == 0 && api[1] & UFFD_FEATURE_WP_ASYNC != 0).then(|| WriteTracker {
+            uffd: Some(uffd),
+            ok: std::sync::atomic::AtomicBool::new(true),
+        })
+    }
+
+    /// Tracks the writes to `[addr, addr + len)`, a private file view just mapped (a new
+    /// mapping is not tracked until it is given here).
+    ///
+    /// # Safety
+    /// The range must be the caller's mapping.
+    pub(crate) unsafe fn track(&self, addr: NonNull<u8>, len: usize) {
+        // _IOWR(0xAA, 0x00, struct uffdio_register)
+        const UFFDIO_REGISTER: u64 = 0xc020_aa00;
+        const UFFDIO_REGISTER_MODE_WP: u64 = 1 << 1;
+        let Some(uffd) = &self.uffd else { return };
+        let mut register = [
+            addr.as_ptr().addr() as u64,
+            len as u64,
+            UFFDIO_REGISTER_MODE_WP,
+            0,
+        ];
+        // SAFETY: `register` is a valid `struct uffdio_register`; the range is the caller's
+        // mapping, and registering it changes no content.
+        let ret = unsafe {
+            libc::ioctl(
+                uffd.as_raw_fd(),
+                UFFDIO_REGISTER as _,
+                register.as_mut_ptr(),
+            )
+        };
+        if ret != 0 {
+            self.ok.store(false, Ordering::Relaxed);
+        }
+    }
+
+    fn tracks(&self) -> bool {
+        self.uffd.is_some() && self.ok.load(Ordering::Relaxed)
+    }
+}
+
+/// What `PAGEMAP_SCAN` is asked for (see [`Scan`]).
+#[cfg(target_os = "linux")]
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum ScanMode {
+    /// Written since protected, and protected again.
+    Since,
+    /// Every private copy, protected again.
+    AllProtect,
+    /// Every private copy.
+    All,
+}
+
+/// One region of `PAGEMAP_SCAN`'s answer.
+#[cfg(target_os = "linux")]
+#[repr(C)]
+#[derive(Clone, Copy, Default)]
+struct PageRegion {
+    start: u64,
+    end: u64,
+    categories: u64,
+}
+
+/// `struct pm_scan_arg` of `linux/fs.h`.
+#[cfg(target_os = "linux")]
+#[repr(C)]
+struct PmScanArg {
+    size: u64,
+    flags: u64,
+    start: u64,
+    end: u64,
+    walk_end: u64,
+    vec: u64,
+    vec_len: u64,
+    max_pages: u64,
+    category_inverted: u64,
+    category_mask: u64,
+    category_anyof_mask: u64,
+    return_mask: u64,
+}
+
+#[cfg(target_os = "linux")]
+fn pagemap_scan(
+    pagemap: &File,
+    start: usize,
+    len: usize,
+    mode: ScanMode,
+) -> io::Result<Vec<(usize, usize)>> {
+    const PM_SCAN_WP_MATCHING: u64 = 1 << 0;
+    const PAGE_IS_WRITTEN: u64 = 1 << 1;
+    const PAGE_IS_FILE: u64 = 1 << 2;
+    const PAGE_IS_PRESENT: u64 = 1 << 3;
+    const PAGE_IS_SWAPPED: u64 = 1 << 4;
+    // _IOWR('f', 16, struct pm_scan_arg)
+    const PAGEMAP_SCAN: u64 =
+        (3 << 30) | ((size_of::<PmScanArg>() as u64) << 16) | (0x66 << 8) | 16;
+    let mut found: Vec<(usize, usize)> = Vec::new();
+    let mut regions = vec![PageRegion::default(); 512];
+    let end = start + len;
+    let mut from = start;
+    while from < end {
+        let mut arg = PmScanArg {
+            size: size_of::<PmScanArg>() as u64,
+            flags: 0,
+            start: from as u64,
+            end: end as u64,
+            walk_end: 0,
+            vec: regions.as_mut_ptr() as u64,
+            vec_len: regions.len() as u64,
+            max_pages: 0,
+            // Not a file page, and: written (unprotected) since the last scan, or present or
+            // swapped at all.
+            category_inverted: PAGE_IS_FILE,
+            category_mask: match mode {
+                ScanMode::Since => PAGE_IS_FILE | PAGE_IS_WRITTEN,
+                _ => PAGE_IS_FILE,
+            },
+            category_anyof_mask: match mode {
+                ScanMode::Since => 0,
+                _ => PAGE_IS_PRESENT | PAGE_IS_SWAPPED,
+            },
+            return_mask: PAGE_IS_PRESENT | PAGE_IS_SWAPPED | PAGE_IS_FILE | PAGE_IS_WRITTEN,
+        };
+        if mode != ScanMode::All {
+            // The pages reported are protected again: tracked from here.
+            arg.flags = PM_SCAN_WP_MATCHING;
+        }
+        // SAFETY: `arg` is a valid `pm_scan_arg` whose `vec` points at `regions`, writable for
+        // `vec_len` entries; the ioctl reads page tables only.
+        let n = unsafe { libc::ioctl(pagemap.as_raw_fd(), PAGEMAP_SCAN as _, &mut arg) };
+        if n < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        for region in &regions[..n as usize] {
+            let (s, e) = (region.start as usize, region.end as usize);
+            match found.last_mut() {
+                Some(last) if last.0 + last.1 == s => last.1 += e - s,
+                _ => found.push((s, e - s)),
+            }
+        }
+        let walked = arg.walk_end as usize;
+        if walked <= from {
+            break;
+        }
+        from = walked;
+    }
+    Ok(found)
+}
+
+#[cfg(target_os = "linux")]
+fn pagemap_read(pagemap: &File, start: usize, len: usize) -> io::Result<Vec<(usize, usize)>> {
+    use std::os::unix::fs::FileExt;
+    const PRESENT: u64 = 1 << 63;
+    const SWAPPED: u64 = 1 << 62;
+    const FILE_OR_SHARED: u64 = 1 << 61;
+    let page = page_size();
+    let mut found: Vec<(usize, usize)> = Vec::new();
+    let mut entries = vec![0u8; 8 * 4096];
+    let mut at = start;
+    let end = start + len;
+    while at < end {
+        let pages = ((end - at) / page).min(4096);
+        let bytes = &mut entries[..pages * 8];
+        pagemap.read_exact_at(bytes, (at / page * 8) as u64)?;
+        for (i, entry) in bytes.chunks_exact(8).enumerate() {
+            let entry = u64::from_ne_bytes(entry.try_into().expect("8 bytes"));
+            if entry & (PRESENT | SWAPPED) != 0 && entry & FILE_OR_SHARED == 0 {
+                let addr = at + i * page;
+                match found.last_mut() {
+                    Some(last) if last.0 + last.1 == addr => last.1 += page,
+                    _ => found.push((addr, page)),
+                }
+            }
+        }
+        at += pages * page;
+    }
+    Ok(found)
+}
+
+/// Writes `bytes` at `offset` of `file`, through the fault seam ([`io_point`]; the tests'
+/// power loss undoes it unless a [`sync_data`] of the file follows).
+pub(crate) fn write_at(file: &File, bytes: &[u8], offset: u64, op: &'static str) -> io::Result<()> {
+    io_point(op)?;
+    #[cfg(test)]
+    faults::journal(file, offset, bytes.len() as u64);
+    std::os::unix::fs::FileExt::write_all_at(file, bytes, offset)
+}
+
+/// Sets `file`'s length, through the fault seam (as [`write_at`]).
+pub(crate) fn set_len(file: &File, len: u64, op: &'static str) -> io::Result<()> {
+    io_point(op)?;
+    #[cfg(test)]
+    faults::journal(file, len, u64::MAX);
+    file.set_len(len)
+}
+
+/// Writes the `len` bytes at `data` to `file` at `offset` (`pwrite`: the kernel reads the
+/// memory, this process does not).
+///
+/// # Safety
+/// `[data, data + len)` must be mapped readable for the whole call.
+pub(crate) unsafe fn write_from(
+    file: &File,
+    data: *const u8,
+    len: usize,
+    offset: u64,
+) -> io::Result<()> {
+    #[cfg(test)]
+    faults::journal(file, offset, len as u64);
+    let mut done = 0;
+    while done < len {
+        let at = libc::off_t::try_from(offset + done as u64)
+            .map_err(|_| io::Error::from_raw_os_error(libc::EOVERFLOW))?;
+        // SAFETY: the caller says the range is mapped and readable; the kernel reads it.
+        let n = unsafe {
+            libc::pwrite(
+                file.as_raw_fd(),
+                data.add(done).cast(),
+                (len - done).min(1 << 30),
+                at,
+            )
+        };
+        match n {
+            n if n > 0 => done += n as usize,
+            0 => return Err(io::ErrorKind::WriteZero.into()),
+            _ => {
+                let e = io::Error::last_os_error();
+                if e.kind() != io::ErrorKind::Interrupted {
+                    return Err(e);
+                }
+            }
+        }
+    }
+    Ok(())
+}
+
+/// Copies `len` bytes of `from` at `from_at` to `to` at `to_at`, in the kernel
+/// (`copy_file_range`; through a buffer where it is refused). The tests' power loss undoes it
+/// unless a [`sync_data`] of `to` follows.
+pub(crate) fn copy_between(
+    from: &File,
+    mut from_at: u64,
+    to: &File,
+    mut to_at: u64,
+    mut len: u64,
+) -> io::Result<()> {
+    #[cfg(test)]
+    faults::journal(to, to_at, len);
+    #[cfg(target_os = "linux")]
+    while len > 0 {
+        let (mut f, mut t) = (from_at as libc::loff_t, to_at as libc::loff_t);
+        // SAFETY: both descriptors are open; the offsets are ours, updated by the kernel.
+        let n = unsafe {
+            libc::copy_file_range(
+                from.as_raw_fd(),
+                &mut f,
+                to.as_raw_fd(),
+                &mut t,
+                len.min(1 << 30) as usize,
+                0,
+            )
+        };
+        match n {
+            n if n > 0 => {
+                from_at += n as u64;
+                to_at += n as u64;
+                len -= n as u64;
+            }
+            0 => return Err(io::ErrorKind::UnexpectedEof.into()),
+            _ => {
+                let e = io::Error::last_os_error();
+                match e.raw_os_error() {
+                    Some(libc::EINTR) => {}
+                    Some(libc::EXDEV | libc::ENOSYS | libc::EINVAL | libc::EOPNOTSUPP) => break,
+                    _ => return Err(e),
+                }
+            }
+        }
+    }
+    use std::os::unix::fs::FileExt;
+    let mut buffer = vec![0u8; len.min(1 << 20) as usize];
+    while len > 0 {
+        let n = len.min(buffer.len() as u64) as usize;
+        from.read_exact_at(&mut buffer[..n], from_at)?;
+        to.write_all_at(&buffer[..n], to_at)?;
+        from_at += n as u64;
+        to_at += n as u64;
+        len -= n as u64;
+    }
+    Ok(())
+}
+
+/// Syncs `file`'s data, through the fault seam ([`io_point`]): what was written to it is on
+/// disk (the tests' power loss keeps it).
+pub(crate) fn sync_data(file: &File, op: &'static str) -> io::Result<()> {
+    io_point(op)?;
+    file.sync_data()?;
+    #[cfg(test)]
+    faults::synced(file);
+    Ok(())
+}
+
 /// A seam for the store's fault tests: every write, sync, rename, removal, truncation and
 /// folder made by the store's durable paths (flush, close, snapshot, recover, the small
 /// blocks' save) passes through here first, and a test can make the Nth of them, or every one
@@ -482,17 +871,22 @@ pub(crate) fn io_point(op: &'static str) -> io::Result<()> {
 #[cfg(test)]
 pub(crate) mod faults {
     use std::cell::Cell;
+    use std::fs::File;
     use std::io;
 
     thread_local! {
         /// Points passed since `arm`; the first to fail; whether every later one fails too.
         static PLAN: Cell<(u64, Option<u64>, bool)> = const { Cell::new((0, None, false)) };
+        /// The first point that failed.
+        static FIRST: Cell<Option<&'static str>> = const { Cell::new(None) };
     }
 
     /// Counts from zero again; the point numbered `fail_at` fails (and, with `sticky`, every
     /// later one).
     pub(crate) fn arm(fail_at: Option<u64>, sticky: bool) {
         PLAN.set((0, fail_at, sticky));
+        FIRST.set(None);
+        POWER.with_borrow_mut(|p| *p = None);
     }
 
     /// No more failures; the count goes on.
@@ -501,20 +895,120 @@ pub(crate) mod faults {
         PLAN.set((n, None, false));
     }
 
+    /// The name of the first point that failed since `arm`.
+    pub(crate) fn first_failure() -> Option<&'static str> {
+        FIRST.get()
+    }
+
     /// The points passed since `arm`.
     pub(crate) fn count() -> u64 {
         PLAN.get().0
     }
 
+    /// What a write changed, to undo at a power loss: the file, and its bytes and length
+    /// before the write.
+    struct Undo {
+        file: File,
+        offset: u64,
+        bytes: Vec<u8>,
+        len: u64,
+    }
+
+    /// A planned power loss: the point it strikes at, the names of the points passed, and
+    /// the writes not yet synced.
+    type Power = Option<(u64, Vec<&'static str>, Vec<Undo>)>;
+
+    thread_local! {
+        static POWER: std::cell::RefCell<Power> = const { std::cell::RefCell::new(None) };
+    }
+
+    /// Plans a power loss at point `at` (counted from now, as `arm` counts): every write made
+    /// through the seam and not synced since is undone, then the process ends at once
+    /// (`_exit(0)`). With `None`, the points passed are only recorded ([`trace`]).
+    pub(crate) fn power_loss_at(at: Option<u64>) {
+        PLAN.set((0, None, false));
+        POWER.with_borrow_mut(|p| *p = Some((at.unwrap_or(u64::MAX), Vec::new(), Vec::new())));
+    }
+
+    /// The names of the points passed since `power_loss_at`.
+    pub(crate) fn trace() -> Vec<&'static str> {
+        POWER.with_borrow(|p| p.as_ref().map(|p| p.1.clone()).unwrap_or_default())
+    }
+
+    /// Records what `file` holds at `[offset, offset + len)` (`len` `u64::MAX`: a new length
+    /// `offset`), before a write there.
+    pub(crate) fn journal(file: &File, offset: u64, len: u64) {
+        use std::os::unix::fs::FileExt;
+        POWER.with_borrow_mut(|p| {
+            let Some((_, _, undo)) = p.as_mut() else {
+                return;
+            };
+            let old_len = file.metadata().map(|m| m.len()).unwrap_or(0);
+            let from = offset.min(old_len);
+            let to = match len {
+                u64::MAX => old_len,
+                len => offset.saturating_add(len).min(old_len),
+            };
+            let mut bytes = vec![0u8; (to - from) as usize];
+            let _ = file.read_exact_at(&mut bytes, from);
+            undo.push(Undo {
+                file: file.try_clone().expect("a descriptor for the journal"),
+                offset: from,
+                bytes,
+                len: old_len,
+            });
+        });
+    }
+
+    /// `file` was synced: its writes so far survive a power loss.
+    pub(crate) fn synced(file: &File) {
+        use std::os::unix::fs::MetadataExt;
+        let Ok(meta) = file.metadata() else {
+            return;
+        };
+        POWER.with_borrow_mut(|p| {
+            let Some((_, _, undo)) = p.as_mut() else {
+                return;
+            };
+            undo.retain(|u| {
+                u.file
+                    .metadata()
+                    .is_ok_and(|m| (m.dev(), m.ino()) != (meta.dev(), meta.ino()))
+            });
+        });
+    }
+
+    /// The power loss: every write not synced undone, newest first; then the end.
+    fn lose_power(undo: Vec<Undo>) -> ! {
+        use std::os::unix::fs::FileExt;
+        for u in undo.into_iter().rev() {
+            let _ = u.file.set_len(u.len);
+            let _ = u.file.write_all_at(&u.bytes, u.offset);
+        }
+        // SAFETY: ends the process at once, as a power loss would.
+        unsafe { libc::_exit(0) }
+    }
+
     pub(super) fn point(op: &'static str) -> io::Result<()> {
         let (n, fail_at, sticky) = PLAN.get();
         PLAN.set((n + 1, fail_at, sticky));
+        let strike = POWER.with_borrow_mut(|p| {
+            let (at, trace, undo) = p.as_mut()?;
+            trace.push(op);
+            (n == *at).then(|| std::mem::take(undo))
+        });
+        if let Some(undo) = strike {
+            lose_power(undo);
+        }
         let fails = match fail_at {
             Some(at) => n == at || (sticky && n > at),
             None => false,
         };
         if !fails {
             return Ok(());
+        }
+        if FIRST.get().is_none() {
+            FIRST.set(Some(op));
         }
         Err(io::Error::other(format!("injected failure: {op}")))
     }

@@ -1,0 +1,523 @@
+//! Commits: a store's files only ever hold what a commit wrote, and a commit is all or
+//! nothing, at a cost that follows what changed.
+//!
+//! * **What the writer maps.** Every block that the last commit holds is a *private* view of
+//!   its file (`MAP_PRIVATE`): a write makes a copy of the page in memory and never reaches the
+//!   file. A segment made since the last commit is a *shared* view of a file of its own, which
+//!   no commit lists yet: written in place, it stays out of core (the kernel writes its pages
+//!   back and drops them).
+//! * **What a commit writes.** Under the store's locks (no block is allocated, grown or freed
+//!   meanwhile): the new segments are synced in place; then the pages of the private views
+//!   that were written (the kernel tells which: `sys::written_pages`), the header page (the
+//!   roots), the small blocks' metadata and the list of segments are appended to the log
+//!   (`log`) as records, and the log is synced. Then a 32-byte end record is appended and
+//!   synced: **that is the commit point**. Only then are the records copied from the log into
+//!   the files (`copy_file_range`), and the new segments become private views.
+//! * **After a crash** (or a power loss) [`replay`] runs at the next open, before anything is
+//!   read: it copies every commit of the log that has its end record into the files, in
+//!   order (records are idempotent), and drops what follows the last one. So the files hold
+//!   exactly the last commit that reached its commit point; files that no commit lists (made
+//!   after it) are removed by the open.
+//! * **Frees wait for the commit.** The file of a committed segment that is freed is removed
+//!   after the next commit point; a committed segment that grows is copied into a new one (its
+//!   file is not extended); a chunk of small blocks released since the last commit is not
+//!   reused, nor its range punched, until the commit after.
+//! * **Checkpoints.** The files are synced and the log emptied when it passes
+//!   [`CHECKPOINT_AT`] bytes, and at every close and snapshot: a commit itself syncs only the
+//!   log (and the new segments).
+//!
+//! What a commit holds of a value that another thread writes while it runs is undefined (some
+//! of its pages may be from before, some from after the write): commit where the data is
+//! consistent. The private copies of written pages stay in memory until the store is closed
+//! (a commit never drops a page another thread may be writing).
+
+use std::collections::HashMap;
+use std::fs::File;
+use std::io;
+use std::os::unix::fs::FileExt;
+
+use super::space::{Name, SEGS};
+use super::{Access, HEADER, SMALL, SMALL_META, folder::Folder};
+use crate::sys;
+
+/// The log's file name.
+pub(super) const LOG: &str = "log";
+/// The list of segments, in `segs/`.
+const MANIFEST: &str = ".manifest";
+/// The first word of a commit in the log.
+const BEGIN: u64 = u64::from_ne_bytes(*b"MMAPVCB1");
+/// The first word of its end record.
+const END: u64 = u64::from_ne_bytes(*b"MMAPVCE1");
+/// Record kinds.
+const WRITE: u64 = 1;
+const ZERO: u64 = 2;
+const SET_LEN: u64 = 3;
+/// The words of a record's head: kind, target (three words), offset, length.
+const HEAD: usize = 6;
+/// The log is applied, synced and emptied once it is this long.
+pub(super) const CHECKPOINT_AT: u64 = 64 << 20;
+
+/// A file a record writes.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub(super) enum Target {
+    Header,
+    Small,
+    SmallMeta,
+    Manifest,
+    Seg(Name),
+}
+
+impl Target {
+    fn words(self) -> [u64; 3] {
+        match self {
+            Target::Header => [0, 0, 0],
+            Target::Small => [1, 0, 0],
+            Target::SmallMeta => [2, 0, 0],
+            Target::Manifest => [3, 0, 0],
+            Target::Seg(name) => {
+                let (a, b) = name.words();
+                [4, a, b]
+            }
+        }
+    }
+
+    fn from_words(words: [u64; 3]) -> Option<Target> {
+        Some(match words {
+            [0, 0, 0] => Target::Header,
+            [1, 0, 0] => Target::Small,
+            [2, 0, 0] => Target::SmallMeta,
+            [3, 0, 0] => Target::Manifest,
+            [4, a, b] => Target::Seg(Name::from_words(a, b)?),
+            _ => return None,
+        })
+    }
+}
+
+/// One record of a commit, as the log holds it: its data (for a write) is `len` bytes at
+/// `data` in the log.
+#[derive(Clone, Copy, Debug)]
+struct Record {
+    kind: u64,
+    target: Target,
+    offset: u64,
+    len: u64,
+    data: u64,
+}
+
+/// What a commit writes: records whose data is in memory (pages of the store's views) or in
+/// buffers of the commit's own.
+pub(super) struct Changes {
+    records: Vec<(u64, Target, u64, Source)>,
+}
+
+/// Where a write record's bytes come from.
+enum Source {
+    /// `len` bytes of the store's mapped range, at this address.
+    Memory(usize, usize),
+    Bytes(Vec<u8>),
+    /// A zero or set-length record: no data.
+    None(u64),
+}
+
+impl Changes {
+    pub(super) fn new() -> Changes {
+        Changes {
+            records: Vec::new(),
+        }
+    }
+
+    /// `len` bytes of the mapping at `addr` go to `target` at `offset`.
+    pub(super) fn memory(&mut self, target: Target, offset: u64, addr: usize, len: usize) {
+        self.records
+            .push((WRITE, target, offset, Source::Memory(addr, len)));
+    }
+
+    pub(super) fn bytes(&mut self, target: Target, offset: u64, bytes: Vec<u8>) {
+        self.records
+            .push((WRITE, target, offset, Source::Bytes(bytes)));
+    }
+
+    /// `len` bytes of `target` from `offset` read as zeros (a hole punched).
+    pub(super) fn zero(&mut self, target: Target, offset: u64, len: u64) {
+        self.records.push((ZERO, target, offset, Source::None(len)));
+    }
+
+    /// `target` is at least `len` bytes long.
+    pub(super) fn set_len(&mut self, target: Target, len: u64) {
+        self.records.push((SET_LEN, target, len, Source::None(0)));
+    }
+}
+
+/// A hash of words, for the end record (which covers its own words only: the records before
+/// it were synced before it was written).
+fn hash(words: &[u64]) -> u64 {
+    words.iter().fold(0x9e37_79b9_7f4a_7c15, |h, &w| {
+        let h = (h ^ w).wrapping_mul(0xff51_afd7_ed55_8ccd);
+        h ^ (h >> 31)
+    })
+}
+
+fn words_bytes(words: &[u64]) -> Vec<u8> {
+    words.iter().flat_map(|w| w.to_ne_bytes()).collect()
+}
+
+/// The store's log, and the files its records go to.
+#[derive(Debug)]
+pub(super) struct Log {
+    file: File,
+    /// Where the next commit goes: the end of the last one.
+    end: u64,
+    targets: Targets,
+    /// An apply failed since the last checkpoint: the log is kept until a commit applies.
+    apply_failed: bool,
+}
+
+impl Log {
+    /// The log of the store in `folder` (made if missing), after [`replay`]: empty.
+    pub(super) fn open(folder: &Folder) -> io::Result<Log> {
+        let file = match folder.file(LOG.as_ref(), Access::Write, false) {
+            Err(e) if e.kind() == io::ErrorKind::NotFound => {
+                folder.file(LOG.as_ref(), Access::Write, true)?
+            }
+            other => other?,
+        };
+        let end = file.metadata()?.len();
+        Ok(Log {
+            file,
+            end,
+            targets: Targets::new(folder.try_clone()?),
+            apply_failed: false,
+        })
+    }
+
+    /// Writes commit `seq` of `changes`: records, sync, end record, sync (the commit point),
+    /// then applies it to the files. `committed` is set once the commit point is passed; an
+    /// error before leaves the log as it was (the commit did not happen), an error after is
+    /// logged and the files are mended by the next commit's apply or the next open's replay.
+    pub(super) fn commit(
+        &mut self,
+        seq: u64,
+        changes: &Changes,
+        committed: &mut bool,
+    ) -> io::Result<()> {
+        let begin = self.end;
+        let written = self.write(seq, changes);
+        let records = match written {
+            Ok(records) => records,
+            Err(e) => {
+                // Nothing of this commit counts: its records go.
+                let _ = sys::set_len(&self.file, begin, "cut the log back");
+                return Err(e);
+            }
+        };
+        *committed = true;
+        self.end = self.file.metadata().map_or(self.end, |m| m.len());
+        // After a failed copy, later commits are still copied (the files are read only at
+        // the next open, after a replay), but only a checkpoint's copy of the whole log in
+        // order mends the files.
+        match self.targets.apply(&self.file, &records) {
+            Ok(()) => {}
+            Err(e) => {
+                self.apply_failed = true;
+                crate::logging::report!(
+                    error,
+                    "mmapvec: a commit was made (it is in the store's log) but copying it into \
+                     the store's files failed: {e}; the next commit or open does it again"
+                );
+            }
+        }
+        Ok(())
+    }
+
+    /// Appends the records of commit `seq` and its end record, each synced; the records, with
+    /// where their data lies in the log.
+    fn write(&mut self, seq: u64, changes: &Changes) -> io::Result<Vec<Record>> {
+        let begin = self.end;
+        let mut at = begin;
+        let mut buffer = words_bytes(&[BEGIN, seq]);
+        let mut records = Vec::with_capacity(changes.records.len());
+        let flush = |buffer: &mut Vec<u8>, at: &mut u64| -> io::Result<()> {
+            sys::write_at(&self.file, buffer, *at, "write the log")?;
+            *at += buffer.len() as u64;
+            buffer.clear();
+            Ok(())
+        };
+        for (kind, target, offset, source) in &changes.records {
+            let len = match source {
+                Source::Memory(_, len) => *len as u64,
+                Source::Bytes(bytes) => bytes.len() as u64,
+                Source::None(len) => *len,
+            };
+            let [t0, t1, t2] = target.words();
+            buffer.extend_from_slice(&words_bytes(&[*kind, t0, t1, t2, *offset, len]));
+            let data = at + buffer.len() as u64;
+            match source {
+                Source::Memory(addr, len) => {
+                    flush(&mut buffer, &mut at)?;
+                    sys::io_point("write pages to the log")?;
+                    // SAFETY: `[addr, addr + len)` is a mapped view of the store (the caller
+                    // holds the store's locks: it stays mapped); the kernel reads it.
+                    unsafe { sys::write_from(&self.file, *addr as *const u8, *len, at) }?;
+                    at += *len as u64;
+                }
+                Source::Bytes(bytes) => {
+                    buffer.extend_from_slice(bytes);
+                    buffer.resize(buffer.len().next_multiple_of(8), 0);
+                    if buffer.len() >= 1 << 20 {
+                        flush(&mut buffer, &mut at)?;
+                    }
+                }
+                Source::None(_) => {}
+            }
+            records.push(Record {
+                kind: *kind,
+                target: *target,
+                offset: *offset,
+                len,
+                data,
+            });
+        }
+        flush(&mut buffer, &mut at)?;
+        sys::sync_data(&self.file, "sync the log")?;
+        let end = [END, seq, begin];
+        let mut words = end.to_vec();
+        words.push(hash(&end));
+        sys::write_at(
+            &self.file,
+            &words_bytes(&words),
+            at,
+            "write the commit record",
+        )?;
+        sys::sync_data(&self.file, "sync the commit record")?;
+        Ok(records)
+    }
+
+    /// Whether the log should be applied, synced and emptied now.
+    pub(super) fn wants_checkpoint(&self) -> bool {
+        self.end >= CHECKPOINT_AT
+    }
+
+    /// Syncs every file the log's commits were copied into, then empties the log: the files
+    /// alone hold the last commit. If a commit's copy into the files failed, the whole log is
+    /// copied again first.
+    pub(super) fn checkpoint(&mut self) -> io::Result<()> {
+        if self.end == 0 {
+            return Ok(());
+        }
+        if self.apply_failed {
+            // A commit's copy into the files failed part-way: every commit of the log is
+            // copied again, in order (later ones wrote only what changed after it).
+            let mut at = 0;
+            while let Some((records, end)) = read_commit(&self.file, at, self.end)? {
+                self.targets.apply(&self.file, &records)?;
+                at = end;
+            }
+            self.apply_failed = false;
+        }
+        self.targets.sync()?;
+        sys::set_len(&self.file, 0, "empty the log")?;
+        sys::sync_data(&self.file, "sync the emptied log")?;
+        self.end = 0;
+        Ok(())
+    }
+}
+
+/// The files records go to, opened as they are first needed (a segment's file may be gone:
+/// a later commit freed it).
+#[derive(Debug)]
+struct Targets {
+    folder: Folder,
+    segs: Option<Folder>,
+    open: HashMap<Target, Option<File>>,
+}
+
+impl Targets {
+    fn new(folder: Folder) -> Targets {
+        Targets {
+            folder,
+            segs: None,
+            open: HashMap::new(),
+        }
+    }
+
+    /// The file of `target`; `None` for a segment whose file is gone.
+    fn file(&mut self, target: Target) -> io::Result<Option<&File>> {
+        if !self.open.contains_key(&target) {
+            let name = match target {
+                Target::Header => HEADER.into(),
+                Target::Small => SMALL.into(),
+                Target::SmallMeta => SMALL_META.into(),
+                Target::Manifest => MANIFEST.into(),
+                Target::Seg(name) => name.file_name(),
+            };
+            let file = match target {
+                Target::Header | Target::Small | Target::SmallMeta => {
+                    Some(self.folder.file(&name, Access::Write, false)?)
+                }
+                Target::Manifest | Target::Seg(_) => {
+                    if self.segs.is_none() {
+                        self.segs = Some(self.folder.dir(SEGS)?);
+                    }
+                    let segs = self.segs.as_ref().expect("just opened");
+                    match segs.file(&name, Access::Write, false) {
+                        Ok(file) => Some(file),
+                        Err(e) if e.kind() == io::ErrorKind::NotFound => match target {
+                            Target::Manifest => Some(segs.file(&name, Access::Write, true)?),
+                            _ => None,
+                        },
+                        Err(e) => return Err(e),
+                    }
+                }
+            };
+            self.open.insert(target, file);
+        }
+        Ok(self.open[&target].as_ref())
+    }
+
+    /// Carries out `records`, whose data is in `log`.
+    fn apply(&mut self, log: &File, records: &[Record]) -> io::Result<()> {
+        for record in records {
+            let Some(file) = self.file(record.target)? else {
+                continue;
+            };
+            match record.kind {
+                WRITE => {
+                    sys::io_point("copy a record into its file")?;
+                    sys::copy_between(log, record.data, file, record.offset, record.len)?;
+                }
+                ZERO => {
+                    sys::io_point("punch a range of a file")?;
+                    sys::punch_hole(file, record.offset, record.len)?;
+                }
+                SET_LEN => {
+                    if file.metadata()?.len() < record.offset {
+                        sys::set_len(file, record.offset, "extend a file")?;
+                    }
+                }
+                _ => unreachable!("records are checked when read"),
+            }
+        }
+        Ok(())
+    }
+
+    /// Syncs every file opened (those records went to since the last checkpoint), and
+    /// forgets them.
+    fn sync(&mut self) -> io::Result<()> {
+        for file in self.open.values().flatten() {
+            sys::sync_data(file, "sync a file of the store")?;
+        }
+        if let Some(segs) = &self.segs {
+            sys::io_point("sync the segments' folder")?;
+            segs.sync()?;
+        }
+        self.open.clear();
+        Ok(())
+    }
+}
+
+/// What [`replay`] found in a store's log.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub(super) struct Replayed {
+    /// Commits copied into the files.
+    pub(super) commits: u64,
+    /// Bytes after the last complete commit: a commit that did not reach its commit point.
+    pub(super) dropped: u64,
+}
+
+/// Reads a word of `log` at `at`; `None` past its end.
+fn word_at(log: &File, at: u64, len: u64) -> io::Result<Option<u64>> {
+    if at.checked_add(8).is_none_or(|end| end > len) {
+        return Ok(None);
+    }
+    let mut bytes = [0u8; 8];
+    log.read_exact_at(&mut bytes, at)?;
+    Ok(Some(u64::from_ne_bytes(bytes)))
+}
+
+/// The commit at `at` of `log` (`len` bytes), if it is complete: its records and where it
+/// ends.
+fn read_commit(log: &File, at: u64, len: u64) -> io::Result<Option<(Vec<Record>, u64)>> {
+    let (Some(BEGIN), Some(seq)) = (word_at(log, at, len)?, word_at(log, at + 8, len)?) else {
+        return Ok(None);
+    };
+    let mut records = Vec::new();
+    let mut pos = at + 16;
+    loop {
+        let Some(kind) = word_at(log, pos, len)? else {
+            return Ok(None);
+        };
+        if kind == END {
+            let rest = [word_at(log, pos + 8, len)?, word_at(log, pos + 16, len)?];
+            let sum = word_at(log, pos + 24, len)?;
+            let ok = rest == [Some(seq), Some(at)] && sum == Some(hash(&[END, seq, at]));
+            return Ok(ok.then_some((records, pos + 32)));
+        }
+        if !(WRITE..=SET_LEN).contains(&kind) || pos + (HEAD * 8) as u64 > len {
+            return Ok(None);
+        }
+        let mut head = [0u8; HEAD * 8];
+        log.read_exact_at(&mut head, pos)?;
+        let w = |i: usize| u64::from_ne_bytes(head[i * 8..i * 8 + 8].try_into().expect("8"));
+        let Some(target) = Target::from_words([w(1), w(2), w(3)]) else {
+            return Ok(None);
+        };
+        let (offset, rec_len) = (w(4), w(5));
+        let data = pos + (HEAD * 8) as u64;
+        pos = data;
+        if kind == WRITE {
+            let Some(next) = rec_len
+                .checked_next_multiple_of(8)
+                .and_then(|n| data.checked_add(n))
+                .filter(|&n| n <= len)
+            else {
+                return Ok(None);
+            };
+            pos = next;
+        }
+        records.push(Record {
+            kind,
+            target,
+            offset,
+            len: rec_len,
+            data,
+        });
+    }
+}
+
+/// Copies every complete commit of the store's log into its files, syncs them and empties
+/// the log. Run by a writer's open before anything else is read (the header is one of the
+/// files), with the store's lock held for writing.
+pub(super) fn replay(folder: &Folder) -> io::Result<Replayed> {
+    let log = match folder.file(LOG.as_ref(), Access::Write, false) {
+        Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(Replayed::default()),
+        other => other?,
+    };
+    let len = log.metadata()?.len();
+    if len == 0 {
+        return Ok(Replayed::default());
+    }
+    let mut targets = Targets::new(folder.try_clone()?);
+    let mut at = 0;
+    let mut commits = 0;
+    while let Some((records, end)) = read_commit(&log, at, len)? {
+        targets.apply(&log, &records)?;
+        commits += 1;
+        at = end;
+    }
+    targets.sync()?;
+    sys::set_len(&log, 0, "empty the log after replay")?;
+    sys::sync_data(&log, "sync the emptied log")?;
+    Ok(Replayed {
+        commits,
+        dropped: len - at,
+    })
+}
+
+/// Whether the store in `folder` has a log with anything in it (a reader cannot replay it).
+pub(super) fn log_is_empty(folder: &Folder) -> io::Result<bool> {
+    match folder.file(LOG.as_ref(), Access::Read, false) {
+        Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(true),
+        Ok(log) => Ok(log.metadata()?.len() == 0),
+        Err(e) => Err(e),
+    }
+}

@@ -12,7 +12,7 @@ use store_support::{TestPath, serial};
 /// Item 3: `Drop` marked the store clean while its thread was panicking, so a half-done
 /// update was kept as if it were complete. It stays dirty now, as after a crash.
 #[test]
-fn a_panic_leaves_the_store_dirty() {
+fn a_panic_keeps_the_last_commit() {
     let _serial = serial();
     let path = TestPath::new("panic");
     let store = Store::create(&path.0).unwrap();
@@ -28,15 +28,15 @@ fn a_panic_leaves_the_store_dirty() {
         panic!("half-way through an update");
     }));
     assert!(panicked.is_err());
-    match Store::open(&path.0) {
-        Err(StoreError::Dirty { .. }) => {}
-        other => panic!("a store dropped by a panic must be dirty: {other:?}"),
-    }
-    let store = Store::recover(&path.0).unwrap();
+    let store = Store::open(&path.0).unwrap();
+    assert!(
+        store.recovered().is_some(),
+        "dropped by the panic, not closed"
+    );
     let v = store.root::<StoreVec<u64>>("v").unwrap();
     assert!(
         v.iter().copied().eq(0..10),
-        "the snapshot, without the half-done push"
+        "the last commit, without the half-done push"
     );
     drop(v);
     store.close().unwrap();
@@ -154,8 +154,10 @@ fn a_snapshot_keeps_the_holes_of_sparse_files() {
     let keep = many.pop().unwrap();
     drop(many);
     store.set_root("keep", keep).unwrap();
-    let live = std::fs::metadata(path.0.join("small")).unwrap();
+    // The emptied chunks' disk goes back once no commit in the log lists them: at the
+    // snapshot's checkpoint.
     let taken = store.snapshot().unwrap();
+    let live = std::fs::metadata(path.0.join("small")).unwrap();
     let copy = std::fs::metadata(path.0.join("snapshots/1/small")).unwrap();
     println!(
         "small: {} MiB long, {} MiB of blocks; its copy: {} MiB of blocks ({taken:?})",
@@ -218,7 +220,8 @@ fn recover_needs_no_room_for_a_third_copy() {
         assert_eq!(role, "leave-dirty");
         let store = Store::open(&path).unwrap();
         store.root_mut::<StoreVec<u64>>("v").unwrap()[0] = 7;
-        // A crash: no close, no drop; the store stays dirty.
+        store.commit().unwrap();
+        // A crash: no close, no drop.
         std::mem::forget(store);
         return;
     }
@@ -231,12 +234,14 @@ fn recover_needs_no_room_for_a_third_copy() {
     store.snapshot().unwrap();
     store.close().unwrap();
     store_support::in_new_process(NAME, "leave-dirty", &path);
-    assert!(matches!(Store::open(&path), Err(StoreError::Dirty { .. })));
     let store = Store::recover(&path).unwrap_or_else(|e| panic!("recover: {e:?}"));
     let v = store.root::<StoreVec<u64>>("v").unwrap();
     assert_eq!(v.len(), 3 << 20);
     assert_eq!(v[(3 << 20) - 1], (3 << 20) - 1);
-    assert_eq!(v[0], 0, "the snapshot's value, not the crashed writer's");
+    assert_eq!(
+        v[0], 0,
+        "the snapshot's value, not the crashed writer's last commit's"
+    );
     drop(v);
     store.close().unwrap();
 }
@@ -598,12 +603,9 @@ fn a_cut_or_missing_segment_is_refused_at_open() {
                 .set_len(len + 4096)
                 .unwrap(),
             _ => {
-                let name = seg.file_name().unwrap().to_string_lossy().into_owned();
-                let (addr, span) = name.split_once('-').unwrap();
-                let addr = usize::from_str_radix(addr, 16).unwrap();
-                let span = usize::from_str_radix(span, 16).unwrap();
-                let other = segs.join(format!("{:x}-{span:x}", addr + span));
-                std::fs::copy(&seg, &other).unwrap();
+                // A copy under a name no commit gave (a segment's name of the earlier format,
+                // which no store of this format makes).
+                std::fs::copy(&seg, segs.join("100000000000-200000")).unwrap();
             }
         }
         for read_only in [false, true] {
@@ -850,11 +852,14 @@ fn recover_frees_what_no_root_reaches() {
 }
 
 /// Item 4: a store a writer left dirty could not be read at all (`Dirty`; with no snapshot,
-/// nothing could be saved from it). `open_dirty_read_only` reads what the writer left: a root
-/// closed cleanly before, and one set after the last flush, in a chunk made after it.
+/// nothing could be saved from it). With commits, a crashed writer's store opens at its last
+/// commit, for readers too (the first reader copies the log into the files, under the
+/// writer's lock): a root closed cleanly before, one committed later in a chunk and a segment
+/// made since; not one set after the last commit. `open_dirty_read_only` (for stores of the
+/// earlier format) reads the same.
 #[test]
-fn a_dirty_store_can_be_read_for_salvage() {
-    const NAME: &str = "a_dirty_store_can_be_read_for_salvage";
+fn a_crashed_writers_store_opens_read_only_at_its_last_commit() {
+    const NAME: &str = "a_crashed_writers_store_opens_read_only_at_its_last_commit";
     if let Some((_, path)) = store_support::role() {
         let store = Store::create(&path).unwrap();
         let mut kept = StoreVec::new_in(store.allocator());
@@ -866,30 +871,35 @@ fn a_dirty_store_can_be_read_for_salvage() {
         later.extend(0..77u16); // a size class the store had no chunk for
         store.set_root("later", later).unwrap();
         let mut big = StoreVec::new_in(store.allocator());
-        big.extend(0..(1u64 << 17)); // a segment the last flush did not list
+        big.extend(0..(1u64 << 17)); // a segment the last close did not list
         store.set_root("big", big).unwrap();
-        std::process::exit(0); // dirty: no close
+        store.commit().unwrap();
+        store.set_root("lost", 5u8).unwrap();
+        std::process::exit(0); // no close
     }
     let _serial = serial();
     let path = TestPath::new("salvage");
     let status = run_as_writer(NAME, &path.0);
     assert!(status.success(), "{status}");
-    assert!(matches!(
-        Store::open_read_only(&path.0),
-        Err(StoreError::Dirty { .. })
-    ));
-    // SAFETY: the writer was killed between operations: nothing was half-changed.
-    let store = unsafe { Store::open_dirty_read_only(&path.0) }.unwrap();
-    assert!(!store.is_writable());
-    assert!(vec_root_is(&store, "kept", 0..1000u64));
-    assert!(vec_root_is(&store, "later", 0..77u16));
+    for salvage in [false, true] {
+        let store = match salvage {
+            // SAFETY: a store with commits: nothing half-changed is read.
+            true => unsafe { Store::open_dirty_read_only(&path.0) }.unwrap(),
+            false => Store::open_read_only(&path.0).unwrap(),
+        };
+        assert!(!store.is_writable());
+        assert!(vec_root_is(&store, "kept", 0..1000u64));
+        assert!(vec_root_is(&store, "later", 0..77u16));
+        assert!(vec_root_is(&store, "big", 0..(1u64 << 17)));
+        assert!(matches!(
+            store.root::<u8>("lost"),
+            Err(StoreError::NoRoot(_))
+        ));
+        store.close().unwrap();
+    }
+    let store = Store::open(&path.0).unwrap();
     assert!(vec_root_is(&store, "big", 0..(1u64 << 17)));
     store.close().unwrap();
-    // Still dirty: salvage changed nothing.
-    assert!(matches!(
-        Store::open(&path.0),
-        Err(StoreError::Dirty { .. })
-    ));
 }
 
 /// The disk a folder's files take (their blocks, not their lengths).
@@ -1106,7 +1116,8 @@ fn a_damaged_snapshot_is_refused_before_the_live_files_go() {
             .root_mut::<StoreVec<u64>>("big")
             .unwrap()
             .push(1 << 17);
-        std::process::exit(0); // dirty
+        store.commit().unwrap();
+        std::process::exit(0); // not closed
     }
     let _serial = serial();
     let path = TestPath::new("damaged-snapshot");
@@ -1129,13 +1140,8 @@ fn a_damaged_snapshot_is_refused_before_the_live_files_go() {
         matches!(recovered, Err(StoreError::NotAStore)),
         "{recovered:?}"
     );
-    // The live files are still there, dirty, and readable for salvage.
-    assert!(matches!(
-        Store::open(&path.0),
-        Err(StoreError::Dirty { .. })
-    ));
-    // SAFETY: the writer ended between operations.
-    let store = unsafe { Store::open_dirty_read_only(&path.0) }.unwrap();
+    // The live files are still there, at their last commit.
+    let store = Store::open(&path.0).unwrap();
     assert!(
         store
             .root::<StoreVec<u64>>("big")

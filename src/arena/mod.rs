@@ -220,13 +220,15 @@ struct Spare {
     /// Chunks with no live block, still mapped (see `SmallTier::max_kept_empty`).
     empty: Vec<u32>,
     /// A writer's store tier: indices released since the last commit, whose file range still
-    /// holds the last commit's blocks: reusable (and punched) only once a commit no longer
-    /// lists them ([`SmallTier::after_commit`]).
+    /// holds the last commit's blocks (see `store::commit`).
     pending: Vec<u32>,
-    /// A writer's store tier: indices whose file range was punched to zeros (a new chunk
-    /// there) since the last commit, which the next commit logs (so that replaying an older
-    /// commit's pages over the range is undone).
-    zeroed: Vec<u32>,
+    /// Indices released before the last commit: free in it, but the log may still hold pages
+    /// of theirs that a replay would write: reusable (and punched) after the next checkpoint
+    /// ([`SmallTier::after_checkpoint`]).
+    pending_checkpoint: Vec<u32>,
+    /// A writer's store tier: indices mapped since the last commit (their range was punched
+    /// to zeros first), whose pages the next commit writes in place, not to the log.
+    fresh: Vec<u32>,
 }
 
 impl SmallTier {
@@ -1048,8 +1050,8 @@ impl SmallTier {
                 return Err(e);
             }
             if self.backing == Backing::FilePieces {
-                // Punched by the mapping below: the next commit says so.
-                spare.zeroed.push(index);
+                // Punched by the mapping below: in no commit yet, written in place.
+                spare.fresh.push(index);
             }
             // Marked while `spare` is held: `give_back_regions` (under `spare`) must never see
             // the index unused between its leaving `spare` and its mapping.

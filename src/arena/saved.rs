@@ -99,8 +99,9 @@ pub(crate) struct TierImage {
     pub(crate) meta_writes: Vec<(u64, Vec<u8>)>,
     /// The chunk file's length now (it only grows while the store is open).
     pub(crate) file_len: u64,
-    /// Offsets of chunk ranges (`CHUNK` bytes each) punched since the last commit.
-    pub(crate) zeroed: Vec<u64>,
+    /// The chunks mapped since the last commit, in no commit yet: (address, file offset),
+    /// `CHUNK` bytes each. Their pages are written in place.
+    pub(crate) fresh: Vec<(usize, u64)>,
     /// The part of the region chunks have used: (address, length).
     pub(crate) used: (usize, usize),
 }
@@ -138,8 +139,8 @@ impl SmallTier {
 
     /// A commit of a writer's store (see `store::commit`): runs `commit` with what the tier
     /// must write, holding every shard and `spare` (no small block is allocated or freed
-    /// meanwhile). Once `commit` sets its flag (the commit point passed), the chunks released
-    /// since the last commit become reusable, and the ranges punched are no longer to log.
+    /// meanwhile). Once `commit` sets its flag (the commit point passed), the chunks mapped
+    /// since the last commit are in it, and those released before it wait for a checkpoint.
     pub(crate) fn commit_with<R, E>(
         &self,
         commit: impl FnOnce(&TierImage, &mut bool) -> Result<R, E>,
@@ -154,10 +155,15 @@ impl SmallTier {
                 .as_ref()
                 .and_then(|f| f.metadata().ok())
                 .map_or(0, |m| m.len()),
-            zeroed: spare
-                .zeroed
+            fresh: spare
+                .fresh
                 .iter()
-                .map(|&i| u64::from(i) * CHUNK as u64)
+                .map(|&i| {
+                    (
+                        self.chunk_at(i).as_ptr().addr(),
+                        u64::from(i) * CHUNK as u64,
+                    )
+                })
                 .collect(),
             used: region.map_or((0, 0), |base| (base, spare.next as usize * CHUNK)),
         };
@@ -165,12 +171,28 @@ impl SmallTier {
         let result = commit(&image, &mut committed);
         if committed {
             let pending = std::mem::take(&mut spare.pending);
-            spare.free.extend(pending);
-            spare.zeroed.clear();
+            spare.pending_checkpoint.extend(pending);
+            spare.fresh.clear();
         }
         drop(spare);
         drop(shards);
         result
+    }
+
+    /// After a checkpoint of a writer's store (its log emptied): the chunks released before
+    /// the last commit have their range punched and can be used again.
+    pub(crate) fn after_checkpoint(&self) {
+        let mut spare = self.lock_spare();
+        let done = std::mem::take(&mut spare.pending_checkpoint);
+        if let Some(file) = &self.store_file {
+            for &index in &done {
+                if let Err(e) = sys::punch_hole(file, u64::from(index) * CHUNK as u64, CHUNK as u64)
+                {
+                    super::log_later(format!("mmapvec: giving a store chunk's blocks back: {e}"));
+                }
+            }
+        }
+        spare.free.extend(done);
     }
 
     /// Reads back what [`save`](Self::save) wrote to `meta`, mapping every chunk in use

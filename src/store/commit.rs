@@ -44,13 +44,20 @@ use crate::sys;
 pub(super) const LOG: &str = "log";
 /// The list of segments, in `segs/`.
 const MANIFEST: &str = ".manifest";
+/// The log's first word; the second is the number of the last commit the files hold (the
+/// commits of the log follow it, numbered from the next one).
+const LOG_MAGIC: u64 = u64::from_ne_bytes(*b"MMAPVLG1");
+/// Where the log's first commit starts.
+const LOG_HEAD: u64 = 16;
+/// The disk the log keeps (reserved when the store is opened, kept when the log is emptied):
+/// a commit of up to about this many bytes of changes to committed data needs no new disk.
+const LOG_RESERVE: u64 = 1 << 20;
 /// The first word of a commit in the log.
 const BEGIN: u64 = u64::from_ne_bytes(*b"MMAPVCB1");
 /// The first word of its end record.
 const END: u64 = u64::from_ne_bytes(*b"MMAPVCE1");
 /// Record kinds.
 const WRITE: u64 = 1;
-const ZERO: u64 = 2;
 const SET_LEN: u64 = 3;
 /// The words of a record's head: kind, target (three words), offset, length.
 const HEAD: usize = 6;
@@ -115,7 +122,7 @@ enum Source {
     /// `len` bytes of the store's mapped range, at this address.
     Memory(usize, usize),
     Bytes(Vec<u8>),
-    /// A zero or set-length record: no data.
+    /// A set-length record: no data.
     None(u64),
 }
 
@@ -135,11 +142,6 @@ impl Changes {
     pub(super) fn bytes(&mut self, target: Target, offset: u64, bytes: Vec<u8>) {
         self.records
             .push((WRITE, target, offset, Source::Bytes(bytes)));
-    }
-
-    /// `len` bytes of `target` from `offset` read as zeros (a hole punched).
-    pub(super) fn zero(&mut self, target: Target, offset: u64, len: u64) {
-        self.records.push((ZERO, target, offset, Source::None(len)));
     }
 
     /// `target` is at least `len` bytes long.
@@ -167,71 +169,117 @@ pub(super) struct Log {
     file: File,
     /// Where the next commit goes: the end of the last one.
     end: u64,
+    /// The number of the last commit written (the files hold it once checkpointed).
+    last: u64,
     targets: Targets,
-    /// An apply failed since the last checkpoint: the log is kept until a commit applies.
+    /// An apply failed since the last checkpoint: the checkpoint copies the whole log again.
     apply_failed: bool,
 }
 
 impl Log {
-    /// The log of the store in `folder` (made if missing), after [`replay`]: empty.
-    pub(super) fn open(folder: &Folder) -> io::Result<Log> {
+    /// The log of the store in `folder` (made if missing), after [`replay`]: emptied, and
+    /// numbered from `last`, the commit the files hold. Its disk is reserved.
+    pub(super) fn open(folder: &Folder, last: u64) -> io::Result<Log> {
         let file = match folder.file(LOG.as_ref(), Access::Write, false) {
             Err(e) if e.kind() == io::ErrorKind::NotFound => {
                 folder.file(LOG.as_ref(), Access::Write, true)?
             }
             other => other?,
         };
-        let end = file.metadata()?.len();
+        sys::write_at(&file, &words_bytes(&[LOG_MAGIC, last]), 0, "number the log")?;
+        sys::allocate_blocks(&file, 0, LOG_RESERVE)?;
+        sys::sync_data(&file, "sync the log's number")?;
         Ok(Log {
             file,
-            end,
+            end: LOG_HEAD,
+            last,
             targets: Targets::new(folder.try_clone()?),
             apply_failed: false,
         })
     }
 
+    /// Writes `len` bytes of the store's mapping at `addr` to `target` at `offset`, in place
+    /// (a chunk made since the last commit, which no commit holds yet); synced by
+    /// [`sync_in_place`](Self::sync_in_place) before the commit point.
+    pub(super) fn write_in_place(
+        &mut self,
+        target: Target,
+        offset: u64,
+        addr: usize,
+        len: usize,
+    ) -> io::Result<()> {
+        let Some(file) = self.targets.file(target)? else {
+            return Ok(());
+        };
+        sys::io_point("write new pages in place")?;
+        // SAFETY: `[addr, addr + len)` is a mapped view of the store (the caller holds the
+        // store's locks: it stays mapped); the kernel reads it.
+        unsafe { sys::write_from(file, addr as *const u8, len, offset) }
+    }
+
+    /// Syncs what [`write_in_place`](Self::write_in_place) wrote to `target` (with its
+    /// length and holes).
+    pub(super) fn sync_in_place(&mut self, target: Target) -> io::Result<()> {
+        let Some(file) = self.targets.file(target)? else {
+            return Ok(());
+        };
+        sys::io_point("sync new pages")?;
+        file.sync_all()?;
+        #[cfg(test)]
+        sys::faults::synced(file);
+        Ok(())
+    }
+
     /// Writes commit `seq` of `changes`: records, sync, end record, sync (the commit point),
     /// then applies it to the files. `committed` is set once the commit point is passed; an
     /// error before leaves the log as it was (the commit did not happen), an error after is
-    /// logged and the files are mended by the next commit's apply or the next open's replay.
+    /// logged and the files are mended by the next checkpoint or the next open's replay.
     pub(super) fn commit(
         &mut self,
         seq: u64,
         changes: &Changes,
         committed: &mut bool,
     ) -> io::Result<()> {
+        debug_assert_eq!(seq, self.last + 1, "commits are numbered in turn");
         let begin = self.end;
         let written = self.write(seq, changes);
-        let records = match written {
-            Ok(records) => records,
+        let (records, end) = match written {
+            Ok(written) => written,
             Err(e) => {
-                // Nothing of this commit counts: its records go.
-                let _ = sys::set_len(&self.file, begin, "cut the log back");
+                // Nothing of this commit counts: its first word goes (a record written but
+                // not synced might otherwise reach the disk later).
+                let cut = sys::write_at(&self.file, &[0; 8], begin, "cut the log back")
+                    .and_then(|()| sys::sync_data(&self.file, "sync the cut log"));
+                if let Err(cut) = cut {
+                    crate::logging::report!(
+                        error,
+                        "mmapvec: a failed commit could not be cut from the log ({cut}): the \
+                         store may open at it"
+                    );
+                }
                 return Err(e);
             }
         };
         *committed = true;
-        self.end = self.file.metadata().map_or(self.end, |m| m.len());
+        self.end = end;
+        self.last = seq;
         // After a failed copy, later commits are still copied (the files are read only at
         // the next open, after a replay), but only a checkpoint's copy of the whole log in
         // order mends the files.
-        match self.targets.apply(&self.file, &records) {
-            Ok(()) => {}
-            Err(e) => {
-                self.apply_failed = true;
-                crate::logging::report!(
-                    error,
-                    "mmapvec: a commit was made (it is in the store's log) but copying it into \
-                     the store's files failed: {e}; the next commit or open does it again"
-                );
-            }
+        if let Err(e) = self.targets.apply(&self.file, &records) {
+            self.apply_failed = true;
+            crate::logging::report!(
+                error,
+                "mmapvec: a commit was made (it is in the store's log) but copying it into the \
+                 store's files failed: {e}; the next checkpoint or open does it again"
+            );
         }
         Ok(())
     }
 
     /// Appends the records of commit `seq` and its end record, each synced; the records, with
-    /// where their data lies in the log.
-    fn write(&mut self, seq: u64, changes: &Changes) -> io::Result<Vec<Record>> {
+    /// where their data lies in the log, and where the commit ends.
+    fn write(&mut self, seq: u64, changes: &Changes) -> io::Result<(Vec<Record>, u64)> {
         let begin = self.end;
         let mut at = begin;
         let mut buffer = words_bytes(&[BEGIN, seq]);
@@ -289,7 +337,7 @@ impl Log {
             "write the commit record",
         )?;
         sys::sync_data(&self.file, "sync the commit record")?;
-        Ok(records)
+        Ok((records, at + 32))
     }
 
     /// Whether the log should be applied, synced and emptied now.
@@ -297,28 +345,53 @@ impl Log {
         self.end >= CHECKPOINT_AT
     }
 
-    /// Syncs every file the log's commits were copied into, then empties the log: the files
-    /// alone hold the last commit. If a commit's copy into the files failed, the whole log is
-    /// copied again first.
-    pub(super) fn checkpoint(&mut self) -> io::Result<()> {
-        if self.end == 0 {
-            return Ok(());
+    /// Syncs every file the log's commits were copied into, then empties the log (its first
+    /// words say that the files hold the last commit): the files alone hold it. If a
+    /// commit's copy into the files failed, the whole log is copied again first. Returns
+    /// whether the log was emptied now (it may have been already).
+    pub(super) fn checkpoint(&mut self) -> io::Result<bool> {
+        if self.end == LOG_HEAD {
+            return Ok(false);
         }
         if self.apply_failed {
             // A commit's copy into the files failed part-way: every commit of the log is
             // copied again, in order (later ones wrote only what changed after it).
-            let mut at = 0;
-            while let Some((records, end)) = read_commit(&self.file, at, self.end)? {
+            let mut at = LOG_HEAD;
+            let mut seq = self.first_in_log()?;
+            while let Parsed::Complete(records, end) = read_commit(&self.file, at, self.end, seq)? {
                 self.targets.apply(&self.file, &records)?;
                 at = end;
+                seq += 1;
             }
             self.apply_failed = false;
         }
         self.targets.sync()?;
-        sys::set_len(&self.file, 0, "empty the log")?;
+        sys::write_at(
+            &self.file,
+            &words_bytes(&[LOG_MAGIC, self.last]),
+            0,
+            "empty the log",
+        )?;
         sys::sync_data(&self.file, "sync the emptied log")?;
-        self.end = 0;
-        Ok(())
+        self.end = LOG_HEAD;
+        // What a large commit grew it by goes back (what is left is never read: its commits
+        // are numbered below the log's).
+        if self.file.metadata()?.len() > LOG_RESERVE {
+            let _ = self.file.set_len(LOG_RESERVE);
+        }
+        Ok(true)
+    }
+
+    /// The number of the log's first commit.
+    fn first_in_log(&self) -> io::Result<u64> {
+        let len = self.file.metadata()?.len();
+        match (word_at(&self.file, 0, len)?, word_at(&self.file, 8, len)?) {
+            (Some(LOG_MAGIC), Some(last)) => Ok(last + 1),
+            _ => Err(io::Error::new(
+                io::ErrorKind::InvalidData,
+                "the log has no number",
+            )),
+        }
     }
 }
 
@@ -385,10 +458,6 @@ impl Targets {
                     sys::io_point("copy a record into its file")?;
                     sys::copy_between(log, record.data, file, record.offset, record.len)?;
                 }
-                ZERO => {
-                    sys::io_point("punch a range of a file")?;
-                    sys::punch_hole(file, record.offset, record.len)?;
-                }
                 SET_LEN => {
                     if file.metadata()?.len() < record.offset {
                         sys::set_len(file, record.offset, "extend a file")?;
@@ -434,45 +503,58 @@ fn word_at(log: &File, at: u64, len: u64) -> io::Result<Option<u64>> {
     Ok(Some(u64::from_ne_bytes(bytes)))
 }
 
-/// The commit at `at` of `log` (`len` bytes), if it is complete: its records and where it
-/// ends.
-fn read_commit(log: &File, at: u64, len: u64) -> io::Result<Option<(Vec<Record>, u64)>> {
-    let (Some(BEGIN), Some(seq)) = (word_at(log, at, len)?, word_at(log, at + 8, len)?) else {
-        return Ok(None);
-    };
+/// What [`read_commit`] found.
+enum Parsed {
+    /// A commit with its end record: its records, and where it ends.
+    Complete(Vec<Record>, u64),
+    /// The commit expected began there, without its end record (up to the byte given): a
+    /// commit that did not reach its commit point.
+    Unfinished(u64),
+    /// No commit of the number expected.
+    Nothing,
+}
+
+/// The commit numbered `seq` at `at` of `log` (`len` bytes), if it is there.
+fn read_commit(log: &File, at: u64, len: u64, seq: u64) -> io::Result<Parsed> {
+    if (word_at(log, at, len)?, word_at(log, at + 8, len)?) != (Some(BEGIN), Some(seq)) {
+        return Ok(Parsed::Nothing);
+    }
     let mut records = Vec::new();
     let mut pos = at + 16;
     loop {
         let Some(kind) = word_at(log, pos, len)? else {
-            return Ok(None);
+            return Ok(Parsed::Unfinished(pos));
         };
         if kind == END {
             let rest = [word_at(log, pos + 8, len)?, word_at(log, pos + 16, len)?];
             let sum = word_at(log, pos + 24, len)?;
             let ok = rest == [Some(seq), Some(at)] && sum == Some(hash(&[END, seq, at]));
-            return Ok(ok.then_some((records, pos + 32)));
+            return Ok(match ok {
+                true => Parsed::Complete(records, pos + 32),
+                false => Parsed::Unfinished(pos),
+            });
         }
-        if !(WRITE..=SET_LEN).contains(&kind) || pos + (HEAD * 8) as u64 > len {
-            return Ok(None);
+        if ![WRITE, SET_LEN].contains(&kind) || pos + (HEAD * 8) as u64 > len {
+            return Ok(Parsed::Unfinished(pos));
         }
         let mut head = [0u8; HEAD * 8];
         log.read_exact_at(&mut head, pos)?;
         let w = |i: usize| u64::from_ne_bytes(head[i * 8..i * 8 + 8].try_into().expect("8"));
         let Some(target) = Target::from_words([w(1), w(2), w(3)]) else {
-            return Ok(None);
+            return Ok(Parsed::Unfinished(pos));
         };
         let (offset, rec_len) = (w(4), w(5));
         let data = pos + (HEAD * 8) as u64;
-        pos = data;
+        let mut next = data;
         if kind == WRITE {
-            let Some(next) = rec_len
+            match rec_len
                 .checked_next_multiple_of(8)
                 .and_then(|n| data.checked_add(n))
                 .filter(|&n| n <= len)
-            else {
-                return Ok(None);
-            };
-            pos = next;
+            {
+                Some(n) => next = n,
+                None => return Ok(Parsed::Unfinished(pos)),
+            }
         }
         records.push(Record {
             kind,
@@ -481,11 +563,12 @@ fn read_commit(log: &File, at: u64, len: u64) -> io::Result<Option<(Vec<Record>,
             len: rec_len,
             data,
         });
+        pos = next;
     }
 }
 
-/// Copies every complete commit of the store's log into its files, syncs them and empties
-/// the log. Run by a writer's open before anything else is read (the header is one of the
+/// Copies every complete commit of the store's log into its files, in order, syncs them and
+/// empties the log. Run by an open before anything else is read (the header is one of the
 /// files), with the store's lock held for writing.
 pub(super) fn replay(folder: &Folder) -> io::Result<Replayed> {
     let log = match folder.file(LOG.as_ref(), Access::Write, false) {
@@ -493,31 +576,53 @@ pub(super) fn replay(folder: &Folder) -> io::Result<Replayed> {
         other => other?,
     };
     let len = log.metadata()?.len();
-    if len == 0 {
+    let (Some(LOG_MAGIC), Some(last)) = (word_at(&log, 0, len)?, word_at(&log, 8, len)?) else {
+        // Never numbered: no commit was written to it.
         return Ok(Replayed::default());
-    }
+    };
     let mut targets = Targets::new(folder.try_clone()?);
-    let mut at = 0;
-    let mut commits = 0;
-    while let Some((records, end)) = read_commit(&log, at, len)? {
-        targets.apply(&log, &records)?;
-        commits += 1;
-        at = end;
+    let (mut at, mut seq, mut commits, mut dropped) = (LOG_HEAD, last + 1, 0, 0);
+    loop {
+        match read_commit(&log, at, len, seq)? {
+            Parsed::Complete(records, end) => {
+                targets.apply(&log, &records)?;
+                commits += 1;
+                seq += 1;
+                at = end;
+            }
+            Parsed::Unfinished(end) => {
+                dropped = end - at;
+                break;
+            }
+            Parsed::Nothing => break,
+        }
     }
-    targets.sync()?;
-    sys::set_len(&log, 0, "empty the log after replay")?;
-    sys::sync_data(&log, "sync the emptied log")?;
-    Ok(Replayed {
-        commits,
-        dropped: len - at,
-    })
+    if commits > 0 {
+        targets.sync()?;
+        sys::write_at(
+            &log,
+            &words_bytes(&[LOG_MAGIC, seq - 1]),
+            0,
+            "empty the log after replay",
+        )?;
+        sys::sync_data(&log, "sync the emptied log")?;
+    }
+    Ok(Replayed { commits, dropped })
 }
 
-/// Whether the store in `folder` has a log with anything in it (a reader cannot replay it).
+/// Whether the store in `folder` has a log with a commit in it, which a reader cannot
+/// replay: it takes the writer's lock for that.
 pub(super) fn log_is_empty(folder: &Folder) -> io::Result<bool> {
-    match folder.file(LOG.as_ref(), Access::Read, false) {
-        Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(true),
-        Ok(log) => Ok(log.metadata()?.len() == 0),
-        Err(e) => Err(e),
-    }
+    let log = match folder.file(LOG.as_ref(), Access::Read, false) {
+        Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(true),
+        other => other?,
+    };
+    let len = log.metadata()?.len();
+    let (Some(LOG_MAGIC), Some(last)) = (word_at(&log, 0, len)?, word_at(&log, 8, len)?) else {
+        return Ok(true);
+    };
+    Ok(matches!(
+        read_commit(&log, LOG_HEAD, len, last + 1)?,
+        Parsed::Nothing
+    ))
 }

@@ -1233,7 +1233,10 @@ impl Store {
             &mut self.lost_at_start,
         );
         let log = match writer {
-            true => Some(commit::Log::open(&self.folder)?),
+            true => Some(commit::Log::open(
+                &self.folder,
+                self.header().flushes.load(Ordering::Acquire),
+            )?),
             false => None,
         };
         let shared = Box::new(Shared {
@@ -1432,10 +1435,6 @@ impl Store {
             .commit_with(|image, committed| -> Result<(), StoreError> {
                 let manifest = space.prepare_commit()?;
                 let mut changes = commit::Changes::new();
-                // Punches first: a page written to a chunk made since goes over its zeros.
-                for &offset in &image.zeroed {
-                    changes.zero(Target::Small, offset, CHUNK as u64);
-                }
                 changes.set_len(Target::Small, image.file_len);
                 changes.memory(Target::Header, 0, base, sys::page_size());
                 let tracker = shared.tracker.as_deref();
@@ -1448,11 +1447,32 @@ impl Store {
                 // From here pages are protected again by the scans: a commit that fails after
                 // this makes the next one take every private copy.
                 shared.full_scan.store(true, Ordering::Relaxed);
+                // Chunks made since the last commit are in none yet: their pages are written in
+                // place (and synced before the commit point), not to the log.
                 let (region, used) = image.used;
+                let fresh: std::collections::HashSet<usize> =
+                    image.fresh.iter().map(|&(addr, _)| addr).collect();
+                let mut in_place = false;
                 if used > 0 {
                     for (addr, len) in sys::written_pages(region, used, scan)? {
-                        changes.memory(Target::Small, (addr - region) as u64, addr, len);
+                        // Split at chunk boundaries.
+                        let mut at = addr;
+                        while at < addr + len {
+                            let chunk = at - (at - region) % CHUNK;
+                            let n = (chunk + CHUNK).min(addr + len) - at;
+                            let offset = (at - region) as u64;
+                            if fresh.contains(&chunk) {
+                                log.write_in_place(Target::Small, offset, at, n)?;
+                                in_place = true;
+                            } else {
+                                changes.memory(Target::Small, offset, at, n);
+                            }
+                            at += n;
+                        }
                     }
+                }
+                if in_place || !image.fresh.is_empty() {
+                    log.sync_in_place(Target::Small)?;
                 }
                 for (addr, len, name) in space.private_views() {
                     for (at, n) in sys::written_pages(addr, len, scan)? {
@@ -1472,16 +1492,20 @@ impl Store {
             header.flushes.store(seq - 1, Ordering::Release);
             return Err(e);
         }
-        if checkpoint {
-            log.checkpoint()?;
-        } else if log.wants_checkpoint()
-            && let Err(e) = log.checkpoint()
-        {
-            crate::logging::report!(
-                warn,
-                "mmapvec: store {}: emptying the log: {e}",
-                self.path.display()
-            );
+        if checkpoint || log.wants_checkpoint() {
+            match log.checkpoint() {
+                Ok(emptied) => {
+                    if emptied {
+                        shared.tier.after_checkpoint();
+                    }
+                }
+                Err(e) if checkpoint => return Err(e.into()),
+                Err(e) => crate::logging::report!(
+                    warn,
+                    "mmapvec: store {}: emptying the log: {e}",
+                    self.path.display()
+                ),
+            }
         }
         Ok(())
     }
@@ -1561,7 +1585,7 @@ impl Drop for Store {
             && self.generation == fork::generation()
             && let Some(shared) = self.shared.as_deref()
             && let Some(log) = shared.lock_log().as_mut()
-            && let Err(e) = log.checkpoint()
+            && let Err(e) = log.checkpoint().map(|_| shared.tier.after_checkpoint())
         {
             crate::logging::report!(
                 error,

@@ -139,10 +139,11 @@ impl Store {
                 Ok(made)
             });
         if made.is_err() {
-            // Nothing of a failed snapshot stays (under either name); its number stays
-            // counted (the next snapshot takes the next one).
+            // Nothing of a failed snapshot stays (under either name), and its number is not
+            // used (the commit made for it counted it: the next commit does not).
             let _ = folder.remove_tree(&partial);
             let _ = folder.remove_tree(&name);
+            header.snapshots.store(number - 1, Ordering::Release);
         }
         let (bytes, reflinked) = made?;
         // Older snapshots are superseded.

@@ -109,6 +109,8 @@ struct Seg {
 /// A manifest read back: the segments it lists, and the next number for a new file's name.
 struct Recorded {
     next_id: u64,
+    /// Files of segments the commit freed, removed after it (or by the next open).
+    removed: Vec<Name>,
     /// Whether it names the files (format version 4) or lists addresses.
     named: bool,
     /// (name, address, span, length), by address.
@@ -160,10 +162,11 @@ fn parse_name(name: &OsStr) -> Option<(usize, usize)> {
     ))
 }
 
-/// The bytes of a manifest of `segments` entries: magic, count, next number, five words per
-/// segment (name, address, span, length), checksum.
-fn manifest_len(segments: usize) -> usize {
-    32 + segments * 40
+/// The bytes of a manifest of `segments` entries and `removed` files: magic, counts, next
+/// number, five words per segment (name, address, span, length), two per file removed (its
+/// name), checksum.
+fn manifest_len(segments: usize, removed: usize) -> usize {
+    40 + segments * 40 + removed * 16
 }
 
 /// FNV-1a of `bytes`: catches a damaged manifest (not an attacker, who can write a matching
@@ -299,10 +302,16 @@ impl Space {
                     if name == MANIFEST || name == MANIFEST_NEW || named.contains(&name) {
                         continue;
                     }
-                    if Name::parse(&name).is_none() {
+                    // Made after the last commit (numbered from its next number), or freed by
+                    // it: not the store's. Any other file is not the store's doing.
+                    let leftover = match Name::parse(&name) {
+                        Some(Name::Id(id)) if id >= recorded.next_id => true,
+                        Some(freed) => recorded.removed.contains(&freed),
+                        None => false,
+                    };
+                    if !leftover {
                         return Err(corrupt(format!("unexpected file {name:?} in the store")));
                     }
-                    // Made after the last commit: not the store's.
                     if self.share == Share::Write {
                         sys::io_point("remove a segment made after the last commit")?;
                         match sys::remove_at(&self.dir, &name, false) {
@@ -579,7 +588,7 @@ impl Space {
         self.writable()?;
         let len = self.round(size)?;
         // Its line in the manifest, before anything is made.
-        self.reserve_manifest(self.segs.len() + 1)?;
+        self.reserve_manifest(self.segs.len() + self.removals.len() + 1)?;
         let (addr, span) = self.take_span(len, align)?;
         let id = Name::Id(self.next_id);
         self.next_id += 1;
@@ -846,23 +855,31 @@ impl Space {
         }
     }
 
-    /// The list of segments as a commit records it: magic, count, the next number, then per
-    /// segment its name (two words), address, span and length; a checksum.
+    /// The list of segments as a commit records it: magic, count, the next number, the count
+    /// of files removed, then per segment its name (two words), address, span and length, per
+    /// file removed its name; a checksum.
     pub(super) fn manifest_bytes(&self) -> Vec<u8> {
-        let mut bytes = Vec::with_capacity(manifest_len(self.segs.len()));
+        let (count, removed) = (self.segs.len(), self.removals.len());
+        let mut bytes = Vec::with_capacity(manifest_len(count, removed));
         let mut put = |word: u64| bytes.extend_from_slice(&word.to_ne_bytes());
         put(MANIFEST_MAGIC);
-        put(self.segs.len() as u64);
+        put(count as u64);
         put(self.next_id);
+        put(removed as u64);
         for (&addr, seg) in &self.segs {
             let (a, b) = seg.name.words();
             for word in [a, b, addr as u64, seg.span as u64, seg.len as u64] {
                 put(word);
             }
         }
+        for name in &self.removals {
+            let (a, b) = name.words();
+            put(a);
+            put(b);
+        }
         let sum = checksum(&bytes);
         bytes.extend_from_slice(&sum.to_ne_bytes());
-        debug_assert_eq!(bytes.len(), manifest_len(self.segs.len()));
+        debug_assert_eq!(bytes.len(), manifest_len(count, removed));
         bytes
     }
 
@@ -890,7 +907,7 @@ impl Space {
         let Some(file) = &self.manifest else {
             return Ok(());
         };
-        let need = manifest_len(segments) as u64;
+        let need = manifest_len(segments, 0) as u64;
         if need <= self.manifest_reserved {
             return Ok(());
         }
@@ -919,10 +936,19 @@ impl Space {
             MANIFEST_MAGIC_V1 => false,
             _ => return Err(bad()),
         };
-        let (head, each) = if named { (3, 5) } else { (2, 3) };
+        let (head, each) = if named { (4, 5) } else { (2, 3) };
+        if bytes.len() < head * 8 + 8 {
+            return Err(bad());
+        }
         let count = usize::try_from(word(1)).map_err(|_| bad())?;
+        let removed = if named {
+            usize::try_from(word(3)).map_err(|_| bad())?
+        } else {
+            0
+        };
         let len = count
             .checked_mul(each * 8)
+            .and_then(|n| n.checked_add(removed.checked_mul(16)?))
             .and_then(|n| n.checked_add(head * 8 + 8))
             .filter(|&n| n <= bytes.len())
             .ok_or_else(bad)?;
@@ -953,8 +979,15 @@ impl Space {
                 }
             })
             .collect::<io::Result<Vec<_>>>()?;
+        let removed = (0..removed)
+            .map(|i| {
+                let at = head + count * each + i * 2;
+                Name::from_words(word(at), word(at + 1)).ok_or_else(bad)
+            })
+            .collect::<io::Result<Vec<_>>>()?;
         Ok(Recorded {
             next_id: if named { word(2) } else { 0 },
+            removed,
             named,
             segments,
         })

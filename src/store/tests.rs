@@ -511,8 +511,7 @@ mod io_faults {
                     );
                     assert!(names.iter().all(|n| n == "1" || n == "2"), "{names:?}");
                 }
-                // Counted once its commit is made, whether or not the copy then failed.
-                let counted = store.snapshots();
+                assert_eq!(store.snapshots().to_string(), expected);
                 assert!(
                     counted == 2 || (taken.is_err() && counted == 1),
                     "{taken:?}"

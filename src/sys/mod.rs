@@ -659,17 +659,15 @@ fn pagemap_scan(
             vec: regions.as_mut_ptr() as u64,
             vec_len: regions.len() as u64,
             max_pages: 0,
-            // Not a file page, and: written (unprotected) since the last scan, or present or
-            // swapped at all.
+            // Not a file page, and (for `Since`) written: unprotected since the last scan.
             category_inverted: PAGE_IS_FILE,
             category_mask: match mode {
                 ScanMode::Since => PAGE_IS_FILE | PAGE_IS_WRITTEN,
                 _ => PAGE_IS_FILE,
             },
-            category_anyof_mask: match mode {
-                ScanMode::Since => 0,
-                _ => PAGE_IS_PRESENT | PAGE_IS_SWAPPED,
-            },
+            // Present or swapped: an unpopulated range of a tracked view counts as "written"
+            // (nothing protects it yet), but holds nothing that is not the file's.
+            category_anyof_mask: PAGE_IS_PRESENT | PAGE_IS_SWAPPED,
             return_mask: PAGE_IS_PRESENT | PAGE_IS_SWAPPED | PAGE_IS_FILE | PAGE_IS_WRITTEN,
         };
         if mode != ScanMode::All {

@@ -512,10 +512,6 @@ mod io_faults {
                     assert!(names.iter().all(|n| n == "1" || n == "2"), "{names:?}");
                 }
                 assert_eq!(store.snapshots().to_string(), expected);
-                assert!(
-                    counted == 2 || (taken.is_err() && counted == 1),
-                    "{taken:?}"
-                );
                 let ok = taken.is_ok();
                 store.close().unwrap();
                 (false, ok)

@@ -640,7 +640,7 @@ fn writers_killed_at_random_reopen_at_their_last_commit() {
                     .fill(batches + 1);
                 *store.root_mut::<u64>("batches").unwrap() += 1;
             }
-            if (batches + 1) % 10 == 0 {
+            if (batches + 1).is_multiple_of(10) {
                 store.snapshot().unwrap();
             } else {
                 store.commit().unwrap();

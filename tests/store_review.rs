@@ -7,7 +7,7 @@
 #![cfg(feature = "hashbrown")]
 
 use std::os::unix::fs::MetadataExt;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::sync::atomic::AtomicU64;
 
 use allocator_api2::alloc::{Allocator, Layout};

@@ -127,10 +127,10 @@ impl Store {
             return Err(e);
         }
         let partial = format!("partial-{number}");
-        folder.remove_tree(&partial)?;
         let name = number.to_string();
         let made = folder
-            .make_dir(&partial)
+            .remove_tree(&partial)
+            .and_then(|()| folder.make_dir(&partial))
             .map_err(StoreError::from)
             .and_then(|into| self.snapshot_into(&into))
             .and_then(|made| {
@@ -146,9 +146,11 @@ impl Store {
             header.snapshots.store(number - 1, Ordering::Release);
         }
         let (bytes, reflinked) = made?;
-        // Older snapshots are superseded.
-        for old in complete(&folder)?.into_iter().filter(|&n| n < number) {
-            let _ = folder.remove_tree(&old.to_string());
+        // Older snapshots are superseded (one that cannot be removed now goes with the next).
+        for old in complete(&folder).unwrap_or_default() {
+            if old < number {
+                let _ = folder.remove_tree(&old.to_string());
+            }
         }
         Ok(Snapshot {
             number,

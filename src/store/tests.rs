@@ -549,14 +549,13 @@ mod io_faults {
             .position(|&op| op == "sync the commit record")
             .expect("a commit");
         assert_eq!(reopened(&path.0), 'B');
-        for at in 0..trace.len() {
+        for (at, op) in trace.iter().enumerate() {
             child(Some(at as u64));
             let found = reopened(&path.0);
             let expected = if at <= commit_point { 'A' } else { 'B' };
             assert_eq!(
                 found, expected,
-                "{label}: power lost at point {at} ({}), the commit record synced at {commit_point}",
-                trace[at]
+                "{label}: power lost at point {at} ({op}), the commit record synced at {commit_point}"
             );
         }
         trace.len()

@@ -179,6 +179,28 @@ impl SmallTier {
         result
     }
 
+    /// Drops the private copies of the pages of every chunk mapped (a writer's store, see
+    /// `Store::trim`).
+    ///
+    /// # Safety
+    /// The last commit must be in the chunk file, and nothing may write to the chunks
+    /// meanwhile.
+    pub(crate) unsafe fn drop_private_copies(&self) -> io::Result<()> {
+        let _spare = self.lock_spare();
+        for index in 0..self.table().len() as u32 {
+            let slot = self.table()[index as usize].load(Ordering::Acquire);
+            // SAFETY: a non-null entry is a leaked `Box<ChunkMeta>`, freed only with the tier.
+            let Some(meta) = (unsafe { slot.as_ref() }) else {
+                continue;
+            };
+            if meta.is_mapped() && !meta.is_lost() {
+                // SAFETY: the chunk's view, ours (mapped, not lost); the caller's promises.
+                unsafe { sys::drop_private_copies(self.chunk_at(index), CHUNK) }?;
+            }
+        }
+        Ok(())
+    }
+
     /// After a checkpoint of a writer's store (its log emptied): the chunks released before
     /// the last commit have their range punched and can be used again.
     pub(crate) fn after_checkpoint(&self) {

@@ -5,31 +5,41 @@
 //!   its file (`MAP_PRIVATE`): a write makes a copy of the page in memory and never reaches the
 //!   file. A segment made since the last commit is a *shared* view of a file of its own, which
 //!   no commit lists yet: written in place, it stays out of core (the kernel writes its pages
-//!   back and drops them).
+//!   back and drops them). A chunk of small blocks made since the last commit is a private
+//!   view too, but written in place by the commit (no commit holds its range).
+//! * **Which pages changed.** The kernel tracks the writes to every private view
+//!   (userfaultfd's asynchronous write-protect, Linux 6.7): `sys::written_pages` asks it
+//!   (`PAGEMAP_SCAN`) for the pages written since the last commit, and protects them again in
+//!   the same call. Without it, every private copy is taken (`/proc/self/pagemap`), which is
+//!   never less, and costs more as a session goes on.
 //! * **What a commit writes.** Under the store's locks (no block is allocated, grown or freed
-//!   meanwhile): the new segments are synced in place; then the pages of the private views
-//!   that were written (the kernel tells which: `sys::written_pages`), the header page (the
-//!   roots), the small blocks' metadata and the list of segments are appended to the log
-//!   (`log`) as records, and the log is synced. Then a 32-byte end record is appended and
-//!   synced: **that is the commit point**. Only then are the records copied from the log into
-//!   the files (`copy_file_range`), and the new segments become private views.
+//!   meanwhile): the new segments are synced in place, and the written pages of the new
+//!   chunks are written in place and synced; then the written pages of the committed views,
+//!   the header page (the roots), the small blocks' metadata and the list of segments are
+//!   appended to the log (`log`) as records, and the log is synced. Then a 32-byte end record
+//!   is appended and synced: **that is the commit point**. Only then are the records copied
+//!   from the log into the files (`copy_file_range`), and the new segments become private
+//!   views.
 //! * **After a crash** (or a power loss) [`replay`] runs at the next open, before anything is
 //!   read: it copies every commit of the log that has its end record into the files, in
-//!   order (records are idempotent), and drops what follows the last one. So the files hold
-//!   exactly the last commit that reached its commit point; files that no commit lists (made
-//!   after it) are removed by the open.
-//! * **Frees wait for the commit.** The file of a committed segment that is freed is removed
-//!   after the next commit point; a committed segment that grows is copied into a new one (its
-//!   file is not extended); a chunk of small blocks released since the last commit is not
-//!   reused, nor its range punched, until the commit after.
-//! * **Checkpoints.** The files are synced and the log emptied when it passes
-//!   [`CHECKPOINT_AT`] bytes, and at every close and snapshot: a commit itself syncs only the
-//!   log (and the new segments).
+//!   order (a commit's number must follow the last one's, and records are idempotent), and
+//!   drops what follows the last one. So the files hold exactly the last commit that reached
+//!   its commit point; files that no commit lists (made after it) are removed by the open.
+//! * **Frees wait.** The file of a committed segment that is freed is removed after the commit
+//!   that frees it (the commit lists it for removal, in case the removal does not happen); a
+//!   committed segment that grows is copied into a new one (its file is not extended); a chunk
+//!   of small blocks released is reused, and its range punched, only after a checkpoint (the
+//!   log may hold pages of it that a replay would write).
+//! * **Checkpoints.** The files are synced and the log emptied (renumbered: what is left in it
+//!   is never read again) when it passes [`CHECKPOINT_AT`] bytes, and at every close, drop and
+//!   snapshot: a commit itself syncs only the log (and the new blocks). The log keeps
+//!   [`LOG_RESERVE`] bytes of disk, so that a small commit needs no new disk.
 //!
 //! What a commit holds of a value that another thread writes while it runs is undefined (some
 //! of its pages may be from before, some from after the write): commit where the data is
-//! consistent. The private copies of written pages stay in memory until the store is closed
-//! (a commit never drops a page another thread may be writing).
+//! consistent. The private copies of written pages stay in memory until the store is closed:
+//! a commit never drops a page another thread may be writing (the write would be lost, which
+//! safe code could see).
 
 use std::collections::HashMap;
 use std::fs::File;
@@ -174,6 +184,10 @@ pub(super) struct Log {
     targets: Targets,
     /// An apply failed since the last checkpoint: the checkpoint copies the whole log again.
     apply_failed: bool,
+    /// What the last commit appended to the log, and wrote in place.
+    last_bytes: (u64, u64),
+    /// What the commit being made has written in place so far.
+    in_place: u64,
 }
 
 impl Log {
@@ -195,7 +209,19 @@ impl Log {
             last,
             targets: Targets::new(folder.try_clone()?),
             apply_failed: false,
+            last_bytes: (0, 0),
+            in_place: 0,
         })
+    }
+
+    /// A commit begins (before anything is written in place).
+    pub(super) fn begin(&mut self) {
+        self.in_place = 0;
+    }
+
+    /// What the last commit appended to the log, and wrote in place (bytes).
+    pub(super) fn last_commit_bytes(&self) -> (u64, u64) {
+        self.last_bytes
     }
 
     /// Writes `len` bytes of the store's mapping at `addr` to `target` at `offset`, in place
@@ -214,7 +240,9 @@ impl Log {
         sys::io_point("write new pages in place")?;
         // SAFETY: `[addr, addr + len)` is a mapped view of the store (the caller holds the
         // store's locks: it stays mapped); the kernel reads it.
-        unsafe { sys::write_from(file, addr as *const u8, len, offset) }
+        unsafe { sys::write_from(file, addr as *const u8, len, offset) }?;
+        self.in_place += len as u64;
+        Ok(())
     }
 
     /// Syncs what [`write_in_place`](Self::write_in_place) wrote to `target` (with its
@@ -261,6 +289,7 @@ impl Log {
             }
         };
         *committed = true;
+        self.last_bytes = (end - begin, self.in_place);
         self.end = end;
         self.last = seq;
         // After a failed copy, later commits are still copied (the files are read only at

@@ -32,11 +32,56 @@
 //! # }
 //! ```
 //!
+//! # Commits
+//! [`Store::commit`] makes everything the store holds its state, durably and all at once: a
+//! crash at any instant after it returns (the process killed, the machine losing power)
+//! leaves a store that the next [`Store::open`] opens exactly as it was then, with no other
+//! call. Its cost follows what changed since the last commit, not the store's size.
+//! [`Store::close`] commits; dropping a store without `close` (an error path, a panic) keeps
+//! the last commit and drops what came after it, as a crash would. [`Store::recovered`] says
+//! whether the last writer closed.
+//!
+//! How, in short (the source's `commit.rs` has the whole design): every page of data the
+//! last commit holds is a *private* view of its file, so that a write never reaches the file
+//! before a commit; blocks made since the last commit are written in place (they are in no
+//! commit yet, and stay out of core). A commit appends the pages written since the last one
+//! (the kernel tracks them) to a log, with the roots and the bookkeeping, syncs it, and
+//! writes a commit record: that is the commit point. The log is copied into the files after,
+//! and again by the next open if the writer died first.
+//!
+//! ```
+//! use mmapvec::store::{Store, StoreVec};
+//!
+//! # fn main() -> Result<(), Box<dyn std::error::Error>> {
+//! # let dir = std::env::temp_dir().join(format!("mmapvec-doc-commits-{}", std::process::id()));
+//! # let _ = std::fs::remove_dir_all(&dir);
+//! let store = Store::create(&dir)?;
+//! store.set_root("balance", 100i64)?;
+//! store.commit()?;
+//! // Two changes that must go together: a crash before the next commit keeps neither.
+//! *store.root_mut::<i64>("balance")? -= 30;
+//! store.set_root("paid", 30i64)?;
+//! store.commit()?;
+//! store.close()?;
+//! # std::fs::remove_dir_all(&dir)?;
+//! # Ok(())
+//! # }
+//! ```
+//!
+//! The private copies of pages written since the store was opened stay in memory until it is
+//! closed (a commit cannot drop a page another thread may be writing): what a session
+//! changes *in place* in data that was already committed is bounded by memory (new blocks,
+//! and blocks that grow into new ones, are not). See the limits in the README.
+//!
 //! # What a store is on disk
 //! * `header`, one page, mapped at the start of the range: magic, format version, page size,
-//!   the range's address and length, the dirty flag, the counts of flushes and snapshots, the
-//!   compiler's fingerprint, and the table of roots.
-//! * `segs/`: one file per block, named after its address (see `space.rs`).
+//!   the range's address and length, whether a writer has it open, the counts of commits and
+//!   snapshots, the layout fingerprint, and the table of roots.
+//! * `segs/`: one file per block larger than the small blocks, named by a number (a block
+//!   that moves keeps its file), and `segs/.manifest`, the list of them as of the last
+//!   commit: where each is mapped and how long it is (see `space.rs`).
+//! * `small`, `small.meta`: the small blocks' chunks, and which of their blocks are in use.
+//! * `log`: the commits not yet copied into the files (see `commit.rs`).
 //! * `lock`: `flock`ed, exclusive for the writer, shared for readers.
 //!
 //! # Rules that keep it sound
@@ -47,8 +92,9 @@
 //!   `MAP_FIXED` (which would replace whatever is there): a taken range is
 //!   [`StoreError::AddressTaken`].
 //! * **One writer or many readers** (`flock`, never waited for: [`StoreError::Locked`]).
-//! * **Crashes.** A writer sets the dirty flag (synced to disk) before it hands anything out
-//!   and clears it at a clean close; a store found dirty is [`StoreError::Dirty`].
+//! * **Crashes.** A store opens at its last commit (see above). A store of the earlier
+//!   format (version 3 and before) that a writer left open is [`StoreError::Dirty`], as it
+//!   was; so is a store whose [`Store::recover`] was cut short, until a recovery completes.
 //! * **The compiler.** The layout of `Vec` and of hashbrown's tables is the compiler's choice:
 //!   a store made by another build of `rustc` is [`StoreError::OtherBuild`].
 //! * **Types.** A root is opened only as the type it was stored as (name, size, alignment and
@@ -209,7 +255,7 @@ struct Header {
     len: u64,
     /// Non-zero while a writer has the store open.
     dirty: AtomicU64,
-    /// Durable points reached so far ([`Store::flush`]).
+    /// Commits made so far ([`Store::commit`]): the number of the last one.
     flushes: AtomicU64,
     /// Snapshots taken so far.
     snapshots: AtomicU64,
@@ -346,9 +392,11 @@ pub enum StoreError {
     OpenHere,
     /// This process has another store open: one at a time (see the module docs).
     AnotherStoreOpen,
-    /// A writer had the store open and did not close it (it crashed, or was killed).
+    /// A store of the earlier format (version 3 and before, without commits) that a writer
+    /// had open and did not close (it crashed, or was killed), or a store whose
+    /// [`Store::recover`] was cut short. A store with commits opens at its last commit.
     Dirty {
-        /// The number of the last durable point ([`Store::flush`]; a clean close is one).
+        /// The number of the last durable point (a commit; a clean close is one).
         last_flush: u64,
         /// The number of the last snapshot.
         last_snapshot: u64,
@@ -601,6 +649,14 @@ pub struct StoreStats {
     pub small_in_use_bytes: u64,
     /// Bytes of the small blocks' chunks in use (4 MiB each).
     pub small_chunk_bytes: u64,
+    /// Bytes the last commit of this handle appended to the log: the pages of committed data
+    /// written since the commit before, the roots and the bookkeeping (blocks made since are
+    /// written in place, not counted here).
+    pub last_commit_log_bytes: u64,
+    /// Bytes the last commit of this handle wrote in place: the pages of chunks of small
+    /// blocks made since the commit before (segments made since are synced in place, not
+    /// counted here).
+    pub last_commit_in_place_bytes: u64,
 }
 
 /// The descriptor of the open store's lock file, -1 if none. Set and cleared under
@@ -950,12 +1006,15 @@ impl Store {
         Self::open_in(path, folder, access, false)
     }
 
-    /// Opens a store that a writer left dirty (it crashed, or was killed), read-only, to read
-    /// what can be saved from it: its roots and blocks as the writer left them in the files.
+    /// Opens a store of the earlier format (version 3 and before, without commits) that a
+    /// writer left dirty (it crashed, or was killed), read-only, to read what can be saved
+    /// from it: its roots and blocks as the writer left them in the files.
     /// [`StoreError::Dirty`] says the same store opens with [`recover`](Self::recover) at
-    /// its last snapshot; this is for a store with none, or for what came after it.
+    /// its last snapshot; this is for a store with none, or for what came after it. A store
+    /// with commits is opened as [`open_read_only`](Self::open_read_only) does: at its last
+    /// commit.
     ///
-    /// What it sees: the root table and every byte as the writer last wrote them (after a
+    /// What it sees of an earlier store: the root table and every byte as the writer last wrote them (after a
     /// crash of the process, the writer's last state: its writes were in the files; after a
     /// power loss, any mix of what had reached the disk). Every segment file is mapped as it
     /// is, and every chunk of small blocks (the list of segments and of live small blocks is
@@ -1337,7 +1396,8 @@ impl Store {
         self.access == Access::Write
     }
 
-    /// Durable points reached so far: flushes and clean closes, since the store was made.
+    /// Commits made so far (closes and snapshots commit too), since the store was made: the
+    /// number of the commit the store is at.
     pub fn flushes(&self) -> u64 {
         if self.generation != fork::generation() {
             return 0; // a fork child has no view of the header
@@ -1356,11 +1416,17 @@ impl Store {
         let shared = self.shared();
         let tier = shared.tier.stats();
         let space = shared.lock_space();
+        let (log_bytes, in_place_bytes) = shared
+            .lock_log()
+            .as_ref()
+            .map_or((0, 0), |log| log.last_commit_bytes());
         StoreStats {
             segments: space.blocks(),
             segment_bytes: space.mapped_bytes() as u64,
             small_in_use_bytes: tier.in_use_bytes,
             small_chunk_bytes: tier.arena_bytes,
+            last_commit_log_bytes: log_bytes,
+            last_commit_in_place_bytes: in_place_bytes,
         }
     }
 
@@ -1405,6 +1471,53 @@ impl Store {
         self.commit_now(false)
     }
 
+    /// Commits (see [`commit`](Self::commit)), syncs the files, then gives back the memory
+    /// that the pages of committed data written since the store was opened take (their
+    /// private copies: the files hold the same bytes now). `&mut self`: no container or
+    /// guard of the store is alive, so nothing writes to its pages meanwhile.
+    ///
+    /// A long session that changes data in place calls it now and then (between batches,
+    /// say): what it changes in place between two calls is then what is bounded by memory.
+    ///
+    /// ```
+    /// use mmapvec::store::{Store, StoreVec};
+    ///
+    /// # fn main() -> Result<(), Box<dyn std::error::Error>> {
+    /// # let dir = std::env::temp_dir().join(format!("mmapvec-doc-trim-{}", std::process::id()));
+    /// # let _ = std::fs::remove_dir_all(&dir);
+    /// let mut store = Store::create(&dir)?;
+    /// let mut v = StoreVec::new_in(store.allocator());
+    /// v.resize(1 << 20, 0u64);
+    /// store.set_root("v", v)?;
+    /// for round in 1..=3u64 {
+    ///     for x in store.root_mut::<StoreVec<u64>>("v")?.iter_mut() {
+    ///         *x += round; // in place: private copies of committed pages
+    ///     }
+    ///     store.trim()?; // committed, and the copies given back
+    /// }
+    /// assert_eq!(store.root::<StoreVec<u64>>("v")?[0], 6);
+    /// store.close()?;
+    /// # std::fs::remove_dir_all(&dir)?;
+    /// # Ok(())
+    /// # }
+    /// ```
+    pub fn trim(&mut self) -> Result<(), StoreError> {
+        self.check_use(true)?;
+        let shared = self.shared();
+        let _roots = shared.lock_roots();
+        let mut space = shared.lock_space();
+        self.commit_locked(&mut space, true)?;
+        // SAFETY: the commit just made is in the files and synced (the checkpoint), and
+        // `&mut self` means that no container or guard of the store is alive: nothing writes
+        // to its pages. The header's view, the chunks' and the committed segments' are ours.
+        unsafe {
+            sys::drop_private_copies(self.base, sys::page_size())?;
+            shared.tier.drop_private_copies()?;
+            space.drop_private_copies()?;
+        }
+        Ok(())
+    }
+
     /// The name earlier versions gave [`commit`](Self::commit), which it now is.
     pub fn flush(&self) -> Result<(), StoreError> {
         self.commit()
@@ -1433,6 +1546,7 @@ impl Store {
         let made = shared
             .tier
             .commit_with(|image, committed| -> Result<(), StoreError> {
+                log.begin();
                 let manifest = space.prepare_commit()?;
                 let mut changes = commit::Changes::new();
                 changes.set_len(Target::Small, image.file_len);

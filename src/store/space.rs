@@ -793,6 +793,20 @@ impl Space {
         Ok(self.manifest_bytes())
     }
 
+    /// Drops the private copies of every committed block's pages (see [`Store::trim`]).
+    ///
+    /// # Safety
+    /// The last commit must be in the files, and nothing may write to the blocks meanwhile.
+    ///
+    /// [`Store::trim`]: super::Store::trim
+    pub(super) unsafe fn drop_private_copies(&self) -> io::Result<()> {
+        for (&addr, seg) in self.segs.iter().filter(|(_, seg)| !seg.fresh) {
+            // SAFETY: the block's private view, ours; the caller's promises.
+            unsafe { sys::drop_private_copies(at(addr), seg.len) }?;
+        }
+        Ok(())
+    }
+
     /// The committed blocks (private views): (address, length, file), whose written pages a
     /// commit logs.
     pub(super) fn private_views(&self) -> Vec<(usize, usize, Name)> {

@@ -468,6 +468,20 @@ pub(crate) unsafe fn discard_pages(_addr: NonNull<u8>, _len: usize) -> io::Resul
     Err(io::ErrorKind::Unsupported.into())
 }
 
+/// Drops the private copies of `[addr, addr + len)`, a run of private file views and
+/// reservations (`MADV_DONTNEED`): its pages are the files' again, read from them at the next
+/// touch.
+///
+/// # Safety
+/// The range must be the caller's mappings, and what was written to them (their private
+/// copies) is given up: the caller has written it to the files, and nothing may write to
+/// the range meanwhile (a write would be lost).
+#[cfg(target_os = "linux")]
+pub(crate) unsafe fn drop_private_copies(addr: NonNull<u8>, len: usize) -> io::Result<()> {
+    // SAFETY: the caller owns the mappings and gives up their private copies.
+    check_zero(unsafe { libc::madvise(addr.as_ptr().cast(), len, libc::MADV_DONTNEED) })
+}
+
 /// Which written pages [`written_pages`] reports.
 #[derive(Clone, Copy, Debug)]
 pub(crate) enum Scan<'a> {

@@ -16,8 +16,9 @@
 //!   meanwhile): the new segments are synced in place, and the written pages of the new
 //!   chunks are written in place and synced; then the written pages of the committed views,
 //!   the header page (the roots), the small blocks' metadata and the list of segments are
-//!   appended to the log (`log`) as records, and the log is synced. Then a 32-byte end record
-//!   is appended and synced: **that is the commit point**. Only then are the records copied
+//!   appended to the log (`log`) as records, then a 32-byte end record whose sum covers them,
+//!   and the log is synced once: **that is the commit point** (a commit whose writes reached
+//!   the disk only in part does not check). Only then are the records copied
 //!   from the log into the files (`copy_file_range`), and the new segments become private
 //!   views.
 //! * **After a crash** (or a power loss) [`replay`] runs at the next open, before anything is
@@ -55,10 +56,15 @@ pub(super) const LOG: &str = "log";
 /// The list of segments, in `segs/`.
 const MANIFEST: &str = ".manifest";
 /// The log's first word; the second is the number of the last commit the files hold (the
-/// commits of the log follow it, numbered from the next one).
+/// commits of the log follow it, numbered from the next one); the third and fourth, the
+/// store's id (a log copied in from another store is not replayed).
 const LOG_MAGIC: u64 = u64::from_ne_bytes(*b"MMAPVLG1");
 /// Where the log's first commit starts.
-const LOG_HEAD: u64 = 16;
+const LOG_HEAD: u64 = 32;
+/// The words of a commit's first record: `BEGIN`, its number, and a number of its own
+/// (random), which its sum covers: what an earlier attempt at the same commit left in the log
+/// never checks with this one's records.
+const BEGIN_WORDS: u64 = 3;
 /// The disk the log keeps (reserved when the store is opened, kept when the log is emptied):
 /// a commit of up to about this many bytes of changes to committed data needs no new disk.
 const LOG_RESERVE: u64 = 1 << 20;
@@ -160,13 +166,47 @@ impl Changes {
     }
 }
 
-/// A hash of words, for the end record (which covers its own words only: the records before
-/// it were synced before it was written).
-fn hash(words: &[u64]) -> u64 {
-    words.iter().fold(0x9e37_79b9_7f4a_7c15, |h, &w| {
-        let h = (h ^ w).wrapping_mul(0xff51_afd7_ed55_8ccd);
-        h ^ (h >> 31)
-    })
+/// A hash of words (64 bits), for the end record: it covers every byte of the commit before
+/// it, so that a commit whose writes reached the disk only in part (a power loss before the
+/// one sync of the commit) is not taken for a complete one.
+struct Hasher(u64);
+
+impl Hasher {
+    fn new() -> Hasher {
+        Hasher(0x9e37_79b9_7f4a_7c15)
+    }
+
+    fn word(&mut self, w: u64) {
+        let h = (self.0 ^ w).wrapping_mul(0xff51_afd7_ed55_8ccd);
+        let h = (h ^ (h >> 29)).wrapping_mul(0xc4ce_b9fe_1a85_ec53);
+        self.0 = h ^ (h >> 32);
+    }
+
+    /// `bytes` (a multiple of 8 long).
+    fn bytes(&mut self, bytes: &[u8]) {
+        for w in bytes.chunks_exact(8) {
+            self.word(u64::from_ne_bytes(w.try_into().expect("8 bytes")));
+        }
+    }
+}
+
+/// The sum of the commit `seq` that starts at `begin` of `log` and whose end record is at
+/// `end`: a hash of its bytes (read back from the file: they are the log's, and this process
+/// reads no memory another thread may write), then of its end record's first words.
+fn commit_sum(log: &File, seq: u64, begin: u64, end: u64) -> io::Result<u64> {
+    let mut hasher = Hasher::new();
+    let mut buffer = vec![0u8; (end - begin).min(1 << 20) as usize];
+    let mut at = begin;
+    while at < end {
+        let n = (end - at).min(buffer.len() as u64) as usize;
+        log.read_exact_at(&mut buffer[..n], at)?;
+        hasher.bytes(&buffer[..n]);
+        at += n as u64;
+    }
+    for w in [END, seq, begin] {
+        hasher.word(w);
+    }
+    Ok(hasher.0)
 }
 
 fn words_bytes(words: &[u64]) -> Vec<u8> {
@@ -188,19 +228,22 @@ pub(super) struct Log {
     last_bytes: (u64, u64),
     /// What the commit being made has written in place so far.
     in_place: u64,
+    /// The store's id, in the log's head.
+    id: [u64; 2],
 }
 
 impl Log {
     /// The log of the store in `folder` (made if missing), after [`replay`]: emptied, and
     /// numbered from `last`, the commit the files hold. Its disk is reserved.
-    pub(super) fn open(folder: &Folder, last: u64) -> io::Result<Log> {
+    pub(super) fn open(folder: &Folder, last: u64, id: [u64; 2]) -> io::Result<Log> {
         let file = match folder.file(LOG.as_ref(), Access::Write, false) {
             Err(e) if e.kind() == io::ErrorKind::NotFound => {
                 folder.file(LOG.as_ref(), Access::Write, true)?
             }
             other => other?,
         };
-        sys::write_at(&file, &words_bytes(&[LOG_MAGIC, last]), 0, "number the log")?;
+        let head = words_bytes(&[LOG_MAGIC, last, id[0], id[1]]);
+        sys::write_at(&file, &head, 0, "number the log")?;
         sys::allocate_blocks(&file, 0, LOG_RESERVE)?;
         sys::sync_data(&file, "sync the log's number")?;
         Ok(Log {
@@ -211,6 +254,7 @@ impl Log {
             apply_failed: false,
             last_bytes: (0, 0),
             in_place: 0,
+            id,
         })
     }
 
@@ -276,7 +320,7 @@ impl Log {
             Err(e) => {
                 // Nothing of this commit counts: its first word goes (a record written but
                 // not synced might otherwise reach the disk later).
-                let cut = sys::write_at(&self.file, &[0; 8], begin, "cut the log back")
+                let cut = sys::write_at(&self.file, &[0; 24], begin, "cut the log back")
                     .and_then(|()| sys::sync_data(&self.file, "sync the cut log"));
                 if let Err(cut) = cut {
                     crate::logging::report!(
@@ -311,7 +355,8 @@ impl Log {
     fn write(&mut self, seq: u64, changes: &Changes) -> io::Result<(Vec<Record>, u64)> {
         let begin = self.end;
         let mut at = begin;
-        let mut buffer = words_bytes(&[BEGIN, seq]);
+        let nonce = uuid::Uuid::new_v4().as_u64_pair().0;
+        let mut buffer = words_bytes(&[BEGIN, seq, nonce]);
         let mut records = Vec::with_capacity(changes.records.len());
         let flush = |buffer: &mut Vec<u8>, at: &mut u64| -> io::Result<()> {
             sys::write_at(&self.file, buffer, *at, "write the log")?;
@@ -355,13 +400,14 @@ impl Log {
             });
         }
         flush(&mut buffer, &mut at)?;
-        sys::sync_data(&self.file, "sync the log")?;
-        let end = [END, seq, begin];
-        let mut words = end.to_vec();
-        words.push(hash(&end));
+        // One sync for the records and the end record: the end record's sum covers the
+        // records, so that a power loss that kept the end record and not all of them leaves
+        // a commit that does not check.
+        sys::io_point("sum the commit")?;
+        let sum = commit_sum(&self.file, seq, begin, at)?;
         sys::write_at(
             &self.file,
-            &words_bytes(&words),
+            &words_bytes(&[END, seq, begin, sum]),
             at,
             "write the commit record",
         )?;
@@ -397,7 +443,7 @@ impl Log {
         self.targets.sync()?;
         sys::write_at(
             &self.file,
-            &words_bytes(&[LOG_MAGIC, self.last]),
+            &words_bytes(&[LOG_MAGIC, self.last, self.id[0], self.id[1]]),
             0,
             "empty the log",
         )?;
@@ -413,14 +459,8 @@ impl Log {
 
     /// The number of the log's first commit.
     fn first_in_log(&self) -> io::Result<u64> {
-        let len = self.file.metadata()?.len();
-        match (word_at(&self.file, 0, len)?, word_at(&self.file, 8, len)?) {
-            (Some(LOG_MAGIC), Some(last)) => Ok(last + 1),
-            _ => Err(io::Error::new(
-                io::ErrorKind::InvalidData,
-                "the log has no number",
-            )),
-        }
+        head(&self.file, self.id)?
+            .ok_or_else(|| io::Error::new(io::ErrorKind::InvalidData, "the log has no number"))
     }
 }
 
@@ -549,7 +589,7 @@ fn read_commit(log: &File, at: u64, len: u64, seq: u64) -> io::Result<Parsed> {
         return Ok(Parsed::Nothing);
     }
     let mut records = Vec::new();
-    let mut pos = at + 16;
+    let mut pos = at + BEGIN_WORDS * 8;
     loop {
         let Some(kind) = word_at(log, pos, len)? else {
             return Ok(Parsed::Unfinished(pos));
@@ -557,7 +597,8 @@ fn read_commit(log: &File, at: u64, len: u64, seq: u64) -> io::Result<Parsed> {
         if kind == END {
             let rest = [word_at(log, pos + 8, len)?, word_at(log, pos + 16, len)?];
             let sum = word_at(log, pos + 24, len)?;
-            let ok = rest == [Some(seq), Some(at)] && sum == Some(hash(&[END, seq, at]));
+            let ok = rest == [Some(seq), Some(at)]
+                && sum.is_some_and(|sum| commit_sum(log, seq, at, pos).is_ok_and(|s| s == sum));
             return Ok(match ok {
                 true => Parsed::Complete(records, pos + 32),
                 false => Parsed::Unfinished(pos),
@@ -599,18 +640,18 @@ fn read_commit(log: &File, at: u64, len: u64, seq: u64) -> io::Result<Parsed> {
 /// Copies every complete commit of the store's log into its files, in order, syncs them and
 /// empties the log. Run by an open before anything else is read (the header is one of the
 /// files), with the store's lock held for writing.
-pub(super) fn replay(folder: &Folder) -> io::Result<Replayed> {
+pub(super) fn replay(folder: &Folder, id: [u64; 2]) -> io::Result<Replayed> {
     let log = match folder.file(LOG.as_ref(), Access::Write, false) {
         Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(Replayed::default()),
         other => other?,
     };
     let len = log.metadata()?.len();
-    let (Some(LOG_MAGIC), Some(last)) = (word_at(&log, 0, len)?, word_at(&log, 8, len)?) else {
-        // Never numbered: no commit was written to it.
+    // Never numbered (no commit was written to it), or another store's.
+    let Some(first) = head(&log, id)? else {
         return Ok(Replayed::default());
     };
     let mut targets = Targets::new(folder.try_clone()?);
-    let (mut at, mut seq, mut commits, mut dropped) = (LOG_HEAD, last + 1, 0, 0);
+    let (mut at, mut seq, mut commits, mut dropped) = (LOG_HEAD, first, 0, 0);
     loop {
         match read_commit(&log, at, len, seq)? {
             Parsed::Complete(records, end) => {
@@ -628,30 +669,49 @@ pub(super) fn replay(folder: &Folder) -> io::Result<Replayed> {
     }
     if commits > 0 {
         targets.sync()?;
-        sys::write_at(
-            &log,
-            &words_bytes(&[LOG_MAGIC, seq - 1]),
-            0,
-            "empty the log after replay",
-        )?;
+        let emptied = words_bytes(&[LOG_MAGIC, seq - 1, id[0], id[1]]);
+        sys::write_at(&log, &emptied, 0, "empty the log after replay")?;
         sys::sync_data(&log, "sync the emptied log")?;
     }
     Ok(Replayed { commits, dropped })
 }
 
-/// Whether the store in `folder` has a log with a commit in it, which a reader cannot
-/// replay: it takes the writer's lock for that.
-pub(super) fn log_is_empty(folder: &Folder) -> io::Result<bool> {
+/// The number of the first commit of `log`, from its head: `None` if it has none (never
+/// numbered), or is another store's (its id is not `id`: a log copied in from elsewhere).
+fn head(log: &File, id: [u64; 2]) -> io::Result<Option<u64>> {
+    let len = log.metadata()?.len();
+    let mut words = [None; 4];
+    for (i, word) in words.iter_mut().enumerate() {
+        *word = word_at(log, i as u64 * 8, len)?;
+    }
+    let [Some(LOG_MAGIC), Some(last), Some(id0), Some(id1)] = words else {
+        return Ok(None);
+    };
+    if [id0, id1] != id {
+        crate::logging::report!(
+            warn,
+            "mmapvec: a store's log is another store's (its id differs): not replayed"
+        );
+        return Ok(None);
+    }
+    last.checked_add(1)
+        .map(Some)
+        .ok_or_else(|| io::Error::new(io::ErrorKind::InvalidData, "the log's number is damaged"))
+}
+
+/// Whether the store in `folder` has a log with a complete commit in it, which a reader
+/// cannot replay: it takes the writer's lock for that. (An unfinished commit needs nothing.)
+pub(super) fn log_is_empty(folder: &Folder, id: [u64; 2]) -> io::Result<bool> {
     let log = match folder.file(LOG.as_ref(), Access::Read, false) {
         Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(true),
         other => other?,
     };
     let len = log.metadata()?.len();
-    let (Some(LOG_MAGIC), Some(last)) = (word_at(&log, 0, len)?, word_at(&log, 8, len)?) else {
+    let Some(first) = head(&log, id)? else {
         return Ok(true);
     };
-    Ok(matches!(
-        read_commit(&log, LOG_HEAD, len, last + 1)?,
-        Parsed::Nothing
+    Ok(!matches!(
+        read_commit(&log, LOG_HEAD, len, first)?,
+        Parsed::Complete(..)
     ))
 }

@@ -166,6 +166,8 @@ mod folder;
 mod gc;
 mod layout;
 mod persist;
+#[cfg(test)]
+mod review_tests;
 mod roots;
 mod snapshot;
 mod space;
@@ -1042,7 +1044,7 @@ impl Store {
         access: Access,
         salvage: bool,
     ) -> Result<Store, StoreError> {
-        if access == Access::Read && !commit::log_is_empty(&folder)? {
+        if access == Access::Read && !commit::log_is_empty(&folder, Self::id_of(&folder)?)? {
             // A writer crashed with commits not yet copied into the files: copied now, under
             // the writer's lock (refused while anyone has the store open).
             let lock = Self::lock_folder(&folder, Access::Write)?;
@@ -1067,7 +1069,15 @@ impl Store {
                 last_snapshot: header.snapshots,
             });
         }
-        Ok(commit::replay(folder)?)
+        Ok(commit::replay(folder, header.id)?)
+    }
+
+    /// The id in the header of the store in `folder`.
+    fn id_of(folder: &Folder) -> Result<[u64; 2], StoreError> {
+        let file = folder
+            .file(HEADER.as_ref(), Access::Read, false)
+            .map_err(not_found)?;
+        Ok(Header::read(&file)?.id)
     }
 
     /// The store's lock file, locked for `access` (never waited for).
@@ -1295,6 +1305,7 @@ impl Store {
             true => Some(commit::Log::open(
                 &self.folder,
                 self.header().flushes.load(Ordering::Acquire),
+                self.header().id,
             )?),
             false => None,
         };

@@ -146,6 +146,11 @@ pub(super) struct Space {
     removals: Vec<Name>,
     /// Why a block's view could not be made private after a commit: commits are refused.
     broken: Option<String>,
+    /// A segment file was made since the last commit: the folder is synced before the next
+    /// commit point (so that the file is there after a crash).
+    made_files: bool,
+    /// Files of blocks made private to sync before the next commit point.
+    to_sync: Vec<Name>,
     /// The writer's: tracks the writes to every private view (see `store::commit`).
     tracker: Option<std::sync::Arc<sys::WriteTracker>>,
 }
@@ -197,6 +202,8 @@ impl Space {
             next_id: 0,
             removals: Vec::new(),
             broken: None,
+            made_files: false,
+            to_sync: Vec::new(),
             tracker: None,
         };
         if end > start {
@@ -596,6 +603,7 @@ impl Space {
         // A file of a failed session may be there (a commit removes what it does not list
         // only at the next open): it is nobody's.
         let _ = sys::remove_at(&self.dir, &name, false);
+        self.made_files = true;
         let made = sys::open_at(&self.dir, &name, Some(0o600)).and_then(|file| {
             sys::allocate_blocks(&file, 0, len as u64)?;
             // SAFETY: `[addr, addr + span)` was just taken from the free ranges: our
@@ -772,24 +780,68 @@ impl Space {
         self.give_back_unless_lost(addr, seg.span);
     }
 
-    /// Before a commit point: the blocks made since the last commit (shared views) written to
-    /// their files and synced, and the folder synced, so that the commit can list them.
-    /// Returns the manifest the commit writes.
-    pub(super) fn prepare_commit(&self) -> io::Result<Vec<u8>> {
+    /// Before a commit point: the blocks made since the last commit (shared views) become
+    /// private views of their files, whose writes are tracked from then on, and the files
+    /// are synced (after the switch: a write made through the shared view until then is in
+    /// the file's pages); the folder is synced if a file was made. Returns the manifest the
+    /// commit writes. On error the commit must not be made; what was done stays done (a
+    /// block made private is taken by the next commit as any other, its file synced first).
+    pub(super) fn prepare_commit(&mut self) -> io::Result<Vec<u8>> {
         self.writable()?;
         if let Some(why) = &self.broken {
             return Err(io::Error::other(format!(
-                "a block's view could not be made private after a commit ({why}): reopen the \
-                 store"
+                "a block's view was lost while it was made private ({why}): reopen the store"
             )));
         }
-        for (&addr, seg) in self.segs.iter().filter(|(_, seg)| seg.fresh) {
-            sys::io_point("sync a new segment")?;
-            // SAFETY: the block's mapping, ours while it is in `segs`.
-            unsafe { sys::sync(at(addr), seg.len) }?;
+        let fresh: Vec<usize> = self
+            .segs
+            .iter()
+            .filter(|(_, seg)| seg.fresh)
+            .map(|(&addr, _)| addr)
+            .collect();
+        for addr in fresh {
+            let seg = self.segs[&addr];
+            sys::io_point("make a new segment private")?;
+            let file = self.open_seg(seg.name)?;
+            let mut views = fork::hold();
+            // SAFETY: the block's own view, replaced by a view of the same file (whose pages
+            // hold what the old view showed: the page cache is the file's), at the same place
+            // and length; under the fork lock, with its record.
+            let private =
+                unsafe { sys::map_file_fixed_at(at(addr), &file, 0, seg.len, Share::Private) };
+            if let Err(e) = private {
+                // The shared view again if the range is still ours (a failed `MAP_FIXED` may
+                // have unmapped it): the block stays as it was.
+                // SAFETY: as above: the block's range, its file.
+                let again =
+                    unsafe { sys::map_file_fixed_at(at(addr), &file, 0, seg.len, Share::Write) };
+                if again.is_err() {
+                    if !sys::is_mapped(at(addr), seg.len) {
+                        self.lost.push((addr, seg.len));
+                    }
+                    self.broken = Some(e.to_string());
+                }
+                return Err(e);
+            }
+            views.remove(addr);
+            drop(views);
+            self.track(addr, seg.len);
+            if let Some(seg) = self.segs.get_mut(&addr) {
+                seg.fresh = false;
+            }
+            self.to_sync.push(seg.name);
         }
-        sys::io_point("sync the segments' folder")?;
-        self.dir.sync_all()?;
+        while let Some(&name) = self.to_sync.last() {
+            // Freed since: nothing to sync.
+            if let Ok(file) = self.open_seg(name) {
+                sys::sync_data(&file, "sync a new segment")?;
+            }
+            self.to_sync.pop();
+        }
+        if self.made_files {
+            sys::io_point("sync the segments' folder")?;
+            self.dir.sync_all()?;
+        }
         Ok(self.manifest_bytes())
     }
 
@@ -817,48 +869,18 @@ impl Space {
             .collect()
     }
 
-    /// After a commit point: the blocks made since the last commit become private views of
-    /// their files (committed now), and the files of blocks freed since are removed. A view
-    /// that cannot be made private makes later commits fail (see `prepare_commit`): writes to
-    /// it would reach the committed file.
+    /// After a commit point: the files of blocks freed before it are removed.
     pub(super) fn after_commit(&mut self) {
-        let fresh: Vec<usize> = self
-            .segs
-            .iter()
-            .filter(|(_, seg)| seg.fresh)
-            .map(|(&addr, _)| addr)
+        self.made_files = false;
+        // A file whose removal fails stays listed for removal (the next open removes it).
+        let removals = std::mem::take(&mut self.removals);
+        self.removals = removals
+            .into_iter()
+            .filter(|name| {
+                matches!(sys::remove_at(&self.dir, &name.file_name(), false),
+                    Err(e) if e.kind() != io::ErrorKind::NotFound)
+            })
             .collect();
-        for addr in fresh {
-            let seg = self.segs[&addr];
-            let made = self.open_seg(seg.name).and_then(|file| {
-                let mut views = fork::hold();
-                // SAFETY: the block's own view, replaced by a view of the same file (whose
-                // pages hold what the old view showed: synced by `prepare_commit`), at the
-                // same place and length; under the fork lock, with its record.
-                unsafe { sys::map_file_fixed_at(at(addr), &file, 0, seg.len, Share::Private) }?;
-                views.remove(addr);
-                drop(views);
-                self.track(addr, seg.len);
-                Ok(())
-            });
-            match made {
-                Ok(()) => {
-                    if let Some(seg) = self.segs.get_mut(&addr) {
-                        seg.fresh = false;
-                    }
-                }
-                Err(e) => {
-                    if !sys::is_mapped(at(addr), seg.len) {
-                        self.lost.push((addr, seg.len));
-                    }
-                    self.broken = Some(e.to_string());
-                }
-            }
-        }
-        for name in std::mem::take(&mut self.removals) {
-            // One left behind is removed by the next open (no commit lists it).
-            let _ = sys::remove_at(&self.dir, &name.file_name(), false);
-        }
     }
 
     /// A private view just mapped at `addr`: its writes are tracked from now.

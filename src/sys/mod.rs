@@ -926,9 +926,9 @@ pub(crate) mod faults {
         len: u64,
     }
 
-    /// A planned power loss: the point it strikes at, the names of the points passed, and
-    /// the writes not yet synced.
-    type Power = Option<(u64, Vec<&'static str>, Vec<Undo>)>;
+    /// A planned power loss: the point it strikes at, the names of the points passed, the
+    /// writes not yet synced, and (for a loss that keeps some of them) a seed.
+    type Power = Option<(u64, Vec<&'static str>, Vec<Undo>, Option<u64>)>;
 
     thread_local! {
         static POWER: std::cell::RefCell<Power> = const { std::cell::RefCell::new(None) };
@@ -939,7 +939,16 @@ pub(crate) mod faults {
     /// (`_exit(0)`). With `None`, the points passed are only recorded ([`trace`]).
     pub(crate) fn power_loss_at(at: Option<u64>) {
         PLAN.set((0, None, false));
-        POWER.with_borrow_mut(|p| *p = Some((at.unwrap_or(u64::MAX), Vec::new(), Vec::new())));
+        POWER.with_borrow_mut(|p| {
+            *p = Some((at.unwrap_or(u64::MAX), Vec::new(), Vec::new(), None));
+        });
+    }
+
+    /// As [`power_loss_at`], but the disk had written some of the writes not yet synced (a
+    /// pseudo-random half of them, chosen by `seed`): a commit torn in any way.
+    pub(crate) fn torn_power_loss_at(at: u64, seed: u64) {
+        PLAN.set((0, None, false));
+        POWER.with_borrow_mut(|p| *p = Some((at, Vec::new(), Vec::new(), Some(seed | 1))));
     }
 
     /// The names of the points passed since `power_loss_at`.
@@ -952,7 +961,7 @@ pub(crate) mod faults {
     pub(crate) fn journal(file: &File, offset: u64, len: u64) {
         use std::os::unix::fs::FileExt;
         POWER.with_borrow_mut(|p| {
-            let Some((_, _, undo)) = p.as_mut() else {
+            let Some((_, _, undo, _)) = p.as_mut() else {
                 return;
             };
             let old_len = file.metadata().map(|m| m.len()).unwrap_or(0);
@@ -979,7 +988,7 @@ pub(crate) mod faults {
             return;
         };
         POWER.with_borrow_mut(|p| {
-            let Some((_, _, undo)) = p.as_mut() else {
+            let Some((_, _, undo, _)) = p.as_mut() else {
                 return;
             };
             undo.retain(|u| {
@@ -990,10 +999,19 @@ pub(crate) mod faults {
         });
     }
 
-    /// The power loss: every write not synced undone, newest first; then the end.
-    fn lose_power(undo: Vec<Undo>) -> ! {
+    /// The power loss: every write not synced undone (or, with a seed, about half of them),
+    /// newest first; then the end.
+    fn lose_power(undo: Vec<Undo>, mut seed: Option<u64>) -> ! {
         use std::os::unix::fs::FileExt;
         for u in undo.into_iter().rev() {
+            if let Some(x) = seed.as_mut() {
+                *x ^= *x << 13;
+                *x ^= *x >> 7;
+                *x ^= *x << 17;
+                if *x & 1 == 0 {
+                    continue; // this write reached the disk
+                }
+            }
             let _ = u.file.set_len(u.len);
             let _ = u.file.write_all_at(&u.bytes, u.offset);
         }
@@ -1005,12 +1023,12 @@ pub(crate) mod faults {
         let (n, fail_at, sticky) = PLAN.get();
         PLAN.set((n + 1, fail_at, sticky));
         let strike = POWER.with_borrow_mut(|p| {
-            let (at, trace, undo) = p.as_mut()?;
+            let (at, trace, undo, seed) = p.as_mut()?;
             trace.push(op);
-            (n == *at).then(|| std::mem::take(undo))
+            (n == *at).then(|| (std::mem::take(undo), *seed))
         });
-        if let Some(undo) = strike {
-            lose_power(undo);
+        if let Some((undo, seed)) = strike {
+            lose_power(undo, seed);
         }
         let fails = match fail_at {
             Some(at) => n == at || (sticky && n > at),
@@ -1160,16 +1178,6 @@ pub(crate) fn try_lock(file: &File, exclusive: bool) -> io::Result<bool> {
         Err(e) if e.kind() == io::ErrorKind::WouldBlock => Ok(false),
         Err(e) => Err(e),
     }
-}
-
-/// Writes the pages of `[addr, addr + len)` that changed to their file, and waits for it
-/// (`msync` with `MS_SYNC`).
-///
-/// # Safety
-/// The range must be mapped by the caller.
-pub(crate) unsafe fn sync(addr: NonNull<u8>, len: usize) -> io::Result<()> {
-    // SAFETY: the caller's own mapping; msync reads no memory and changes no mapping.
-    check_zero(unsafe { libc::msync(addr.as_ptr().cast(), len, libc::MS_SYNC) })
 }
 
 /// The soft limit on open descriptors (`RLIMIT_NOFILE`), `None` if unlimited or unknown.

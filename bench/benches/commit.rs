@@ -9,8 +9,10 @@
 //! | `open_after_crash` | `Store::open` of the 1 GiB map's store whose writer died right after a commit of 1,000 changed entries (in the log, not yet checkpointed) | `replay`, and `clean` (the same store closed) |
 //! | `inserts_between_commits` | 1e5 inserts into a map of 1e6 keys: committed in a store (its pages private copies on a write), or on the temporary allocator | `store`, `mmapvec` |
 //!
-//! The 8 GiB map takes about a minute to build (470 million entries) and 9 GiB of disk in the
-//! temp directory; it is skipped with a message if there is less than 12 GiB free.
+//! `store/2GiB` is measured by default; `store/8GiB` only with `MMAPVEC_BENCH_COMMIT_8GIB=1`:
+//! on this machine (ext4 with `discard`) building it did not finish in 10 minutes (the
+//! kernel's writeback of 8 GiB of new pages, at 100% of a core), so it is not in the default
+//! run. It needs 12 GiB free in the temp directory (skipped with a message otherwise).
 //! `MMAPVEC_BENCH_QUICK=1` shrinks everything (maps of 16 and 64 MiB, n = 1e5, 64 MiB for the
 //! bulk commit) and measures briefly.
 //!
@@ -60,10 +62,13 @@ fn read_all(store: &Store) -> u64 {
 fn commit_one(c: &mut Criterion, scratch: &Scratch) {
     let mut group = c.benchmark_group("commit_one");
     budget(&mut group, 10);
+    let eight = std::env::var("MMAPVEC_BENCH_COMMIT_8GIB").is_ok_and(|v| v == "1");
     let sizes: &[(usize, &str)] = if quick() {
         &[(16 * MIB, "16MiB"), (64 * MIB, "64MiB")]
+    } else if eight {
+        &[(GIB, "1GiB"), (2 * GIB, "2GiB"), (8 * GIB, "8GiB")]
     } else {
-        &[(GIB, "1GiB"), (8 * GIB, "8GiB")]
+        &[(GIB, "1GiB"), (2 * GIB, "2GiB")]
     };
     for &(table, label) in sizes {
         if table > GIB && free_bytes(&scratch.0) < 12 * GIB as u64 {

@@ -1554,6 +1554,8 @@ impl Store {
         let seq = header.flushes.load(Ordering::Acquire) + 1;
         header.flushes.store(seq, Ordering::Release);
         let base = self.base.as_ptr().addr();
+        // The ranges the scans protected again: written again if the commit fails.
+        let mut scanned: Vec<(usize, usize)> = Vec::new();
         let made = shared
             .tier
             .commit_with(|image, committed| -> Result<(), StoreError> {
@@ -1569,9 +1571,16 @@ impl Store {
                     }
                     _ => sys::Scan::All(tracker),
                 };
-                // From here pages are protected again by the scans: a commit that fails after
-                // this makes the next one take every private copy.
-                shared.full_scan.store(true, Ordering::Relaxed);
+                let mut written = |addr: usize, len: usize| {
+                    let found = sys::written_pages(addr, len, scan);
+                    match &found {
+                        Ok(ranges) => scanned.extend_from_slice(ranges),
+                        // What a failed scan protected is not known: the next commit takes
+                        // every private copy.
+                        Err(_) => shared.full_scan.store(true, Ordering::Relaxed),
+                    }
+                    found
+                };
                 // Chunks made since the last commit are in none yet: their pages are written in
                 // place (and synced before the commit point), not to the log.
                 let (region, used) = image.used;
@@ -1579,7 +1588,7 @@ impl Store {
                     image.fresh.iter().map(|&(addr, _)| addr).collect();
                 let mut in_place = false;
                 if used > 0 {
-                    for (addr, len) in sys::written_pages(region, used, scan)? {
+                    for (addr, len) in written(region, used)? {
                         // Split at chunk boundaries.
                         let mut at = addr;
                         while at < addr + len {
@@ -1600,7 +1609,7 @@ impl Store {
                     log.sync_in_place(Target::Small)?;
                 }
                 for (addr, len, name) in space.private_views() {
-                    for (at, n) in sys::written_pages(addr, len, scan)? {
+                    for (at, n) in written(addr, len)? {
                         changes.memory(Target::Seg(name), (at - addr) as u64, at, n);
                     }
                 }
@@ -1615,6 +1624,18 @@ impl Store {
             });
         if let Err(e) = made {
             header.flushes.store(seq - 1, Ordering::Release);
+            // The pages this commit found are written again for the next one (else it takes
+            // every private copy).
+            if let Some(tracker) = shared.tracker.as_deref() {
+                for &(addr, len) in &scanned {
+                    let at = NonNull::new(addr as *mut u8).expect("a store address");
+                    // SAFETY: a range the scan found in the store's views, mapped (the
+                    // store's locks are held); unprotecting changes no content.
+                    if unsafe { tracker.mark_written(at, len) }.is_err() {
+                        shared.full_scan.store(true, Ordering::Relaxed);
+                    }
+                }
+            }
             return Err(e);
         }
         if checkpoint || log.wants_checkpoint() {

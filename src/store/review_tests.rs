@@ -59,7 +59,7 @@ fn state(path: &Path) -> (u64, u64, u64) {
 
 #[test]
 fn a_retry_after_a_failed_commit_record_sync_never_mixes_two_attempts() {
-    let _serial = serial_lock();
+    let _serial = super::tests::serial();
     let path = std::env::temp_dir().join(format!("mmapvec-review-retry-{}", std::process::id()));
     let report = path.with_extension("report");
     // The points of a commit of the first change, to find its "sync the commit record".
@@ -117,9 +117,4 @@ fn a_retry_after_a_failed_commit_record_sync_never_mixes_two_attempts() {
         mixes.is_empty(),
         "reopened at a mix of the two attempts (point k: a[0], big[0], big[last]): {mixes:?}"
     );
-}
-
-fn serial_lock() -> std::sync::MutexGuard<'static, ()> {
-    static SERIAL: Mutex<()> = Mutex::new(());
-    SERIAL.lock().unwrap_or_else(|e| e.into_inner())
 }

@@ -51,7 +51,7 @@ const LEN: usize = 64 << 20;
 /// One store test at a time: a forked child inherits every open descriptor of the process,
 /// store locks included (a `flock` belongs to the open file, which the child shares), so a
 /// test's child would hold the locks of the stores other tests have open while it lives.
-fn serial() -> std::sync::MutexGuard<'static, ()> {
+pub(super) fn serial() -> std::sync::MutexGuard<'static, ()> {
     static SERIAL: Mutex<()> = Mutex::new(());
     SERIAL.lock().unwrap_or_else(|e| e.into_inner())
 }

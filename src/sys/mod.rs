@@ -596,7 +596,53 @@ impl WriteTracker {
         };
         if ret != 0 {
             self.ok.store(false, Ordering::Relaxed);
+            return;
         }
+        // Every page protected now, unpopulated ones too (a marker in their page-table entry,
+        // which a read fault keeps): a page read later is not taken for a written one, so a
+        // scan need not ask which pages are the file's (a lookup per page).
+        // _IOWR(0xAA, 0x06, struct uffdio_writeprotect)
+        const UFFDIO_WRITEPROTECT: u64 = 0xc018_aa06;
+        const UFFDIO_WRITEPROTECT_MODE_WP: u64 = 1;
+        let mut protect = [
+            addr.as_ptr().addr() as u64,
+            len as u64,
+            UFFDIO_WRITEPROTECT_MODE_WP,
+        ];
+        // SAFETY: `protect` is a valid `struct uffdio_writeprotect`; the range was just
+        // registered; write-protecting (asynchronous mode) changes no content.
+        let ret = unsafe {
+            libc::ioctl(
+                uffd.as_raw_fd(),
+                UFFDIO_WRITEPROTECT as _,
+                protect.as_mut_ptr(),
+            )
+        };
+        if ret != 0 {
+            self.ok.store(false, Ordering::Relaxed);
+        }
+    }
+
+    /// Marks `[addr, addr + len)` written (unprotected): the next scan reports it.
+    ///
+    /// # Safety
+    /// The range must be the caller's mapping.
+    pub(crate) unsafe fn mark_written(&self, addr: NonNull<u8>, len: usize) -> io::Result<()> {
+        const UFFDIO_WRITEPROTECT: u64 = 0xc018_aa06;
+        let Some(uffd) = &self.uffd else {
+            return Ok(());
+        };
+        let mut unprotect = [addr.as_ptr().addr() as u64, len as u64, 0];
+        // SAFETY: `unprotect` is a valid `struct uffdio_writeprotect`; the range is the
+        // caller's mapping; unprotecting changes no content.
+        let ret = unsafe {
+            libc::ioctl(
+                uffd.as_raw_fd(),
+                UFFDIO_WRITEPROTECT as _,
+                unprotect.as_mut_ptr(),
+            )
+        };
+        check_zero(ret)
     }
 
     fn tracks(&self) -> bool {
@@ -673,16 +719,21 @@ fn pagemap_scan(
             vec: regions.as_mut_ptr() as u64,
             vec_len: regions.len() as u64,
             max_pages: 0,
-            // Not a file page, and (for `Since`) written: unprotected since the last scan.
-            category_inverted: PAGE_IS_FILE,
-            category_mask: match mode {
-                ScanMode::Since => PAGE_IS_FILE | PAGE_IS_WRITTEN,
+            // `Since`: written (unprotected) since the last scan: every page of a tracked view
+            // was protected when it was mapped, so a page read since is not written. Else
+            // every page that is not the file's (a lookup per page).
+            category_inverted: match mode {
+                ScanMode::Since => 0,
                 _ => PAGE_IS_FILE,
             },
-            // Present or swapped: an unpopulated range of a tracked view counts as "written"
-            // (nothing protects it yet), but holds nothing that is not the file's.
+            category_mask: match mode {
+                ScanMode::Since => PAGE_IS_WRITTEN,
+                _ => PAGE_IS_FILE,
+            },
+            // Present or swapped: an unpopulated range counts as "written" (nothing protects
+            // it), but holds nothing that is not the file's.
             category_anyof_mask: PAGE_IS_PRESENT | PAGE_IS_SWAPPED,
-            return_mask: PAGE_IS_PRESENT | PAGE_IS_SWAPPED | PAGE_IS_FILE | PAGE_IS_WRITTEN,
+            return_mask: PAGE_IS_PRESENT | PAGE_IS_SWAPPED | PAGE_IS_WRITTEN,
         };
         if mode != ScanMode::All {
             // The pages reported are protected again: tracked from here.

@@ -81,7 +81,7 @@ const HEAD: usize = 6;
 pub(super) const CHECKPOINT_AT: u64 = 64 << 20;
 
 /// A file a record writes.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub(super) enum Target {
     Header,
     Small,
@@ -222,8 +222,9 @@ pub(super) struct Log {
     /// The number of the last commit written (the files hold it once checkpointed).
     last: u64,
     targets: Targets,
-    /// An apply failed since the last checkpoint: the checkpoint copies the whole log again.
-    apply_failed: bool,
+    /// The records of the commits written since the last checkpoint, which copies them into
+    /// the files (each page once, its last version).
+    pending: Vec<Vec<Record>>,
     /// What the last commit appended to the log, and wrote in place.
     last_bytes: (u64, u64),
     /// What the commit being made has written in place so far.
@@ -251,7 +252,7 @@ impl Log {
             end: LOG_HEAD,
             last,
             targets: Targets::new(folder.try_clone()?),
-            apply_failed: false,
+            pending: Vec::new(),
             last_bytes: (0, 0),
             in_place: 0,
             id,
@@ -336,17 +337,9 @@ impl Log {
         self.last_bytes = (end - begin, self.in_place);
         self.end = end;
         self.last = seq;
-        // After a failed copy, later commits are still copied (the files are read only at
-        // the next open, after a replay), but only a checkpoint's copy of the whole log in
-        // order mends the files.
-        if let Err(e) = self.targets.apply(&self.file, &records) {
-            self.apply_failed = true;
-            crate::logging::report!(
-                error,
-                "mmapvec: a commit was made (it is in the store's log) but copying it into the \
-                 store's files failed: {e}; the next checkpoint or open does it again"
-            );
-        }
+        // Copied into the files by the next checkpoint (or the next open's replay): the
+        // files are read only then, and a page changed by several commits is copied once.
+        self.pending.push(records);
         Ok(())
     }
 
@@ -420,27 +413,17 @@ impl Log {
         self.end >= CHECKPOINT_AT
     }
 
-    /// Syncs every file the log's commits were copied into, then empties the log (its first
-    /// words say that the files hold the last commit): the files alone hold it. If a
-    /// commit's copy into the files failed, the whole log is copied again first. Returns
+    /// Copies the log's commits into the files, syncs them, then empties the log (its first
+    /// words say that the files hold the last commit): the files alone hold it. A failure
+    /// leaves the log as it is (the next checkpoint, or open, copies it all again). Returns
     /// whether the log was emptied now (it may have been already).
     pub(super) fn checkpoint(&mut self) -> io::Result<bool> {
         if self.end == LOG_HEAD {
             return Ok(false);
         }
-        if self.apply_failed {
-            // A commit's copy into the files failed part-way: every commit of the log is
-            // copied again, in order (later ones wrote only what changed after it).
-            let mut at = LOG_HEAD;
-            let mut seq = self.first_in_log()?;
-            while let Parsed::Complete(records, end) = read_commit(&self.file, at, self.end, seq)? {
-                self.targets.apply(&self.file, &records)?;
-                at = end;
-                seq += 1;
-            }
-            self.apply_failed = false;
-        }
+        self.targets.apply_all(&self.file, &self.pending)?;
         self.targets.sync()?;
+        self.pending.clear();
         sys::write_at(
             &self.file,
             &words_bytes(&[LOG_MAGIC, self.last, self.id[0], self.id[1]]),
@@ -455,12 +438,6 @@ impl Log {
             let _ = self.file.set_len(LOG_RESERVE);
         }
         Ok(true)
-    }
-
-    /// The number of the log's first commit.
-    fn first_in_log(&self) -> io::Result<u64> {
-        head(&self.file, self.id)?
-            .ok_or_else(|| io::Error::new(io::ErrorKind::InvalidData, "the log has no number"))
     }
 }
 
@@ -514,6 +491,70 @@ impl Targets {
             self.open.insert(target, file);
         }
         Ok(self.open[&target].as_ref())
+    }
+
+    /// Carries out the records of `commits` (in their order; their data is in `log`): each
+    /// page of the store's data (the header, the chunks, the segments) once, as the last
+    /// commit that wrote it has it, in runs as long as the log holds them in a row; the
+    /// lengths set, the largest; the small blocks' metadata and the list of segments as the
+    /// last commit wrote them (each commit writes them whole).
+    fn apply_all(&mut self, log: &File, commits: &[Vec<Record>]) -> io::Result<()> {
+        let page = sys::page_size() as u64;
+        let mut pages: std::collections::BTreeMap<(Target, u64), u64> = Default::default();
+        let mut lengths: HashMap<Target, u64> = HashMap::new();
+        let mut ordered: Vec<Record> = Vec::new();
+        for (i, records) in commits.iter().enumerate() {
+            let last = i + 1 == commits.len();
+            for &record in records {
+                match (record.kind, record.target) {
+                    (SET_LEN, target) => {
+                        let len = lengths.entry(target).or_default();
+                        *len = (*len).max(record.offset);
+                    }
+                    (_, Target::SmallMeta | Target::Manifest) => {
+                        if last {
+                            ordered.push(record);
+                        }
+                    }
+                    (_, target) if record.offset % page == 0 && record.len % page == 0 => {
+                        for n in 0..record.len / page {
+                            pages
+                                .insert((target, record.offset + n * page), record.data + n * page);
+                        }
+                    }
+                    // Not whole pages (no record of this version makes such): in order.
+                    _ => ordered.push(record),
+                }
+            }
+        }
+        let mut runs: Vec<Record> = Vec::new();
+        for ((target, offset), data) in pages {
+            match runs.last_mut() {
+                Some(run)
+                    if run.target == target
+                        && run.offset + run.len == offset
+                        && run.data + run.len == data =>
+                {
+                    run.len += page;
+                }
+                _ => runs.push(Record {
+                    kind: WRITE,
+                    target,
+                    offset,
+                    len: page,
+                    data,
+                }),
+            }
+        }
+        let lengths = lengths.into_iter().map(|(target, len)| Record {
+            kind: SET_LEN,
+            target,
+            offset: len,
+            len: 0,
+            data: 0,
+        });
+        let all: Vec<Record> = lengths.chain(runs).chain(ordered).collect();
+        self.apply(log, &all)
     }
 
     /// Carries out `records`, whose data is in `log`.
@@ -651,12 +692,12 @@ pub(super) fn replay(folder: &Folder, id: [u64; 2]) -> io::Result<Replayed> {
         return Ok(Replayed::default());
     };
     let mut targets = Targets::new(folder.try_clone()?);
-    let (mut at, mut seq, mut commits, mut dropped) = (LOG_HEAD, first, 0, 0);
+    let (mut at, mut seq, mut dropped) = (LOG_HEAD, first, 0);
+    let mut complete = Vec::new();
     loop {
         match read_commit(&log, at, len, seq)? {
             Parsed::Complete(records, end) => {
-                targets.apply(&log, &records)?;
-                commits += 1;
+                complete.push(records);
                 seq += 1;
                 at = end;
             }
@@ -666,6 +707,10 @@ pub(super) fn replay(folder: &Folder, id: [u64; 2]) -> io::Result<Replayed> {
             }
             Parsed::Nothing => break,
         }
+    }
+    let commits = complete.len() as u64;
+    if commits > 0 {
+        targets.apply_all(&log, &complete)?;
     }
     if commits > 0 {
         targets.sync()?;

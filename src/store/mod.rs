@@ -69,9 +69,10 @@
 //! ```
 //!
 //! The private copies of pages written since the store was opened stay in memory until it is
-//! closed (a commit cannot drop a page another thread may be writing): what a session
-//! changes *in place* in data that was already committed is bounded by memory (new blocks,
-//! and blocks that grow into new ones, are not). See the limits in the README.
+//! closed or [`Store::trim`] gives them back (a commit cannot drop a page another thread may
+//! be writing; `trim` takes `&mut self`): what a session changes *in place* in data that was
+//! already committed between two `trim`s is bounded by memory (new blocks, and blocks that
+//! grow into new ones, are not). See the limits in the README.
 //!
 //! # What a store is on disk
 //! * `header`, one page, mapped at the start of the range: magic, format version, page size,

@@ -45,7 +45,7 @@ const MIN_SPAN: usize = 64 << 10;
 const SPAN_ALIGN: usize = 2 << 20;
 
 /// The name of a segment's file.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub(super) enum Name {
     /// A number of its own (format version 4): a block that moves keeps its file's name.
     Id(u64),

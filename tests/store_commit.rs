@@ -2,6 +2,7 @@
 //! The crash tests are elsewhere: `src/store/tests.rs` (each fault point, a power loss at
 //! each point) and `tests/store.rs` (writers killed at random, checked against a model).
 
+mod core_support;
 mod store_support;
 
 use mmapvec::store::{Store, StoreError, StoreVec};
@@ -218,22 +219,14 @@ fn trim_gives_back_the_private_copies() {
         "the rewrite made {copied} bytes of copies"
     );
     assert!(kept < 16 << 20, "trim kept {kept} bytes");
-    assert!(
-        store
-            .root::<StoreVec<u64>>("v")
-            .unwrap()
-            .iter()
-            .all(|&x| x == 2)
-    );
+    let all_two = |store: &Store| {
+        let v = store.root::<StoreVec<u64>>("v").unwrap();
+        v.iter().all(|&x| x == 2)
+    };
+    assert!(all_two(&store));
     store.close().unwrap();
     let store = Store::open(&path.0).unwrap();
-    assert!(
-        store
-            .root::<StoreVec<u64>>("v")
-            .unwrap()
-            .iter()
-            .all(|&x| x == 2)
-    );
+    assert!(all_two(&store));
     store.close().unwrap();
 }
 
@@ -249,18 +242,14 @@ fn a_full_disk_fails_the_commit_and_the_store_goes_on() {
     }
     let dir = TestPath::new("commit-full");
     std::fs::create_dir(&dir.0).unwrap();
-    let mounted = std::process::Command::new("mount")
-        .args(["-t", "tmpfs", "-o", "size=40m,mode=0700", "tmpfs"])
-        .arg(&dir.0)
-        .status();
-    if !mounted.is_ok_and(|s| s.success()) {
-        println!("SKIPPED: could not mount a tmpfs");
+    if let Err(e) = core_support::mount(c"tmpfs", &dir.0, "size=40m,mode=0700") {
+        println!("SKIPPED: could not mount a tmpfs: {e}");
         return;
     }
     struct Unmount<'a>(&'a std::path::Path);
     impl Drop for Unmount<'_> {
         fn drop(&mut self) {
-            let _ = std::process::Command::new("umount").arg(self.0).status();
+            core_support::unmount(self.0);
         }
     }
     let _unmount = Unmount(&dir.0);

@@ -282,3 +282,133 @@ fn a_full_disk_fails_the_commit_and_the_store_goes_on() {
     drop(v);
     store.close().unwrap();
 }
+
+/// FNV-1a, the checksum of a format 3 manifest.
+fn fnv(bytes: &[u8]) -> u64 {
+    bytes.iter().fold(0xcbf2_9ce4_8422_2325u64, |hash, &b| {
+        (hash ^ u64::from(b)).wrapping_mul(0x0000_0100_0000_01b3)
+    })
+}
+
+/// Turns a closed store of format 4 into what format 3 wrote: segments named after their
+/// address and span, a manifest of (address, span, length), header version 3, no log.
+fn make_format_3(path: &std::path::Path) {
+    let segs = path.join("segs");
+    let manifest = std::fs::read(segs.join(".manifest")).unwrap();
+    let word = |i: usize| u64::from_ne_bytes(manifest[i * 8..i * 8 + 8].try_into().unwrap());
+    assert_eq!(&manifest[..8], b"MMAPVMF2");
+    let count = word(1) as usize;
+    let mut old = Vec::new();
+    old.extend_from_slice(b"MMAPVMF1");
+    old.extend_from_slice(&(count as u64).to_ne_bytes());
+    for i in 0..count {
+        let at = 4 + i * 5;
+        let (id, kind, addr, span, len) = (
+            word(at),
+            word(at + 1),
+            word(at + 2),
+            word(at + 3),
+            word(at + 4),
+        );
+        assert_eq!(kind, u64::MAX, "a numbered segment");
+        std::fs::rename(
+            segs.join(format!("{id:016x}")),
+            segs.join(format!("{addr:x}-{span:x}")),
+        )
+        .unwrap();
+        for w in [addr, span, len] {
+            old.extend_from_slice(&w.to_ne_bytes());
+        }
+    }
+    let sum = fnv(&old);
+    old.extend_from_slice(&sum.to_ne_bytes());
+    std::fs::write(segs.join(".manifest"), &old).unwrap();
+    let header = path.join("header");
+    let mut bytes = std::fs::read(&header).unwrap();
+    bytes[8..12].copy_from_slice(&3u32.to_ne_bytes());
+    std::fs::write(&header, &bytes).unwrap();
+    std::fs::remove_file(path.join("log")).unwrap();
+}
+
+/// A store of format 3 (segments named after their address, no log) opens: read-only as it
+/// is, and for writing upgraded by one commit to format 4, its files keeping their names; it
+/// then commits, grows its segment into a new numbered one, and a crash reopens its last
+/// commit.
+#[test]
+fn a_format_3_store_is_read_and_upgraded() {
+    let _serial = serial();
+    const NAME: &str = "a_format_3_store_is_read_and_upgraded";
+    if let Some((_, path)) = store_support::role() {
+        let store = Store::open(&path).unwrap();
+        store
+            .root_mut::<StoreVec<u64>>("big")
+            .unwrap()
+            .extend(1u64 << 18..1u64 << 19);
+        store.commit().unwrap();
+        store.root_mut::<StoreVec<u64>>("big").unwrap()[0] = 99; // never committed
+        std::mem::forget(store);
+        return;
+    }
+    let path = TestPath::new("format-3");
+    let store = Store::create(&path.0).unwrap();
+    let mut big = StoreVec::new_in(store.allocator());
+    big.extend(0..(1u64 << 18)); // 2 MiB: a segment
+    store.set_root("big", big).unwrap();
+    let mut small = StoreVec::new_in(store.allocator());
+    small.extend(0..100u32);
+    store.set_root("small", small).unwrap();
+    store.close().unwrap();
+    make_format_3(&path.0);
+    let version = |p: &std::path::Path| {
+        let bytes = std::fs::read(p.join("header")).unwrap();
+        u32::from_ne_bytes(bytes[8..12].try_into().unwrap())
+    };
+    let store = Store::open_read_only(&path.0).unwrap();
+    assert!(
+        store
+            .root::<StoreVec<u64>>("big")
+            .unwrap()
+            .iter()
+            .copied()
+            .eq(0..1 << 18)
+    );
+    drop(store);
+    assert_eq!(version(&path.0), 3, "a reader changes nothing");
+    let store = Store::open(&path.0).unwrap();
+    assert_eq!(version(&path.0), 4, "upgraded by the open for writing");
+    assert!(
+        store
+            .root::<StoreVec<u64>>("big")
+            .unwrap()
+            .iter()
+            .copied()
+            .eq(0..1 << 18)
+    );
+    assert!(
+        store
+            .root::<StoreVec<u32>>("small")
+            .unwrap()
+            .iter()
+            .copied()
+            .eq(0..100)
+    );
+    store.close().unwrap();
+    store_support::in_new_process(NAME, "grow", &path.0);
+    let store = Store::open(&path.0).unwrap();
+    assert!(store.recovered().is_some());
+    let big = store.root::<StoreVec<u64>>("big").unwrap();
+    assert!(
+        big.iter().copied().eq(0..1 << 19),
+        "the last commit, not the write after it"
+    );
+    drop(big);
+    assert!(
+        store
+            .root::<StoreVec<u32>>("small")
+            .unwrap()
+            .iter()
+            .copied()
+            .eq(0..100)
+    );
+    store.close().unwrap();
+}
